@@ -1,0 +1,843 @@
+"""Stable Audio in one file: a readable reference of latent audio diffusion with timing conditioning.
+
+Evans, Carr, Taylor, Hawley, Pons. "Fast Timing-Conditioned Latent Audio Diffusion." ICML 2024,
+arXiv:2402.04825. Stable Audio generates up to 95 s of 44.1 kHz stereo from a text prompt and a
+requested duration. A VAE squeezes audio 1024x in time into a 64-channel latent; a U-Net denoises
+such latents, steered by text features from a CLAP text encoder and by two timing tokens
+(where the clip starts, how long the whole piece is); DPM-Solver++ runs the denoising in 100 steps.
+
+    audio (B, 2, N) --VAE.encode--> z (B, 64, L)                 L = N / 1024 latent frames
+    prompt ---------> CLAP text, next-to-last layer --+
+    seconds_start, seconds_total -> 2 timing tokens --+--> context (B, S, 768), mask (B, S)
+    noise (B, 64, L) --U-Net (v) + CFG + DPM-Solver++--> z --VAE.decode--> audio (B, 2, N)
+
+Shape alphabet: B batch, C channels, L latent frames, N audio samples, S tokens.
+`python stable_audio.py` prints a stage-by-stage shape trace of the `tiny` model.
+"""
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+CHECKPOINT_FORMAT = "stable-audio-reference/1"
+PAD, BOS, EOS = 256, 257, 258  # byte tokenizer: the 256 byte values, then three specials
+VOCAB = 259
+
+
+# -------------------------------------------------------------------------------------------------
+# Configs and sizes. One dataclass per component; the defaults are the paper's full-size numbers
+# (reference: the released stable_audio_1_0.json). `small` and `tiny` change widths, depths and
+# the window, never the algorithm.
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class VAEConfig:
+    channels: int = 2                    # stereo
+    latent_dim: int = 64
+    encoder_width: int = 128             # DAC d_model; doubles at every stride
+    decoder_width: int = 1536            # halves at every rate
+    strides: tuple = (4, 4, 8, 8)        # product 1024; the decoder uses them reversed
+
+
+@dataclass
+class CLAPConfig:
+    text_len: int = 128                  # byte tokens incl. BOS/EOS (see the CLAP section)
+    text_width: int = 768                # = the U-Net's context width, as in the paper
+    text_layers: int = 12
+    text_heads: int = 12
+    feature_layer: int = -2              # §3.2: condition on the next-to-last layer
+    audio_width: int = 512
+    audio_layers: int = 8
+    audio_heads: int = 8
+    n_mels: int = 64
+    n_fft: int = 2048
+    mel_hop: int = 512
+    patch: int = 4                       # mel frames per audio token
+    embed_dim: int = 512                 # joint text-audio space
+
+
+@dataclass
+class TimingConfig:
+    max_seconds: int = 512               # released IntConditioner: whole seconds 0..512
+
+
+@dataclass
+class UNetConfig:
+    widths: tuple = (1024, 1024, 1024, 1280, 1280)  # to_in, then the output of each level
+    factors: tuple = (1, 2, 2, 4)        # downsampling per level
+    attentions: tuple = (1, 3, 3, 3, 3)  # transformer blocks per level; the last: bottleneck
+    resnet_blocks: int = 2
+    heads: int = 16
+    mapping_features: int = 1024         # width of the noise-level embedding fed to FiLM
+    resnet_groups: int = 16
+
+
+@dataclass
+class ModelConfig:
+    size: str = "full"
+    sample_rate: int = 44100
+    window: int = 2 ** 22                # samples: 95.1 s, 4096 latent frames
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    clap: CLAPConfig = field(default_factory=CLAPConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Rebuild a config from `asdict` output (as stored in a checkpoint)."""
+        parts = {"vae": VAEConfig, "clap": CLAPConfig, "timing": TimingConfig, "unet": UNetConfig}
+        d = {k: parts[k](**{f: tuple(v) if isinstance(v, list) else v for f, v in d[k].items()})
+             if k in parts else v for k, v in d.items()}
+        return cls(**d)
+
+
+SIZES = {
+    "full": ModelConfig(),
+    "small": ModelConfig(  # trains on a 16-24 GB card
+        size="small", window=2 ** 21,
+        vae=VAEConfig(encoder_width=64, decoder_width=768),
+        clap=CLAPConfig(text_width=512, text_layers=8, text_heads=8, audio_width=256,
+                        audio_layers=4, audio_heads=4, embed_dim=256),
+        unet=UNetConfig(widths=(512, 512, 512, 640, 640), attentions=(1, 2, 2, 2, 2), heads=8,
+                        mapping_features=512)),
+    "tiny": ModelConfig(  # trains in minutes on 2 CPU cores
+        size="tiny", window=2 ** 21,
+        vae=VAEConfig(encoder_width=16, decoder_width=128),
+        clap=CLAPConfig(text_width=64, text_layers=3, text_heads=4, audio_width=64,
+                        audio_layers=2, audio_heads=4, embed_dim=64),
+        unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(1, 1, 1, 1, 1), heads=4,
+                        mapping_features=128)),
+}
+
+
+# -------------------------------------------------------------------------------------------------
+# §3.1 Snake (Ziyin et al. 2020, as in DAC): x + 1/alpha * sin^2(alpha x), alpha learned per channel.
+# A periodic bump on top of the identity lets convolutions model oscillations, which is what audio
+# is made of; ReLU-type activations must build every period out of pieces.
+# -------------------------------------------------------------------------------------------------
+def snake(x, alpha):
+    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+
+
+class Snake(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, channels, 1))  # DAC starts at alpha = 1
+
+    def forward(self, x):
+        return snake(x, self.alpha)
+
+
+# -------------------------------------------------------------------------------------------------
+# §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz ->
+# 64 channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
+# 89.6 M + decoder 43.9 M = 133 M parameters. Weight norm is the parametrization API, which also
+# works under bf16 autocast (the old hook fails there: USERS.md row 5).
+# -------------------------------------------------------------------------------------------------
+def WNConv1d(*args, **kwargs):
+    return weight_norm(nn.Conv1d(*args, **kwargs))
+
+
+def WNConvTranspose1d(*args, **kwargs):
+    return weight_norm(nn.ConvTranspose1d(*args, **kwargs))
+
+
+class ResidualUnit(nn.Module):
+    """Snake -> dilated conv (k=7) -> Snake -> 1x1 conv, added back to the input."""
+    def __init__(self, channels, dilation):
+        super().__init__()
+        self.block = nn.Sequential(
+            Snake(channels), WNConv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
+            Snake(channels), WNConv1d(channels, channels, 1))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def EncoderBlock(width, stride):
+    """Residual units at width/2 (dilations 1, 3, 9), then a strided conv that doubles the width."""
+    return nn.Sequential(
+        ResidualUnit(width // 2, 1), ResidualUnit(width // 2, 3), ResidualUnit(width // 2, 9),
+        Snake(width // 2),
+        WNConv1d(width // 2, width, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
+
+
+def DecoderBlock(c_in, c_out, stride):
+    """A transposed conv that upsamples by `stride`, then residual units (dilations 1, 3, 9)."""
+    return nn.Sequential(
+        Snake(c_in),
+        WNConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
+        ResidualUnit(c_out, 1), ResidualUnit(c_out, 3), ResidualUnit(c_out, 9))
+
+
+def kl_divergence(mean, std):
+    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames."""
+    # The released code drops the 1/2; we keep the textbook form and the paper's weight 1e-4.
+    return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.hop = math.prod(cfg.strides)
+        w, d = cfg.encoder_width, cfg.decoder_width
+        enc_widths = [w * 2 ** (i + 1) for i in range(len(cfg.strides))]   # 256 .. 2048
+        self.encoder = nn.Sequential(
+            WNConv1d(cfg.channels, w, 7, padding=3),
+            *[EncoderBlock(c, s) for c, s in zip(enc_widths, cfg.strides)],
+            Snake(enc_widths[-1]), WNConv1d(enc_widths[-1], enc_widths[-1], 3, padding=1),
+            nn.Conv1d(enc_widths[-1], 2 * cfg.latent_dim, 1))                # mean and scale
+        dec_widths = [d // 2 ** i for i in range(len(cfg.strides) + 1)]     # 1536 .. 96
+        self.decoder = nn.Sequential(
+            WNConv1d(cfg.latent_dim, d, 7, padding=3),
+            *[DecoderBlock(dec_widths[i], dec_widths[i + 1], s)
+              for i, s in enumerate(reversed(cfg.strides))],
+            Snake(dec_widths[-1]), WNConv1d(dec_widths[-1], cfg.channels, 7, padding=3),
+            nn.Tanh())
+
+    def encode(self, audio):
+        """Posterior mean and std. Audio is zero-padded on the right to a multiple of the hop."""
+        N = audio.shape[-1]
+        audio = F.pad(audio, (0, -N % self.hop))                    # (B, 2, L * 1024)
+        mean, scale = self.encoder(audio).chunk(2, dim=1)           # (B, 64, L) each
+        return mean, F.softplus(scale) + 1e-4
+
+    def decode(self, z, chunk=None, overlap=32):
+        """Latent (B, 64, L) -> audio (B, 2, L * 1024), optionally `chunk` latent frames at a time.
+
+        Chunks overlap by `overlap` frames and each keeps only its centre: overlap/2 = 16 frames
+        exceed the decoder's receptive field (about 10 frames), so the result equals a one-shot
+        decode. Overlap-add would be wrong: the decoder is nonlinear (USERS.md row 6)."""
+        L = z.shape[-1]
+        if chunk is None or L <= chunk:
+            return self.decoder(z)
+        assert chunk > overlap, "decode chunk must be longer than the overlap"
+        edge, step = overlap // 2, chunk - overlap
+        starts = list(range(0, L - chunk, step)) + [L - chunk]      # last chunk ends at L
+        pieces, done = [], 0
+        for s in starts:
+            audio = self.decoder(z[..., s:s + chunk])               # (B, 2, chunk * 1024)
+            keep_to = chunk if s + chunk == L else chunk - edge
+            pieces.append(audio[..., (done - s) * self.hop:keep_to * self.hop])
+            done = s + keep_to
+        return torch.cat(pieces, dim=-1)
+
+
+# -------------------------------------------------------------------------------------------------
+# §3.2, §4.3 A small CLAP: a text transformer and an audio transformer over log-mel frames,
+# trained contrastively so that matching captions and clips land close together. The diffusion
+# model reads the text encoder's next-to-last layer (768 features per token at full size). The
+# paper's text tower is RoBERTa (77 BPE tokens); ours reads raw UTF-8 bytes, so it needs no
+# vocabulary file. A BPE token is ~4 characters, so 77 tokens ~ 300 bytes; metadata prompts are
+# mostly under 128 characters, and attention cost grows with length, so we keep 128 byte tokens.
+# -------------------------------------------------------------------------------------------------
+def tokenize(prompts, length):
+    """UTF-8 bytes between BOS and EOS, cut to `length`, padded -> tokens (B, S), mask (B, S)."""
+    tokens = torch.full((len(prompts), length), PAD, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids = [BOS, *p.encode("utf-8")[:length - 2], EOS]
+        tokens[i, :len(ids)] = torch.tensor(ids)
+    return tokens, tokens != PAD
+
+
+def detokenize(tokens):
+    """Inverse of `tokenize` (a multi-byte character cut by truncation is dropped)."""
+    return [bytes(t for t in row.tolist() if t < 256).decode("utf-8", errors="ignore")
+            for row in tokens]
+
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention (flash kernels where possible).
+
+    Self-attention when `context` is None; otherwise queries from x, keys and values from the
+    context, each stream with its own LayerNorm (as in the released U-Net)."""
+    def __init__(self, features, heads, context_features=None):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(features)
+        self.norm_context = nn.LayerNorm(context_features) if context_features else None
+        self.to_q = nn.Linear(features, features, bias=False)
+        self.to_kv = nn.Linear(context_features or features, 2 * features, bias=False)
+        self.to_out = nn.Linear(features, features)
+
+    def forward(self, x, context=None, mask=None):
+        B, S, C = x.shape                                            # (B, S, C)
+        x = self.norm(x)
+        context = x if context is None else self.norm_context(context)
+        q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        # The released model multiplies padded keys by 0, which still leaves them in the softmax;
+        # a boolean mask removes them. (B, heads, S, C / heads)
+        mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).reshape(B, S, C))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer used by both CLAP towers."""
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(x, mask=mask)
+        return x + self.mlp(x)
+
+
+def mel_filterbank(n_fft, n_mels, sample_rate):
+    """Triangular filters evenly spaced on the mel scale m = 2595 log10(1 + f / 700)."""
+    mel_max = 2595 * math.log10(1 + sample_rate / 2 / 700)
+    f = 700 * (10 ** (torch.linspace(0, mel_max, n_mels + 2) / 2595) - 1)   # filter edges, Hz
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    rise = (freqs - f[:-2, None]) / (f[1:-1] - f[:-2])[:, None]
+    fall = (f[2:, None] - freqs) / (f[2:] - f[1:-1])[:, None]
+    return torch.minimum(rise, fall).clamp(min=0)                       # (n_mels, n_fft/2 + 1)
+
+
+def sinusoids(S, C):
+    """Fixed sinusoidal positions (S, C) for the audio tower, which sees clips of any length."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(C // 2) / (C // 2))
+    angles = torch.arange(S)[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class CLAP(nn.Module):
+    def __init__(self, cfg: CLAPConfig, sample_rate):
+        super().__init__()
+        self.cfg, self.sample_rate = cfg, sample_rate
+        W, A = cfg.text_width, cfg.audio_width
+        self.token_embedding = nn.Embedding(VOCAB, W)
+        self.position = nn.Parameter(0.02 * torch.randn(cfg.text_len, W))
+        self.text_layers = nn.ModuleList(EncoderLayer(W, cfg.text_heads)
+                                         for _ in range(cfg.text_layers))
+        self.text_norm = nn.LayerNorm(W)
+        self.register_buffer("mel", mel_filterbank(cfg.n_fft, cfg.n_mels, sample_rate),
+                             persistent=False)
+        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
+        self.patchify = nn.Conv1d(cfg.n_mels, A, cfg.patch, stride=cfg.patch)
+        self.audio_layers = nn.ModuleList(EncoderLayer(A, cfg.audio_heads)
+                                          for _ in range(cfg.audio_layers))
+        self.audio_norm = nn.LayerNorm(A)
+        self.text_proj = nn.Sequential(nn.Linear(W, cfg.embed_dim), nn.GELU(),
+                                       nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        self.audio_proj = nn.Sequential(nn.Linear(A, cfg.embed_dim), nn.GELU(),
+                                        nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature
+
+    def tokenize(self, prompts):
+        tokens, mask = tokenize(prompts, self.cfg.text_len)
+        return tokens.to(self.position.device), mask.to(self.position.device)
+
+    def text_hidden(self, tokens, mask, layers):
+        """Hidden state after the first `layers` transformer layers. (B, S, W)"""
+        h = self.token_embedding(tokens) + self.position[:tokens.shape[1]]
+        for layer in self.text_layers[:layers]:
+            h = layer(h, mask)
+        return h
+
+    def text_features(self, tokens, mask):
+        """§3.2: per-token features for cross-attention from layer `feature_layer` (-2)."""
+        n = len(self.text_layers)
+        return self.text_hidden(tokens, mask, n + 1 + self.cfg.feature_layer)   # (B, S, W)
+
+    def embed_text(self, tokens, mask):
+        """Unit-norm text embedding: last layer, mean over real tokens, projection. (B, D)"""
+        h = self.text_norm(self.text_hidden(tokens, mask, len(self.text_layers)))
+        m = mask[..., None].to(h.dtype)
+        return F.normalize(self.text_proj((h * m).sum(1) / m.sum(1)), dim=-1)
+
+    def log_mel(self, audio):
+        """Stereo audio (B, 2, N) -> log-mel of the mono mix (B, n_mels, N / mel_hop + 1)."""
+        mono = audio.float().mean(1)           # STFT in float32 even under autocast
+        spec = torch.stft(mono, self.cfg.n_fft, self.cfg.mel_hop, window=self.window,
+                          return_complex=True).abs().pow(2)
+        return torch.log(self.mel @ spec + 1e-5)
+
+    def embed_audio(self, audio):
+        """Unit-norm audio embedding: log-mel -> patches -> transformer -> mean. (B, D)"""
+        h = self.patchify(self.log_mel(audio)).transpose(1, 2)     # (B, S, A)
+        h = h + sinusoids(h.shape[1], h.shape[2]).to(h)
+        for layer in self.audio_layers:
+            h = layer(h)
+        return F.normalize(self.audio_proj(self.audio_norm(h).mean(1)), dim=-1)
+
+    def loss(self, text_emb, audio_emb):
+        """Symmetric InfoNCE: the i-th caption should pick the i-th clip and vice versa."""
+        logits = self.logit_scale.exp().clamp(max=100) * text_emb @ audio_emb.T   # (B, B)
+        labels = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+# -------------------------------------------------------------------------------------------------
+# §3.2 Timing conditioning: seconds_start (where the window begins in the source file) and
+# seconds_total (the file's length) each index a learned per-second embedding, 0..512 s. The two
+# vectors are appended to the text features as two extra cross-attention tokens, so the context
+# is S text tokens + 2 (the paper: 77 + 2 = 79 x 768). Asking for seconds_total = 30 in a 95 s
+# window makes the model end the content at 30 s and fill the rest with silence.
+# -------------------------------------------------------------------------------------------------
+class TimingEmbedding(nn.Module):
+    def __init__(self, cfg: TimingConfig, features):
+        super().__init__()
+        self.max_seconds = cfg.max_seconds
+        self.start = nn.Embedding(cfg.max_seconds + 1, features)
+        self.total = nn.Embedding(cfg.max_seconds + 1, features)
+
+    def forward(self, seconds_start, seconds_total):
+        """Seconds (B,) -> two tokens (B, 2, C); fractions of a second are dropped."""
+        index = lambda s: s.long().clamp(0, self.max_seconds)
+        return torch.stack([self.start(index(seconds_start)), self.total(index(seconds_total))], 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# §3.3 The U-Net (after Mousai / audio-diffusion-pytorch): 4 levels with channels 1024, 1024, 1024,
+# 1280, downsampling 1, 2, 2, 4 and a 1280 bottleneck; per level 2 residual conv blocks and then
+# transformer blocks (self-attention, cross-attention to text + timing, feed-forward; 1, 3, 3, 3
+# per level, 3 in the bottleneck, 16 heads). The noise level t enters every residual block by FiLM
+# (a per-channel scale and shift). Full size: 907 M parameters. It predicts v (§4.4).
+# -------------------------------------------------------------------------------------------------
+class TimeEmbedding(nn.Module):
+    """t in [0, 1] -> [t, sin(2 pi w t), cos(2 pi w t)] with 128 learned w ~ N(0, 1) -> Linear."""
+    def __init__(self, features, frequencies=128):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(frequencies))
+        self.linear = nn.Sequential(nn.Linear(2 * frequencies + 1, features), nn.GELU())
+
+    def forward(self, t):
+        t = t.float()[:, None]                                     # features kept in float32
+        angles = 2 * math.pi * t * self.w
+        return self.linear(torch.cat([t, angles.sin(), angles.cos()], dim=-1))   # (B, M)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, then GroupNorm -> FiLM(t) -> SiLU -> conv, plus a skip."""
+    def __init__(self, c_in, c_out, mapping_features, groups):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.GroupNorm(groups, c_in), nn.SiLU(),
+                                    nn.Conv1d(c_in, c_out, 3, padding=1))
+        self.to_film = nn.Sequential(nn.SiLU(), nn.Linear(mapping_features, 2 * c_out))
+        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.block2 = nn.Sequential(nn.SiLU(), nn.Conv1d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, mapping):
+        h = self.block1(x)                                           # (B, C_out, L)
+        scale, shift = self.to_film(mapping)[..., None].chunk(2, dim=1)   # (B, C_out, 1) each
+        h = self.block2(self.norm2(h) * (scale + 1) + shift)
+        return h + self.skip(x)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, features, heads, context_features):
+        super().__init__()
+        self.self_attn = Attention(features, heads)
+        self.cross_attn = Attention(features, heads, context_features)
+        # The released block has no norm before its feed-forward; we keep that.
+        self.ff = nn.Sequential(nn.Linear(features, 4 * features), nn.GELU(),
+                                nn.Linear(4 * features, features))
+
+    def forward(self, x, context, mask):
+        x = x + self.self_attn(x)
+        x = x + self.cross_attn(x, context, mask)
+        return x + self.ff(x)
+
+
+class Transformer1d(nn.Module):
+    """GroupNorm -> 1x1 conv -> transformer blocks over the L frames -> 1x1 conv."""
+    def __init__(self, features, blocks, heads, context_features):
+        super().__init__()
+        self.to_in = nn.Sequential(nn.GroupNorm(32, features, eps=1e-6),
+                                   nn.Conv1d(features, features, 1))
+        self.blocks = nn.ModuleList(TransformerBlock(features, heads, context_features)
+                                    for _ in range(blocks))
+        self.to_out = nn.Conv1d(features, features, 1)
+
+    def forward(self, x, context, mask):
+        h = self.to_in(x).transpose(1, 2)                            # (B, L, C)
+        for block in self.blocks:
+            h = block(h, context, mask)
+        return self.to_out(h.transpose(1, 2))                        # (B, C, L)
+
+
+class DownLevel(nn.Module):
+    """Strided conv (kernel 2f + 1), residual blocks, transformer; every output becomes a skip."""
+    def __init__(self, c_in, c_out, factor, attentions, cfg: UNetConfig, context_features):
+        super().__init__()
+        self.downsample = nn.Conv1d(c_in, c_out, 2 * factor + 1, stride=factor, padding=factor)
+        self.resnets = nn.ModuleList(ResnetBlock(c_out, c_out, cfg.mapping_features,
+                                                 cfg.resnet_groups)
+                                     for _ in range(cfg.resnet_blocks))
+        self.transformer = Transformer1d(c_out, attentions, cfg.heads, context_features)
+
+    def forward(self, x, mapping, context, mask, skips):
+        x = self.downsample(x)                                       # (B, C_out, L / f)
+        for resnet in self.resnets:
+            x = resnet(x, mapping)
+            skips.append(x)
+        x = self.transformer(x, context, mask)
+        skips.append(x)
+        return x
+
+
+class UpLevel(nn.Module):
+    """Residual blocks on [x, skip / sqrt 2], transformer, then upsampling to the next width."""
+    def __init__(self, c_in, c_out, factor, attentions, cfg: UNetConfig, context_features):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock(2 * c_in, c_in, cfg.mapping_features,
+                                                 cfg.resnet_groups)
+                                     for _ in range(cfg.resnet_blocks + 1))
+        self.transformer = Transformer1d(c_in, attentions, cfg.heads, context_features)
+        self.upsample = (nn.Conv1d(c_in, c_out, 3, padding=1) if factor == 1 else
+                         nn.ConvTranspose1d(c_in, c_out, 2 * factor, stride=factor,
+                                            padding=factor // 2))
+
+    def forward(self, x, mapping, context, mask, skips):
+        for resnet in self.resnets:
+            x = resnet(torch.cat([x, skips.pop() * 2 ** -0.5], dim=1), mapping)   # (B, C, L)
+        x = self.transformer(x, context, mask)
+        return self.upsample(x)                                      # (B, C_out, L * f)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig, io_channels, context_features, context_len):
+        super().__init__()
+        ch, M = cfg.widths, cfg.mapping_features
+        self.downsampling = math.prod(cfg.factors)
+        self.to_time = TimeEmbedding(M)
+        self.to_mapping = nn.Sequential(nn.Linear(M, M), nn.GELU(), nn.Linear(M, M), nn.GELU())
+        # §4.4: the learned "null" context that replaces text and timing for guidance.
+        self.null_context = nn.Parameter(torch.randn(context_len, context_features))
+        self.to_in = ResnetBlock(io_channels, ch[0], M, groups=1)
+        levels = range(len(cfg.factors))
+        self.down = nn.ModuleList(DownLevel(ch[i], ch[i + 1], cfg.factors[i], cfg.attentions[i],
+                                            cfg, context_features) for i in levels)
+        self.mid1 = ResnetBlock(ch[-1], ch[-1], M, cfg.resnet_groups)
+        self.mid_transformer = Transformer1d(ch[-1], cfg.attentions[-1], cfg.heads,
+                                             context_features)
+        self.mid2 = ResnetBlock(ch[-1], ch[-1], M, cfg.resnet_groups)
+        self.up = nn.ModuleList(UpLevel(ch[i + 1], ch[i], cfg.factors[i], cfg.attentions[i],
+                                        cfg, context_features) for i in reversed(levels))
+        self.to_out = ResnetBlock(ch[0], io_channels, M, groups=1)
+        with torch.no_grad():      # the released wrapper halves every initial parameter
+            for p in self.parameters():
+                p.mul_(0.5)
+
+    def forward(self, x, t, context, mask):
+        """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L)."""
+        mapping = self.to_mapping(self.to_time(t))                   # (B, M)
+        x = self.to_in(x, mapping)                                   # (B, 1024, L)
+        outer, skips = x, []
+        for level in self.down:
+            x = level(x, mapping, context, mask, skips)              # (B, 1280, L / 16) at end
+        x = self.mid1(x, mapping)
+        x = self.mid2(self.mid_transformer(x, context, mask), mapping)
+        for level in self.up:
+            x = level(x, mapping, context, mask, skips)              # (B, 1024, L) at end
+        return self.to_out(x + outer, mapping)                       # (B, 64, L)
+
+
+class StableAudio(nn.Module):
+    """The three parts of the paper in one module: `.vae`, `.clap` (+ `.timing`), `.unet`."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vae = VAE(cfg.vae)
+        self.clap = CLAP(cfg.clap, cfg.sample_rate)
+        self.timing = TimingEmbedding(cfg.timing, cfg.clap.text_width)
+        self.unet = UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.clap.text_len + 2)
+
+    @property
+    def latent_frames(self):
+        return self.cfg.window // self.vae.hop
+
+    def condition(self, prompts, seconds_start, seconds_total):
+        """Prompts and seconds (B,) -> context (B, S + 2, C) and mask (B, S + 2)."""
+        tokens, mask = self.clap.tokenize(prompts)
+        text = self.clap.text_features(tokens, mask)                 # (B, S, C)
+        device = text.device
+        timing = self.timing(torch.as_tensor(seconds_start, device=device),
+                             torch.as_tensor(seconds_total, device=device))   # (B, 2, C)
+        ones = torch.ones(len(prompts), 2, dtype=torch.bool, device=device)
+        return torch.cat([text, timing.to(text.dtype)], 1), torch.cat([mask, ones], 1)
+
+
+def build_model(size="full"):
+    """The whole model for a size name in SIZES or a ModelConfig."""
+    if isinstance(size, str) and size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
+    cfg = copy.deepcopy(SIZES[size] if isinstance(size, str) else size)
+    stride = math.prod(cfg.vae.strides) * math.prod(cfg.unet.factors)
+    if cfg.window % stride:
+        raise ValueError(f"window {cfg.window} samples is not a multiple of {stride} "
+                         f"(VAE hop {math.prod(cfg.vae.strides)} x U-Net downsampling "
+                         f"{math.prod(cfg.unet.factors)}); pick a window that is")
+    return StableAudio(cfg)
+
+
+# -------------------------------------------------------------------------------------------------
+# §4.4 Diffusion objective: continuous t ~ U[0, 1], cosine schedule alpha = cos(pi t / 2),
+# sigma = sin(pi t / 2), z_t = alpha z + sigma eps, and the network predicts v = alpha eps - sigma z
+# (mean squared error). 10 % of the samples see the null context, which teaches the unconditional
+# model that classifier-free guidance needs.
+# -------------------------------------------------------------------------------------------------
+def alpha_sigma(t):
+    return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
+
+
+def randn(shape, generator, like):
+    """Gaussian noise from an explicit (CPU) generator, so a seed gives the same noise anywhere."""
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+
+
+def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1):
+    """v-objective loss for a batch of clean latents z (B, 64, L)."""
+    B = z.shape[0]
+    t = torch.rand(B, generator=generator).to(z.device)
+    eps = randn(z.shape, generator, z)
+    alpha, sigma = (a[:, None, None].to(z.dtype) for a in alpha_sigma(t))
+    z_t = alpha * z + sigma * eps
+    v = alpha * eps - sigma * z
+    drop = (torch.rand(B, generator=generator) < cond_dropout).to(z.device)
+    context = torch.where(drop[:, None, None], unet.null_context.to(context.dtype), context)
+    mask = mask | drop[:, None]              # the null context is attended in full
+    return F.mse_loss(unet(z_t, t, context, mask).float(), v.float())
+
+
+# -------------------------------------------------------------------------------------------------
+# §3.4 Sampling. The samplers see a denoiser in the variance-exploding form: x = x0 + sigma eps,
+# denoiser(x, sigma) ~ x0. A v-model at (alpha, sigma) = (cos, sin) maps onto it by
+# sigma_VE = sigma / alpha and x_VE = z / alpha. Guidance (scale 6) mixes conditional and
+# unconditional predictions, both computed in one batched forward.
+# -------------------------------------------------------------------------------------------------
+def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
+    """`steps` noise levels spaced evenly in log sigma, then a final 0. (steps + 1,)"""
+    sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps))
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).double()
+
+
+def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4):
+    """Classifier-free guidance: v = v_u + scale (v_c - v_u), then the CFG rescale of Lin et al.
+
+    Rescaling pulls the guided v's per-frame std over channels back toward the conditional one
+    (phi = 0.4, the released default), which keeps large scales from blowing up the signal."""
+    if scale == 1:
+        return lambda z, t: unet(z, t, context, mask)
+
+    def v_fn(z, t):
+        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, uncond]),
+                        torch.cat([mask, uncond_mask])).chunk(2)
+        v = v_u + scale * (v_c - v_u)
+        v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))
+        return rescale * v_rescaled + (1 - rescale) * v
+    return v_fn
+
+
+def v_to_denoiser(v_fn):
+    """Wrap a v-model v_fn(z, t) as a VE denoiser(x, sigma) -> x0 estimate."""
+    def denoiser(x, sigma):
+        alpha, sig = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
+        t = torch.full((x.shape[0],), 2 / math.pi * math.atan(sigma), device=x.device)
+        z = alpha * x                                                # back to the VP latent
+        return alpha * z - sig * v_fn(z, t)                          # x0 = alpha z - sigma v
+    return denoiser
+
+
+def dpmpp_multistep(denoiser, x, sigmas, order, callback=None):
+    """DPM-Solver++ multistep (Lu et al. 2022) of order 1, 2 or 3, data prediction, in lam = -log sigma.
+
+    The probability-flow ODE dx/dlam = D(x, lam) - x integrates exactly over a step of size h to
+        x_{i+1} = e^{-h} x_i + int_0^h e^{-(h - tau)} D(lam_i + tau) dtau.
+    Expanding D = D_i + tau D' + tau^2 / 2 D'' turns the integral into I0 D_i + I1 D' + I2 D'' with
+        I0 = 1 - e^{-h},   I1 = h - 1 + e^{-h},   I2 = h^2 / 2 - h + 1 - e^{-h},
+    and D', D'' come from the polynomial through the last `order` denoised values. Integrating that
+    polynomial exactly is what makes the error fall as h^order. (The first steps lack history and
+    run at lower order; starting from sigma_max >> the data's scale damps their error away.)"""
+    sigmas = sigmas.tolist()
+    history = []                                                     # (lam, denoised) pairs
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma)
+        if sigma_next == 0:                                          # last step: the clean estimate
+            x = denoised
+        else:
+            lam, lam_next = -math.log(sigma), -math.log(sigma_next)
+            h = lam_next - lam
+            I0 = -math.expm1(-h)
+            I1 = h - I0
+            I2 = h * h / 2 - I1
+            d1, d2 = dpm_derivatives(history[-(order - 1):] if order > 1 else [], lam, denoised)
+            x = math.exp(-h) * x + I0 * denoised + I1 * d1 + I2 * d2
+            history.append((lam, denoised))
+        if callback is not None:
+            callback(i, len(sigmas) - 1)
+    return x
+
+
+def dpm_derivatives(history, lam, denoised):
+    """D' and D'' at lam from the interpolating polynomial through history + (lam, denoised)."""
+    if not history:
+        return 0, 0                                                  # first order (DDIM)
+    lam_1, D_1 = history[-1]
+    h_1 = lam - lam_1
+    d1_0 = (denoised - D_1) / h_1                                    # divided difference
+    if len(history) == 1:
+        return d1_0, 0                                               # second order
+    lam_2, D_2 = history[-2]
+    h_2 = lam_1 - lam_2
+    f = (d1_0 - (D_1 - D_2) / h_2) / (h_1 + h_2)                     # second divided difference
+    return d1_0 + h_1 * f, 2 * f                                     # p'(lam), p''(lam)
+
+
+def sample_dpmpp_2m(denoiser, x, sigmas, callback=None):
+    """DPM-Solver++(2M): second order multistep."""
+    return dpmpp_multistep(denoiser, x, sigmas, 2, callback)
+
+
+def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
+    """DPM-Solver++(3M): third order multistep, weights from the exact exponential integral."""
+    return dpmpp_multistep(denoiser, x, sigmas, 3, callback)
+
+
+def sample_euler(denoiser, x, sigmas, callback=None):
+    """Euler on dx/dsigma = (x - D) / sigma: the first-order baseline."""
+    sigmas = sigmas.tolist()
+    for i in range(len(sigmas) - 1):
+        x = x + (sigmas[i + 1] - sigmas[i]) * (x - denoiser(x, sigmas[i])) / sigmas[i]
+        if callback is not None:
+            callback(i, len(sigmas) - 1)
+    return x
+
+
+SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": sample_euler}
+
+
+# -------------------------------------------------------------------------------------------------
+# generate: prompts + requested seconds -> stereo audio. The latent always spans the whole
+# window; the timing tokens tell the model where to stop, and the silent tail is trimmed
+# (USERS.md row 7). Sample i of a batch starts from the noise of seed + i, so any one file can be
+# regenerated on its own.
+# -------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
+             negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03, sigma_max=80.0,
+             trim=True, decode_chunk=128, dtype=torch.float32, callback=None):
+    """Audio (B, 2, N) for a list of prompts; N = seconds_total * sample_rate unless trim=False."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    window_seconds = cfg.window / cfg.sample_rate
+    if not 0 < seconds_total <= window_seconds:
+        raise ValueError(f"seconds_total must be in (0, {window_seconds:.1f}], the model's window; "
+                         f"a longer window needs a new size and training")
+    B = len(prompts)
+    autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+    with autocast:
+        context, mask = model.condition(prompts, [seconds_start] * B, [seconds_total] * B)
+        if negative_prompt is None:
+            uncond = model.unet.null_context.expand_as(context).to(context.dtype)
+            uncond_mask = torch.ones_like(mask)
+        else:
+            uncond, uncond_mask = model.condition([negative_prompt] * B, [seconds_start] * B,
+                                                  [seconds_total] * B)
+        v_fn = guided_v(model.unet, context, mask, uncond, uncond_mask, cfg_scale)
+        sigmas = get_sigmas(steps, sigma_min, sigma_max)
+        noise = torch.stack([torch.randn(cfg.vae.latent_dim, model.latent_frames,
+                                         generator=torch.Generator().manual_seed(seed + i))
+                             for i in range(B)]).to(device)            # (B, 64, L)
+        z = SAMPLERS[sampler](v_to_denoiser(v_fn), noise * sigmas[0].item(), sigmas, callback)
+        check_finite(z, "latent")
+        audio = model.vae.decode(z.to(torch.float32) if dtype != torch.float32 else z,
+                                 chunk=decode_chunk)
+    audio = audio.float()
+    check_finite(audio, "audio")
+    return audio[..., :round(seconds_total * cfg.sample_rate)] if trim else audio
+
+
+def check_finite(x, what):
+    """Fail loudly instead of writing silence when low precision overflowed (USERS.md row 4)."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"the generated {what} has NaN/inf values; run in float32 "
+                                 f"(dtype=torch.float32 / --dtype float32) or check the checkpoint")
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints: a plain dict of tensors and Python values, loadable with weights_only=True, so a
+# checkpoint from a stranger cannot run code. Written to a temporary file, then renamed.
+# -------------------------------------------------------------------------------------------------
+def save_checkpoint(path, model, **extra):
+    """Atomically write {format, size, config, model, **extra} (extra: ema, optimizer, step...)."""
+    state = {"format": CHECKPOINT_FORMAT, "size": model.cfg.size, "config": asdict(model.cfg),
+             "model": model.state_dict(), **extra}
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, size=None, ema=True, device="cpu"):
+    """Rebuild the model a checkpoint describes -> (model, checkpoint dict). EMA weights if there."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; train one with train.py or pass "
+                                f"--ckpt with an existing file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is damaged or not a checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint written by train.py")
+    if size is not None and ckpt["size"] != size:
+        raise ValueError(f"checkpoint {path} is size {ckpt['size']!r}, not {size!r}; "
+                         f"use a {size} checkpoint or --size {ckpt['size']}")
+    try:
+        model = build_model(ModelConfig.from_dict(ckpt["config"]))
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"checkpoint {path} has a config this code cannot build: {e}") from None
+    weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config: missing "
+                         f"{missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval(), ckpt
+
+
+# -------------------------------------------------------------------------------------------------
+# python stable_audio.py: a shape trace of the tiny model, with parameter counts per component.
+# -------------------------------------------------------------------------------------------------
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def main():
+    with torch.device("meta"):
+        full = build_model("full")
+    print("full size: " + ", ".join(f"{name} {count(getattr(full, name)) / 1e6:.1f} M"
+                                    for name in ("vae", "clap", "timing", "unet")))
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    cfg = model.cfg
+    print(f"tiny size: " + ", ".join(f"{name} {count(getattr(model, name)) / 1e6:.2f} M"
+                                     for name in ("vae", "clap", "timing", "unet")))
+    with torch.inference_mode():
+        N = 5 * model.vae.hop * model.unet.downsampling
+        audio = torch.randn(1, 2, N) * 0.1
+        print(f"audio                  {tuple(audio.shape)}  {N / cfg.sample_rate:.2f} s")
+        mean, std = model.vae.encode(audio)
+        print(f"VAE.encode -> z        {tuple(mean.shape)}  (1/{model.vae.hop} of the length)")
+        print(f"VAE.decode -> audio    {tuple(model.vae.decode(mean).shape)}")
+        tokens, mask = model.clap.tokenize(["ambient rain"])
+        print(f"tokenize               {tuple(tokens.shape)}  ({int(mask.sum())} real tokens)")
+        print(f"CLAP text features     {tuple(model.clap.text_features(tokens, mask).shape)}")
+        print(f"CLAP audio embedding   {tuple(model.clap.embed_audio(audio).shape)}")
+        context, mask = model.condition(["ambient rain"], [0], [30])
+        print(f"context (text+timing)  {tuple(context.shape)}")
+        v = model.unet(mean, torch.tensor([0.5]), context, mask)
+        print(f"U-Net v                {tuple(v.shape)}")
+        out = generate(model, ["ambient rain"], seconds_total=3, steps=2)
+        print(f"generate 3 s, 2 steps  {tuple(out.shape)}")
+
+
+if __name__ == "__main__":
+    main()
