@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_FORMAT = "stable-audio-reference/1"
 PAD, BOS, EOS = 256, 257, 258  # byte tokenizer: the 256 byte values, then three specials
 VOCAB = 259
+DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks (> 2 x receptive field)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class VAE(nn.Module):
         mean, scale = self.encoder(audio).chunk(2, dim=1)           # (B, 64, L) each
         return mean, F.softplus(scale) + 1e-4
 
-    def decode(self, z, chunk=None, overlap=32):
+    def decode(self, z, chunk=None, overlap=DECODE_OVERLAP):
         """Latent (B, 64, L) -> audio (B, 2, L * 1024), optionally `chunk` latent frames at a time.
 
         Chunks overlap by `overlap` frames and each keeps only its centre: overlap/2 = 16 frames
@@ -424,8 +426,14 @@ class ResnetBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, c_out)
         self.block2 = nn.Sequential(nn.SiLU(), nn.Conv1d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.checkpoint = False
 
     def forward(self, x, mapping):
+        if self.checkpoint and self.training:
+            return checkpoint(self._forward, x, mapping, use_reentrant=False)
+        return self._forward(x, mapping)
+
+    def _forward(self, x, mapping):
         h = self.block1(x)                                           # (B, C_out, L)
         scale, shift = self.to_film(mapping)[..., None].chunk(2, dim=1)   # (B, C_out, 1) each
         h = self.block2(self.norm2(h) * (scale + 1) + shift)
@@ -440,8 +448,14 @@ class TransformerBlock(nn.Module):
         # The released block has no norm before its feed-forward; we keep that.
         self.ff = nn.Sequential(nn.Linear(features, 4 * features), nn.GELU(),
                                 nn.Linear(4 * features, features))
+        self.checkpoint = False
 
     def forward(self, x, context, mask):
+        if self.checkpoint and self.training:
+            return checkpoint(self._forward, x, context, mask, use_reentrant=False)
+        return self._forward(x, context, mask)
+
+    def _forward(self, x, context, mask):
         x = x + self.self_attn(x)
         x = x + self.cross_attn(x, context, mask)
         return x + self.ff(x)
@@ -526,6 +540,13 @@ class UNet(nn.Module):
         with torch.no_grad():      # the released wrapper halves every initial parameter
             for p in self.parameters():
                 p.mul_(0.5)
+
+    def set_checkpointing(self, on):
+        """Gradient checkpointing: recompute each residual/transformer block in the backward pass
+        instead of storing its activations (less memory, about a third more time)."""
+        for m in self.modules():
+            if isinstance(m, (ResnetBlock, TransformerBlock)):
+                m.checkpoint = on
 
     def forward(self, x, t, context, mask):
         """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L)."""
@@ -732,26 +753,28 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     if not 0 < seconds_total <= window_seconds:
         raise ValueError(f"seconds_total must be in (0, {window_seconds:.1f}], the model's window; "
                          f"a longer window needs a new size and training")
-    B = len(prompts)
+    if not 0 <= seconds_start <= cfg.timing.max_seconds:
+        raise ValueError(f"seconds_start must be in [0, {cfg.timing.max_seconds}]")
+    if decode_chunk is not None and decode_chunk <= DECODE_OVERLAP:
+        raise ValueError(f"decode_chunk must be more than {DECODE_OVERLAP} latent frames")
+    # Training sees whole seconds: start rounded down, total rounded up (train.crop_or_pad).
+    B, start, total = len(prompts), math.floor(seconds_start), math.ceil(seconds_total)
     autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
     with autocast:
-        context, mask = model.condition(prompts, [seconds_start] * B, [seconds_total] * B)
+        context, mask = model.condition(prompts, [start] * B, [total] * B)
         if negative_prompt is None:
             uncond = model.unet.null_context.expand_as(context).to(context.dtype)
             uncond_mask = torch.ones_like(mask)
         else:
-            uncond, uncond_mask = model.condition([negative_prompt] * B, [seconds_start] * B,
-                                                  [seconds_total] * B)
+            uncond, uncond_mask = model.condition([negative_prompt] * B, [start] * B, [total] * B)
         v_fn = guided_v(model.unet, context, mask, uncond, uncond_mask, cfg_scale)
         sigmas = get_sigmas(steps, sigma_min, sigma_max)
         noise = torch.stack([torch.randn(cfg.vae.latent_dim, model.latent_frames,
                                          generator=torch.Generator().manual_seed(seed + i))
                              for i in range(B)]).to(device)            # (B, 64, L)
         z = SAMPLERS[sampler](v_to_denoiser(v_fn), noise * sigmas[0].item(), sigmas, callback)
-        check_finite(z, "latent")
-        audio = model.vae.decode(z.to(torch.float32) if dtype != torch.float32 else z,
-                                 chunk=decode_chunk)
-    audio = audio.float()
+    check_finite(z, "latent")
+    audio = model.vae.decode(z.float(), chunk=decode_chunk)      # decoded in float32 (USERS row 4)
     check_finite(audio, "audio")
     return audio[..., :round(seconds_total * cfg.sample_rate)] if trim else audio
 
@@ -792,7 +815,8 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
         raise ValueError(f"checkpoint {path} is size {ckpt['size']!r}, not {size!r}; "
                          f"use a {size} checkpoint or --size {ckpt['size']}")
     try:
-        model = build_model(ModelConfig.from_dict(ckpt["config"]))
+        with torch.device(device):                 # no slow CPU initialisation first
+            model = build_model(ModelConfig.from_dict(ckpt["config"]))
     except (TypeError, KeyError) as e:
         raise ValueError(f"checkpoint {path} has a config this code cannot build: {e}") from None
     weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]

@@ -1,13 +1,23 @@
 """Tests for stable_audio.py, in the module's order. Each compares with something independent:
 a closed form, an exact solution, or a property that must hold."""
+import dataclasses
+import json
 import math
+import os
+import struct
+import zlib
 from dataclasses import replace
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
 
+import sample
 import stable_audio as sa
+import train
 
 # A tiny model with a 3-second window keeps generate() tests fast on 2 CPU cores.
 SHORT = replace(sa.SIZES["tiny"], window=2 ** 17)
@@ -184,6 +194,22 @@ def test_sdpa_attention_equals_a_plain_softmax_reference():
     logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
     ref = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32)
     torch.testing.assert_close(attn(x, ctx, mask), attn.to_out(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model):
+    context, mask = model.condition(["rain"], [0], [10])
+    z, t = torch.randn(2, 64, 32), torch.rand(2)
+    grads = []
+    for on in (False, True):
+        model.unet.set_checkpointing(on)
+        model.train()
+        model.zero_grad()
+        model.unet(z, t, context.expand(2, -1, -1).detach(), mask.expand(2, -1)).square().sum().backward()
+        grads.append(model.unet.to_in.block1[2].weight.grad.clone())
+    model.unet.set_checkpointing(False)
+    model.eval()
+    model.zero_grad()
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 # ---------------------------------------------------------------------------------- diffusion
@@ -406,3 +432,802 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     torch.save({"format": sa.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="damaged or not a checkpoint"):
         sa.load_checkpoint(tmp_path / "evil.pt")
+
+
+# ================================================================================== train.py
+SR = 44100
+
+
+def sine(freq, sr, n, phase=0.3):
+    return torch.sin(2 * math.pi * freq * torch.arange(n, dtype=torch.float64) / sr + phase)
+
+
+def interior(x):
+    return x[..., len(x[0]) // 10: -len(x[0]) // 10]
+
+
+def rms(x):
+    return float(np.sqrt(np.mean(np.square(np.asarray(x, dtype=np.float64)))))
+
+
+# --- resampling, channels, reading ----------------------------------------------------------------
+@pytest.mark.parametrize("sr_in, sr_out, freq", [(48000, SR, 1000), (48000, SR, 15000),
+                                                 (96000, SR, 5000), (22050, SR, 3000),
+                                                 (SR, 48000, 10000)])
+def test_resample_keeps_a_sine_below_the_new_nyquist(sr_in, sr_out, freq):
+    x = sine(freq, sr_in, 2 * sr_in).float().repeat(2, 1)
+    y = train.resample(x, sr_in, sr_out)
+    expected = sine(freq, sr_out, y.shape[-1]).float().repeat(2, 1)
+    assert rms(interior(y - expected)) < 1e-3 * rms(interior(expected))
+
+
+def test_resample_removes_a_tone_above_the_new_nyquist():
+    x = sine(30000, 96000, 2 * 96000).float()[None]
+    y = train.resample(x, 96000, SR)
+    assert 20 * math.log10(rms(interior(y)) / rms(x)) < -40
+
+
+@pytest.mark.parametrize("n", [1, 999, 48000, 123457])
+@pytest.mark.parametrize("sr_in, sr_out", [(48000, SR), (96000, SR), (8000, SR), (SR, 48000)])
+def test_resample_output_length_is_n_times_the_rate_ratio(n, sr_in, sr_out):
+    y = train.resample(torch.randn(2, n), sr_in, sr_out)
+    assert y.shape == (2, round(n * sr_out / sr_in))
+
+
+def test_resample_at_equal_rates_is_the_identity():
+    x = torch.randn(2, 1000)
+    assert torch.equal(train.resample(x, SR, SR), x)
+
+
+def test_to_stereo_duplicates_mono_keeps_stereo_and_averages_more_channels():
+    mono, stereo, six = torch.randn(1, 50), torch.randn(2, 50), torch.randn(6, 50)
+    assert torch.equal(train.to_stereo(mono), mono.repeat(2, 1))
+    assert torch.equal(train.to_stereo(stereo), stereo)
+    out = train.to_stereo(six)
+    assert out.shape == (2, 50)
+    torch.testing.assert_close(out[0], six.mean(0))
+    torch.testing.assert_close(out[1], six.mean(0))
+
+
+def test_read_audio_raises_value_error_for_unreadable_and_empty_files(tmp_path):
+    broken, empty = tmp_path / "broken.wav", tmp_path / "empty.wav"
+    broken.write_bytes(os.urandom(3000))
+    sf.write(str(empty), np.zeros((0, 2), dtype=np.float32), SR)
+    for path in (broken, empty):
+        with pytest.raises(ValueError, match=path.name):
+            train.read_audio(path, SR)
+
+
+# --- the sound world ------------------------------------------------------------------------------
+def test_sound_world_is_deterministic_by_seed():
+    a, meta_a = train.make_clip(7, SR, 3.0)
+    b, meta_b = train.make_clip(7, SR, 3.0)
+    c, meta_c = train.make_clip(8, SR, 3.0)
+    assert torch.equal(a, b) and meta_a == meta_b
+    assert a.shape != c.shape or not torch.equal(a, c)
+
+
+def test_clip_is_stereo_float32_never_clips_and_lasts_its_seconds():
+    for seed in range(12):
+        audio, meta = train.make_clip(seed, SR, 3.0)
+        assert audio.dtype == torch.float32 and audio.shape == (2, round(meta["seconds"] * SR))
+        assert torch.isfinite(audio).all() and audio.abs().max() <= 1.0
+        assert audio.abs().max() > 0.1                      # never silent
+        assert all(isinstance(v, (str, int, float)) for v in meta.values())
+
+
+def test_clip_durations_vary_from_1_s_to_max_seconds():
+    seconds = [train.make_clip(seed, 8000, 20.0)[1]["seconds"] for seed in range(30)]
+    assert min(seconds) >= 1.0 and max(seconds) <= 20.0
+    assert np.std(seconds) > 3.0
+
+
+def test_every_sound_and_a_mixture_can_be_made_and_is_named_in_the_metadata():
+    for sound in [*train.SOUNDS, "rain and piano"]:
+        audio, meta = train.make_clip(0, SR, 2.0, sound=sound)
+        assert meta["sound"] == sound and rms(audio) > 0.01
+    with pytest.raises(ValueError, match="unknown sound"):
+        train.make_clip(0, SR, 2.0, sound="kazoo")
+
+
+def test_music_has_tempo_and_key_and_nature_has_neither():
+    _, piano = train.make_clip(1, SR, 2.0, sound="piano")
+    _, drums = train.make_clip(1, SR, 2.0, sound="drums")
+    _, rain = train.make_clip(1, SR, 2.0, sound="rain")
+    assert {"bpm", "key", "genre", "mood", "instruments"} <= set(piano)
+    assert "bpm" in drums and "key" not in drums
+    assert "bpm" not in rain and "key" not in rain
+
+
+def test_louder_intensity_means_a_higher_peak():
+    peaks = {}
+    for seed in range(40):
+        audio, meta = train.make_clip(seed, 8000, 1.5, sound="rain")
+        peaks.setdefault(meta["intensity"], []).append(float(audio.abs().max()))
+    assert max(peaks["soft"]) < min(peaks["medium"]) and max(peaks["medium"]) < min(peaks["loud"])
+
+
+def test_position_and_width_are_heard_in_the_channels():
+    for seed in range(30):
+        audio, meta = train.make_clip(seed, 16000, 2.0, sound="rain")
+        left, right = rms(audio[0]), rms(audio[1])
+        corr = float(np.corrcoef(audio[0].numpy(), audio[1].numpy())[0, 1])
+        assert {"left": left > 2 * right, "right": right > 2 * left,
+                "center": abs(left / right - 1) < 0.1}[meta["position"]]
+        assert (corr > 0.99) if meta["width"] == "narrow" else (corr < 0.8)
+
+
+def power_spectrum(audio, n_fft=4096):
+    """Welch average power spectrum of the mid channel."""
+    x = audio.numpy().mean(0).astype(np.float64)
+    frames = sliding_window_view(x, n_fft)[:: n_fft // 2] * np.hanning(n_fft)
+    return (np.abs(np.fft.rfft(frames, axis=1)) ** 2).mean(0), np.fft.rfftfreq(n_fft, 1 / SR)
+
+
+def local_flatness(audio, block=16):
+    """Spectral flatness within 16-bin bands, weighted by band power: ~1 for noise, ~0 for tones.
+    (Flatness over the whole band would call brown noise tonal: its tilt spans 60 dB.)"""
+    power = power_spectrum(audio)[0][1:2049].reshape(-1, block) + 1e-30
+    flatness = np.exp(np.log(power).mean(1)) / power.mean(1)
+    return float((flatness * power.sum(1)).sum() / power.sum())
+
+
+def centroid(audio):
+    power, freqs = power_spectrum(audio)
+    return float((freqs * power).sum() / power.sum())
+
+
+def onset_strength(audio):
+    """Largest rise in frame log-energy between 23 ms frames, skipping the clip's fade-in."""
+    frames = sliding_window_view(audio.numpy().mean(0), 1024)[::512]
+    log_energy = np.log(np.square(frames).mean(1) + 1e-10)
+    return float(np.diff(log_energy)[2:].max())
+
+
+def clips(sound, seeds=range(4)):
+    return [train.make_clip(seed, SR, 4.0, sound=sound)[0] for seed in seeds]
+
+
+def test_rain_wind_and_waves_are_noise_and_piano_bells_bass_pad_are_tones():
+    noisy = [local_flatness(a) for s in ("rain", "wind", "ocean waves") for a in clips(s)]
+    tonal = [local_flatness(a) for s in ("piano", "bells", "bass", "synth pad") for a in clips(s)]
+    assert min(noisy) > 0.6 and max(tonal) < 0.35
+
+
+def test_rain_is_brighter_than_waves_which_are_brighter_than_wind():
+    rain, waves, wind = (np.array([centroid(a) for a in clips(s)])
+                         for s in ("rain", "ocean waves", "wind"))
+    assert rain.min() > 2 * waves.max() and waves.min() > 1.5 * wind.max()
+
+
+def test_birdsong_is_higher_pitched_than_bass_and_thunder():
+    birds = min(centroid(a) for a in clips("birdsong"))
+    assert birds > 5 * max(centroid(a) for s in ("bass", "thunder") for a in clips(s))
+
+
+def test_drums_have_sharper_onsets_than_a_synth_pad():
+    drums = min(onset_strength(a) for a in clips("drums"))
+    assert drums > 3 * max(onset_strength(a) for a in clips("synth pad"))
+
+
+def test_piano_plays_in_its_key():
+    for seed in range(4):
+        audio, meta = train.make_clip(seed, SR, 4.0, sound="piano")
+        power, freqs = power_spectrum(audio, 16384)
+        midi = 69 + 12 * math.log2(freqs[power.argmax()] / 440)     # the strongest partial
+        tonic, mode = meta["key"].split()
+        scale = (0, 2, 4, 5, 7, 9, 11) if mode == "major" else (0, 2, 3, 5, 7, 8, 10)
+        degree = (round(midi) - train.NOTE_NAMES.index(tonic)) % 12
+        assert degree in scale and abs(midi - round(midi)) < 0.4
+
+
+META = {"sound": "rain and piano", "seconds": 12.5, "bpm": 96, "key": "C minor", "mood": "calm",
+        "genre": "ambient", "intensity": "soft", "position": "left", "width": "wide"}
+
+
+def test_build_prompt_makes_both_forms_and_always_names_the_sound():
+    rng = np.random.default_rng(0)
+    prompts = [train.build_prompt(META, rng) for _ in range(200)]
+    structured = [p for p in prompts if ": " in p]
+    free = [p for p in prompts if ": " not in p]
+    assert 60 < len(structured) < 140
+    assert all("rain and piano" in p for p in prompts)
+    assert all(set(p.split(" | ")) <= {f"{k.capitalize()}: {v}" for k, v in META.items()}
+               | {"BPM: 96"} for p in structured)
+    assert any("96 bpm" in p for p in free) and not any("12.5" in p for p in prompts)
+    assert len({p.count(",") for p in free}) > 3          # subsets of varying size
+    assert len(set(prompts)) > 100                         # and shuffled order
+
+
+def test_build_prompt_keeps_the_description_when_there_is_no_sound_field():
+    meta = {"description": "lush strings", "genre": "film", "instruments": ["violin", "cello"]}
+    rng = np.random.default_rng(1)
+    prompts = [train.build_prompt(meta, rng) for _ in range(50)]
+    assert all("lush strings" in p for p in prompts)
+    assert any("Instruments: violin, cello" in p for p in prompts)
+
+
+# --- crops and timing (§3.3) ----------------------------------------------------------------------
+def test_long_clip_is_cropped_at_a_random_offset_with_the_papers_seconds():
+    sr, window, n = 100, 250, 1234
+    audio = torch.arange(n, dtype=torch.float32).repeat(2, 1)   # each sample holds its index
+    offsets = []
+    for seed in range(200):
+        x, start, total = train.crop_or_pad(audio, window, np.random.default_rng(seed), sr)
+        offset = int(x[0, 0])
+        assert torch.equal(x, audio[:, offset:offset + window])
+        assert start == offset // sr and total == 13          # ceil(1234 / 100)
+        offsets.append(offset)
+    assert min(offsets) < 20 and max(offsets) > n - window - 20
+
+
+def test_short_clip_is_padded_with_silence_and_starts_at_zero():
+    audio = torch.randn(2, 150)
+    x, start, total = train.crop_or_pad(audio, 400, np.random.default_rng(0), 100)
+    assert torch.equal(x[:, :150], audio) and not x[:, 150:].any()
+    assert (start, total) == (0, 2)
+
+
+def test_cropping_latents_gives_the_seconds_of_the_matching_audio_crop():
+    hop = 1024
+    latents = torch.arange(4000, dtype=torch.float32).repeat(64, 1)     # (64, L) frame indices
+    for seed in range(50):
+        z, start, total = train.crop_or_pad(latents, 128, np.random.default_rng(seed), SR / hop)
+        offset_samples = int(z[0, 0]) * hop
+        assert start == offset_samples // SR and total == math.ceil(4000 * hop / SR)
+
+
+# --- datasets -------------------------------------------------------------------------------------
+def test_toy_batches_have_the_trainers_shapes_and_timing():
+    data = train.ToyData(window=3 * SR, sample_rate=SR, seed=0)
+    batch = data.batch(4, step=0)
+    assert batch["audio"].shape == (4, 2, 3 * SR) and batch["audio"].dtype == torch.float32
+    assert len(batch["prompts"]) == 4 and all(batch["prompts"])
+    for key in ("seconds_start", "seconds_total"):
+        assert batch[key].shape == (4,) and batch[key].dtype == torch.long
+    assert (batch["seconds_total"] >= 1).all() and (batch["seconds_start"] >= 0).all()
+    assert (batch["seconds_start"] < batch["seconds_total"]).all()
+    short = data.batch(4, step=0, window=65536)
+    assert short["audio"].shape == (4, 2, 65536) and (short["seconds_total"] <= 3).all()
+
+
+def test_batches_depend_only_on_seed_and_step_so_resuming_repeats_them():
+    first = train.ToyData(SR, SR, seed=3).batch(4, step=1)      # items 4..7
+    again = train.ToyData(SR, SR, seed=3).batch(2, step=3)      # items 6..7, in a fresh object
+    assert torch.equal(first["audio"][2:], again["audio"])
+    assert first["prompts"][2:] == again["prompts"]
+    other = train.ToyData(SR, SR, seed=4).batch(4, step=1)
+    assert not torch.equal(first["audio"], other["audio"])
+
+
+def write_folder(root):
+    """A folder with good files in odd formats and bad ones; returns the names that should load."""
+    def tone(sr, freq=440.0):
+        return 0.5 * np.sin(2 * np.pi * freq * np.arange(sr) / sr)    # one second
+
+    sf.write(str(root / "stereo.wav"), np.stack([tone(SR), -tone(SR)], 1), SR)
+    sf.write(str(root / "mono.flac"), tone(SR), SR)
+    sf.write(str(root / "u8.wav"), tone(22050), 22050, subtype="PCM_U8")
+    sf.write(str(root / "hi.wav"), tone(96000, 1000.0), 96000)
+    six = np.stack([tone(48000) * (c + 1) / 6 for c in range(6)], 1)     # mean: 0.58 · tone
+    sf.write(str(root / "six.wav"), six, 48000)
+    (root / "sub").mkdir()
+    sf.write(str(root / "sub" / "nested.ogg"), np.stack([tone(SR), tone(SR)], 1), SR)
+    (root / "broken.wav").write_bytes(os.urandom(4000))
+    sf.write(str(root / "empty.wav"), np.zeros((0, 2), dtype=np.float32), SR)
+    sf.write(str(root / "nocaption.wav"), tone(SR), SR)
+    sf.write(str(root / "blank.wav"), tone(SR), SR)
+    for name in ("stereo", "mono", "hi", "six", "sub/nested", "broken", "empty"):
+        (root / f"{name}.txt").write_text(f"a tone called {name}\n")
+    (root / "blank.txt").write_text("  \n")
+    (root / "u8.json").write_text(json.dumps({"description": "a buzzy tone", "bpm": 120}))
+    (root / "notes.md").write_text("not audio")
+    return {"stereo.wav", "mono.flac", "u8.wav", "hi.wav", "six.wav", "nested.ogg"}
+
+
+def test_scan_folder_keeps_readable_captioned_audio_and_reports_the_rest(tmp_path, capsys):
+    usable = write_folder(tmp_path)
+    items, skipped = train.scan_folder(tmp_path)
+    assert {os.path.basename(item["path"]) for item in items} == usable
+    reasons = {os.path.basename(path): reason for path, reason in skipped}
+    assert set(reasons) == {"broken.wav", "empty.wav", "nocaption.wav", "blank.wav"}
+    assert "not readable" in reasons["broken.wav"] and "no audio frames" in reasons["empty.wav"]
+    assert "no caption" in reasons["nocaption.wav"] and "empty" in reasons["blank.wav"]
+    err = capsys.readouterr().err
+    assert err.count("warning: skipping") == 4 and "skipped 4 of 10 files" in err
+
+
+def test_folder_files_load_as_stereo_at_the_model_rate(tmp_path):
+    write_folder(tmp_path)
+    items, _ = train.scan_folder(tmp_path)
+    for item in items:
+        audio = train.read_audio(item["path"], SR)
+        n = round(item["seconds"] * item["sample_rate"])
+        assert audio.dtype == torch.float32
+        assert audio.shape == (2, round(n * SR / item["sample_rate"]))
+    hi = train.read_audio(tmp_path / "hi.wav", SR)            # 96 kHz, 1 kHz sine
+    expected = 0.5 * sine(1000, SR, hi.shape[-1], phase=0.0).float()
+    assert rms(interior(hi - expected)) < 1e-3
+    u8 = train.read_audio(tmp_path / "u8.wav", SR)            # 8-bit, 22.05 kHz
+    expected = 0.5 * sine(440, SR, u8.shape[-1], phase=0.0).float()
+    assert rms(interior(u8 - expected)) < 0.02                # 8-bit quantisation noise
+    six = train.read_audio(tmp_path / "six.wav", SR)           # 6 channels, 48 kHz
+    expected = 0.5 * 3.5 / 6 * sine(440, SR, six.shape[-1], phase=0.0).float()
+    assert torch.equal(six[0], six[1]) and rms(interior(six - expected)) < 1e-3
+
+
+def test_folder_batches_use_the_captions_and_json_metadata(tmp_path):
+    write_folder(tmp_path)
+    data = train.FolderData(tmp_path, window=SR // 2, sample_rate=SR, seed=0)
+    batch = data.batch(16, step=0)
+    assert batch["audio"].shape == (16, 2, SR // 2)
+    for prompt in batch["prompts"]:
+        assert prompt.startswith("a tone called") or "a buzzy tone" in prompt
+    assert (batch["seconds_total"] == 1).all() and (batch["seconds_start"] == 0).all()
+
+
+def test_folder_with_nothing_usable_raises_value_error_saying_what_is_needed(tmp_path):
+    (tmp_path / "broken.wav").write_bytes(os.urandom(4000))
+    sf.write(str(tmp_path / "nocaption.wav"), np.zeros(100), SR)
+    with pytest.raises(ValueError, match=r"found 2 audio files.*\.txt.*\.json"):
+        train.scan_folder(tmp_path)
+
+
+def test_missing_folder_raises_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.scan_folder(tmp_path / "nowhere")
+
+
+def test_make_toy_folder_writes_a_dataset_that_scans_cleanly(tmp_path):
+    folder = train.make_toy_folder(tmp_path / "toy", SR, n=3, max_seconds=2.0)
+    items, skipped = train.scan_folder(folder)
+    assert len(items) == 3 and not skipped
+    for item in items:
+        assert item["channels"] == 2 and item["sample_rate"] == SR and item["caption"]
+        assert 1.0 <= item["seconds"] <= 2.0
+
+
+# --- the three stages (§4.2-§4.4) ------------------------------------------------------------------
+def run_train(*argv):
+    return train.main([*map(str, argv)])
+
+
+def log_losses(path, key):
+    """The per-step values of one loss from a stage's log file."""
+    values = []
+    for line in open(path):
+        words = line.split()
+        values.append(float(words[words.index(key) + 1]))
+    return values
+
+
+def test_a_weighting_is_0_db_at_1_khz_and_follows_the_standard_table():
+    gain_db = lambda f: 20 * math.log10(train.a_weighting(torch.tensor(float(f))).item())
+    # IEC 61672 A-weighting: 0 dB at 1 kHz, -19.1 dB at 100 Hz, +1.2 dB at 2.5 kHz, -2.5 at 10 kHz
+    for f, db in [(1000, 0.0), (100, -19.1), (2500, 1.3), (10000, -2.5), (50, -30.2)]:
+        assert gain_db(f) == pytest.approx(db, abs=0.15)
+
+
+def test_stft_loss_is_zero_for_a_perfect_reconstruction_and_grows_with_error():
+    x = torch.randn(2, 8192)
+    assert train.stft_loss(x, x, SR).item() == pytest.approx(0, abs=1e-6)
+    small = train.stft_loss(x + 0.01 * torch.randn_like(x), x, SR)
+    large = train.stft_loss(x + 0.3 * torch.randn_like(x), x, SR)
+    assert 0 < small < large
+
+
+def test_stereo_loss_sees_a_left_right_swap_that_mid_and_side_alone_miss():
+    x = torch.randn(1, 2, 8192)
+    swapped = x.flip(1)                 # same mid, side of opposite sign: same magnitudes
+    side = lambda a: a[:, 0] - a[:, 1]
+    assert train.stft_loss(side(swapped), side(x), SR).item() == pytest.approx(0, abs=1e-6)
+    assert train.stereo_loss(x, x, SR).item() == pytest.approx(0, abs=1e-6)
+    assert train.stereo_loss(swapped, x, SR) > 0.1
+
+
+def test_stereo_loss_stays_finite_for_a_mono_clip():
+    x = torch.randn(1, 1, 8192).repeat(1, 2, 1)          # side = 0 exactly
+    x_hat = x + 0.01 * torch.randn_like(x)
+    assert train.stereo_loss(x_hat, x, SR) < 5
+
+
+def test_discriminator_hinge_loss_is_two_for_a_discriminator_that_outputs_zero():
+    disc = train.Discriminator()
+    with torch.no_grad():
+        for scale in disc.scales:
+            scale.post.parametrizations.weight.original0.zero_()
+            scale.post.bias.zero_()
+    x = torch.randn(2, 2, 8192)
+    assert train.discriminator_loss(disc, x, x).item() == pytest.approx(2.0)
+    logits, features = disc.scales[0](x)
+    assert len(disc.scales) == 5 and len(features) == 5 and logits.dim() == 4
+
+
+def test_vae_stage_overfits_one_batch(tmp_path):
+    assert run_train("vae", "--steps", 25, "--out", tmp_path, "--crop", 4096, "--batch-size", 2,
+                     "--overfit", "--lr", 1e-3) == 0
+    spectral = log_losses(tmp_path / "vae.log", "spectral")
+    assert len(spectral) == 25 and sum(spectral[-3:]) < 0.6 * sum(spectral[:3])
+
+
+def test_clap_stage_overfits_one_batch(tmp_path):
+    assert run_train("clap", "--steps", 25, "--out", tmp_path, "--crop", 16384,
+                     "--batch-size", 4, "--overfit") == 0
+    loss = log_losses(tmp_path / "clap.log", "loss")
+    assert loss[-1] < 0.1 * loss[0]
+
+
+@pytest.fixture
+def parts(tmp_path):
+    """Untrained VAE and CLAP checkpoints of a short-window tiny model, as stages would write."""
+    model = sa.build_model(sa.SIZES["tiny"])
+    with torch.no_grad():          # a near-deterministic posterior, as a trained VAE has
+        model.vae.encoder[-1].bias[64:] = -10
+    sa.save_checkpoint(tmp_path / "vae.pt", model, stage="vae", step=0)
+    sa.save_checkpoint(tmp_path / "clap.pt", model, stage="clap", step=0)
+    return tmp_path
+
+
+DIFFUSION = ["--window-seconds", 0.5, "--batch-size", 2, "--save-every", 1]
+
+
+def fixed_loss(model, batch):
+    """The diffusion loss on one batch averaged over 8 fixed draws of (t, eps)."""
+    with torch.no_grad():
+        mean, _ = model.vae.encode(batch["audio"])
+        context, mask = model.condition(batch["prompts"], batch["seconds_start"],
+                                        batch["seconds_total"])
+        return sum(sa.diffusion_loss(model.unet, mean, context, mask,
+                                     torch.Generator().manual_seed(k), cond_dropout=0).item()
+                   for k in range(8)) / 8
+
+
+def test_diffusion_stage_overfits_one_batch(parts):
+    assert run_train("diffusion", "--steps", 40, "--out", parts, *DIFFUSION, "--overfit",
+                     "--lr", 2e-3) == 0
+    trained, ckpt = sa.load_checkpoint(parts / "diffusion.pt", ema=False)
+    torch.manual_seed(0)                                     # train.py's initialisation
+    fresh = sa.build_model(trained.cfg)
+    fresh.load_state_dict({k: v for k, v in trained.state_dict().items()
+                           if k.startswith(("vae.", "clap."))}, strict=False)
+    batch = train.ToyData(trained.cfg.window, SR, seed=0).batch(2, 0)
+    assert ckpt["step"] == 40
+    before, after = fixed_loss(fresh.eval(), batch), fixed_loss(trained.eval(), batch)
+    assert after < 0.85 * before, (before, after)     # same (t, eps) draws for both
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parts, tmp_path):
+    for stage, extra in [("vae", ["--crop", 4096, "--batch-size", 1]), ("diffusion", DIFFUSION)]:
+        straight, split = tmp_path / f"straight_{stage}", tmp_path / f"split_{stage}"
+        for out in (straight, split):
+            out.mkdir()
+            for part in ("vae", "clap"):
+                (out / f"{part}.pt").write_bytes((parts / f"{part}.pt").read_bytes())
+        force = ["--force"] if stage == "vae" else []
+        assert run_train(stage, "--steps", 4, "--out", straight, *extra, *force) == 0
+        assert run_train(stage, "--steps", 2, "--out", split, *extra, *force) == 0
+        assert run_train(stage, "--steps", 4, "--out", split, *extra, "--resume") == 0
+        a = torch.load(straight / f"{stage}.pt", weights_only=True)
+        b = torch.load(split / f"{stage}.pt", weights_only=True)
+        assert a["step"] == b["step"] == 4
+        for key in ("model", "ema"):
+            for name, tensor in a[key].items():
+                assert torch.equal(tensor, b[key][name]), (stage, key, name)
+
+
+def test_diffusion_refuses_a_vae_of_another_size(parts, capsys):
+    other = replace(sa.SIZES["tiny"], size="other", vae=sa.VAEConfig(encoder_width=8))
+    sa.save_checkpoint(parts / "vae.pt", sa.build_model(other), stage="vae", step=0)
+    assert run_train("diffusion", "--steps", 1, "--out", parts, *DIFFUSION) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "size 'other'" in err and "Traceback" not in err
+
+
+def test_diffusion_refuses_to_start_without_a_trained_vae(tmp_path, capsys):
+    assert run_train("diffusion", "--steps", 1, "--out", tmp_path, *DIFFUSION) == 2
+    assert "needs a trained vae" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    args = ["clap", "--out", tmp_path, "--crop", 8192, "--batch-size", 2, "--save-every", 1]
+    assert run_train(*args, "--steps", 2) == 0
+    before = (tmp_path / "clap.pt").read_bytes()
+    monkeypatch.setattr(sa.CLAP, "loss", lambda self, t, a: (t.sum() + a.sum()) * float("nan"))
+    assert run_train(*args, "--steps", 4, "--resume") == 2
+    assert "not finite" in capsys.readouterr().err
+    assert (tmp_path / "clap.pt").read_bytes() == before
+
+
+def test_ctrl_c_saves_and_exits_and_resume_continues(tmp_path, monkeypatch, capsys):
+    calls = []
+    real_loss = sa.CLAP.loss
+
+    def interrupt_at_third_step(self, t, a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_loss(self, t, a)
+    monkeypatch.setattr(sa.CLAP, "loss", interrupt_at_third_step)
+    args = ["clap", "--out", tmp_path, "--crop", 8192, "--batch-size", 2, "--steps", 5]
+    assert run_train(*args) == 2
+    assert "interrupted after step 2" in capsys.readouterr().err
+    assert torch.load(tmp_path / "clap.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(sa.CLAP, "loss", real_loss)
+    assert run_train(*args, "--resume") == 0
+    assert torch.load(tmp_path / "clap.pt", weights_only=True)["step"] == 5
+
+
+def test_an_existing_checkpoint_is_not_overwritten_without_force(tmp_path, capsys):
+    args = ["clap", "--out", tmp_path, "--crop", 8192, "--batch-size", 2, "--steps", 1]
+    assert run_train(*args) == 0
+    assert run_train(*args) == 2
+    assert "--resume" in capsys.readouterr().err and run_train(*args, "--force") == 0
+
+
+def test_training_on_a_messy_folder_skips_what_it_cannot_use(tmp_path, capsys):
+    folder = tmp_path / "data"
+    train.make_toy_folder(folder, SR, n=3, max_seconds=2, seed=1)
+    (folder / "broken.wav").write_bytes(os.urandom(300))
+    (folder / "broken.txt").write_text("noise")
+    sf.write(folder / "empty.wav", np.zeros((0, 2)), SR)
+    (folder / "empty.txt").write_text("nothing")
+    for name, channels, rate, subtype in [("mono", 1, SR, "PCM_16"), ("u8", 2, 22050, "PCM_U8"),
+                                          ("hi", 2, 96000, "PCM_24"), ("six", 6, 48000, "FLOAT")]:
+        sf.write(folder / f"{name}.wav", 0.1 * np.random.randn(rate, channels), rate,
+                 subtype=subtype)
+        (folder / f"{name}.txt").write_text(f"{name} noise")
+    sf.write(folder / "uncaptioned.wav", np.zeros((SR, 2)), SR)
+    assert run_train("clap", "--data", folder, "--out", tmp_path / "run", "--crop", 8192,
+                     "--batch-size", 4, "--steps", 3) == 0
+    err = capsys.readouterr().err
+    for bad in ("broken.wav", "empty.wav", "uncaptioned.wav"):
+        assert f"skipping {folder / bad}" in err
+    assert "skipped 3 of 10 files" in err
+
+
+def test_long_prompts_are_shortened_by_dropping_fields_never_the_sound():
+    meta = {"sound": "rain", "description": "x" * 60, "genre": "y" * 40, "mood": "z" * 40}
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        prompt = train.build_prompt(meta, rng)
+        assert len(prompt.encode()) <= 126 and "rain" in prompt
+
+
+# ================================================================================== sample.py
+# A 4-second window keeps generation fast; 32 kHz shows the rate comes from the checkpoint.
+CFG = dataclasses.replace(sa.SIZES["tiny"], window=2 ** 17, sample_rate=32000)
+
+
+def silence_decoder(model):
+    """Zero the VAE's last conv, so the tanh output (and every sample) is exactly 0."""
+    conv = model.vae.decoder[-2]
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.zero_()
+        conv.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "m.pt"
+    sa.save_checkpoint(path, sa.build_model(CFG))
+    return path
+
+
+def run_sample(ckpt, out, *args, prompt="ambient rain"):
+    return sample.main([prompt, "--ckpt", str(ckpt), "--steps", "2", "--seconds", "1.5",
+                        "--out", str(out), *args])
+
+
+def read_png(path):
+    """Check the signature and every chunk's CRC -> (width, height, colour type, raw IDAT)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, i = {}, 8
+    while i < len(data):
+        (length,), tag = struct.unpack(">I", data[i:i + 4]), data[i + 4:i + 8]
+        body = data[i + 8:i + 8 + length]
+        (crc,) = struct.unpack(">I", data[i + 8 + length:i + 12 + length])
+        assert zlib.crc32(tag + body) == crc, tag
+        chunks[tag] = chunks.get(tag, b"") + body
+        i += 12 + length
+    assert list(chunks)[0] == b"IHDR" and list(chunks)[-1] == b"IEND"
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8
+    return width, height, colour, zlib.decompress(chunks[b"IDAT"])
+
+
+# ---------------------------------------------------------------------------------- end to end
+def test_writes_stereo_file_of_the_requested_seconds_at_the_checkpoint_rate(ckpt, tmp_path,
+                                                                             capsys):
+    assert run_sample(ckpt, tmp_path, "--seed", "7") == 0
+    path = tmp_path / "ambient-rain_7.wav"
+    audio, sr = sf.read(path)
+    assert sr == CFG.sample_rate
+    assert audio.shape == (round(1.5 * sr), 2)
+    assert np.abs(audio).max() <= 10 ** (-1 / 20) + 1e-4       # peak-limited, not clipped
+    out = capsys.readouterr().out
+    assert "seed 7" in out and str(path) in out and "real-time factor" in out
+
+
+def test_default_out_is_out_slug_seed_wav(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sample.main(["Rain!", "--ckpt", str(ckpt), "--steps", "2", "--seconds", "1",
+                        "--seed", "3"]) == 0
+    assert (tmp_path / "out" / "rain_3.wav").is_file()
+    assert (tmp_path / "out" / "rain_3.png").is_file()
+
+
+@pytest.mark.parametrize("ext", ["flac", "ogg"])
+def test_format_follows_the_extension(ckpt, tmp_path, ext):
+    assert run_sample(ckpt, tmp_path / f"a.{ext}", "--seed", "1") == 0
+    assert sf.info(tmp_path / f"a.{ext}").format == ext.upper()
+
+
+def test_no_trim_keeps_the_whole_window(ckpt, tmp_path):
+    assert run_sample(ckpt, tmp_path / "a.wav", "--no-trim") == 0
+    assert sf.info(tmp_path / "a.wav").frames == CFG.window
+
+
+def test_batch_files_carry_seed_plus_i_and_each_regenerates_alone(ckpt, tmp_path):
+    assert run_sample(ckpt, tmp_path / "b.wav", "--n", "2", "--seed", "11") == 0
+    first, second = sf.read(tmp_path / "b_11.wav")[0], sf.read(tmp_path / "b_12.wav")[0]
+    assert np.abs(first - second).max() > 1e-3                 # different seeds, different audio
+    assert run_sample(ckpt, tmp_path / "c.wav", "--seed", "12") == 0
+    np.testing.assert_allclose(sf.read(tmp_path / "c.wav")[0], second, atol=1e-4)
+
+
+def test_never_overwrites_without_force(ckpt, tmp_path, capsys):
+    path = tmp_path / "a.wav"
+    assert run_sample(ckpt, path, "--seed", "1") == 0
+    before = path.read_bytes()
+    capsys.readouterr()
+    assert run_sample(ckpt, path, "--seed", "2") != 0
+    out, err = capsys.readouterr()
+    assert err.startswith("error:") and "--force" in err and "loaded" not in out  # no work done
+    assert path.read_bytes() == before
+    assert run_sample(ckpt, path, "--seed", "2", "--force") == 0
+    assert path.read_bytes() != before
+
+
+def test_uses_ema_weights_when_saved_and_warns_on_silence(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = sa.build_model(CFG)
+    silent = silence_decoder(sa.build_model(CFG)).state_dict()
+    sa.save_checkpoint(tmp_path / "m.pt", model, ema=silent)
+    assert run_sample(tmp_path / "m.pt", tmp_path / "ema.wav") == 0
+    out, err = capsys.readouterr()
+    assert "EMA weights" in out and "warning:" in err and "silence" in err
+    assert np.abs(sf.read(tmp_path / "ema.wav")[0]).max() == 0
+    assert run_sample(tmp_path / "m.pt", tmp_path / "raw.wav", "--no-ema") == 0
+    out, err = capsys.readouterr()
+    assert "raw weights" in out and "warning:" not in err
+    assert np.abs(sf.read(tmp_path / "raw.wav")[0]).max() > 1e-3
+
+
+def test_half_precision_off_cuda_falls_back_to_float32(ckpt, tmp_path, capsys):
+    assert run_sample(ckpt, tmp_path / "a.wav", "--device", "cpu", "--dtype", "bfloat16") == 0
+    assert "float32" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- bad input
+def assert_one_error_line(capsys, *words):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for word in words:
+        assert word in lines[0]
+
+
+BAD = {
+    "zero seconds": (["x", "--seconds", "0"], "--seconds"),
+    "negative seconds": (["x", "--seconds", "-2"], "--seconds"),
+    "seconds not a number": (["x", "--seconds", "abc"], "--seconds"),
+    "seconds past the window": (["x", "--seconds", "60"], "window of 4.1 s"),
+    "negative start": (["x", "--start", "-1"], "--start"),
+    "zero steps": (["x", "--steps", "0"], "--steps"),
+    "zero samples": (["x", "--n", "0"], "--n"),
+    "negative seed": (["x", "--seed", "-1"], "--seed"),
+    "empty prompt": ([""], "--unconditional"),
+    "blank prompt": (["  "], "--unconditional"),
+    "prompt and --unconditional": (["x", "--unconditional"], "--unconditional"),
+    "mp3": (["x", "--out", "OUT/a.mp3"], ".mp3"),
+    "decode chunk below the overlap": (["x", "--decode-chunk", "16"], "--decode-chunk"),
+    "unwritable folder": (["x", "--out", "OUT/file/a.wav"], "cannot write"),
+    "missing checkpoint": (["x", "--ckpt", "OUT/none.pt"], "not found"),
+    "damaged checkpoint": (["x", "--ckpt", "OUT/file"], "damaged"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_error_line_and_exit_2(ckpt, tmp_path, capsys, case):
+    (tmp_path / "file").write_bytes(b"not a checkpoint")
+    args, word = BAD[case]
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    assert sample.main(["--ckpt", str(ckpt), "--steps", "2", "--seconds", "1",
+                        "--out", str(tmp_path / "o.wav"), *args]) == 2
+    assert_one_error_line(capsys, word)
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_checkpoint_that_does_not_match_its_config_is_one_error_line(ckpt, tmp_path, capsys):
+    state = torch.load(ckpt, weights_only=True)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, tmp_path / "bad.pt")
+    assert run_sample(tmp_path / "bad.pt", tmp_path / "a.wav") == 2
+    assert_one_error_line(capsys, "does not match")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_error_line(ckpt, tmp_path, capsys):
+    assert run_sample(ckpt, tmp_path / "a.wav", "--device", "cuda") == 2
+    assert_one_error_line(capsys, "no CUDA GPU", "--device cpu")
+
+
+def test_non_finite_output_is_one_error_line(tmp_path, capsys):
+    model = sa.build_model(CFG)
+    with torch.no_grad():
+        model.unet.to_out.block2[-1].bias.fill_(float("nan"))
+    sa.save_checkpoint(tmp_path / "nan.pt", model)
+    assert run_sample(tmp_path / "nan.pt", tmp_path / "a.wav") == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and "float32" in errors[0]
+    assert not (tmp_path / "a.wav").exists()
+
+
+# ---------------------------------------------------------------------------------- helpers
+def test_spectrogram_png_is_valid_with_frequency_up(tmp_path):
+    sr = 32000
+    t = np.arange(sr) / sr
+    tone = np.sin(2 * np.pi * 4000 * t)                      # a quarter of the way to Nyquist
+    sample.write_spectrogram_png(tmp_path / "s.png", np.stack([tone, tone]))
+    width, height, colour, raw = read_png(tmp_path / "s.png")
+    assert colour == 2 and 500 <= width <= 2000 and 150 <= height <= 600
+    assert len(raw) == height * (1 + 3 * width)
+    rows = np.frombuffer(raw, np.uint8).reshape(height, 1 + 3 * width)
+    assert (rows[:, 0] == 0).all()                           # filter type byte of every row
+    brightness = rows[:, 1:].reshape(height, width, 3).astype(int).sum((1, 2))
+    assert abs(brightness.argmax() - 0.75 * (height - 1)) <= 2
+
+
+def test_command_writes_a_valid_png_beside_the_audio(ckpt, tmp_path):
+    assert run_sample(ckpt, tmp_path / "a.flac") == 0
+    width, height, colour, raw = read_png(tmp_path / "a.png")
+    assert len(raw) == height * (1 + 3 * width)
+
+
+def test_peak_limiter_scales_loud_clips_to_minus_1_dbfs_and_leaves_quiet_ones():
+    loud = np.array([[0.5, -2.0, 1.0], [0.1, 0.2, 0.3]])
+    out, scaled = sample.limit_peak(loud)
+    assert scaled and np.abs(out).max() == 10 ** (-1 / 20)
+    np.testing.assert_allclose(out / loud, 10 ** (-1 / 20) / 2)     # one gain: shape unchanged
+    quiet = np.array([[0.5, -0.3], [0.1, 0.0]])
+    out, scaled = sample.limit_peak(quiet)
+    assert not scaled and np.array_equal(out, quiet)
+
+
+@pytest.mark.parametrize("prompt", ["Ambient rain!!", "", "../../etc/passwd", "Café ночь 🌧",
+                                    "ночь", "x" * 200, "  --  "])
+def test_slug_is_a_safe_nonempty_file_name(prompt):
+    name = sample.slug(prompt)
+    assert name and len(name) <= 40 and "/" not in name and ".." not in name
+    assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
+    assert not name.startswith("-")
+
+
+def test_slug_keeps_the_words():
+    assert sample.slug("Ambient rain!!") == "ambient-rain"
+    assert sample.slug("Café") == "cafe"
+    assert sample.slug("") == "untitled"
+
+
+def test_output_paths_file_directory_and_batch(tmp_path):
+    assert sample.output_paths(None, "Rain", 5, 1) == [sample.Path("out/rain_5.wav")]
+    assert sample.output_paths(str(tmp_path), "Rain", 5, 1) == [tmp_path / "rain_5.wav"]
+    assert sample.output_paths("d/x.flac", "Rain", 5, 2) == [sample.Path("d/x_5.flac"),
+                                                             sample.Path("d/x_6.flac")]
+    assert sample.output_paths("d/x.wav", "Rain", 5, 1) == [sample.Path("d/x.wav")]

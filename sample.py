@@ -1,0 +1,295 @@
+"""Text to stereo audio with a Stable Audio checkpoint: `python sample.py "ambient rain"`.
+
+Writes one file per sample (wav, flac or ogg, from the --out extension) at the checkpoint's sample
+rate, and a spectrogram PNG beside it. Sample i starts from the noise of seed + i and its file name
+carries that seed, so `--seed S` alone re-makes any one file of a batch (USERS.md rows 17, 18).
+"""
+import argparse
+import os
+import re
+import secrets
+import struct
+import sys
+import tempfile
+import time
+import unicodedata
+import zlib
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from tqdm import tqdm
+
+import stable_audio as sa
+
+DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "demo.pt"
+FORMATS = (".wav", ".flac", ".ogg")          # soundfile picks the container from the extension
+CEILING = 10 ** (-1 / 20)                    # -1 dBFS: headroom for lossy encoders and resamplers
+SILENCE = 1e-4                               # a peak below -80 dBFS: nothing audible came out
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Spectrogram colours from quiet to loud; their brightness rises monotonically.
+COLOURS = np.array([[0, 0, 0], [60, 0, 110], [200, 40, 60], [255, 170, 0], [255, 255, 200]])
+
+
+class CLIError(Exception):
+    """Bad input: main() prints it as one `error:` line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):               # one line, not argparse's usage dump and sys.exit
+        raise CLIError(f"{message} (see --help)")
+
+
+def parse_args(argv):
+    p = Parser(description="Text to stereo audio with a Stable Audio checkpoint: one batch, "
+                           "then one audio file and one spectrogram PNG per sample.")
+    add = p.add_argument
+    add("prompt", nargs="?", default="", help='what it should sound like, e.g. "ambient rain"')
+    add("--seconds", type=float, default=30.0,
+        help="length in seconds, at most the model's window (default 30)")
+    add("--start", type=float, default=0.0,
+        help="seconds_start: where the clip begins within a longer piece (default 0)")
+    add("--steps", type=int, default=100, help="sampler steps (default 100, the paper)")
+    add("--cfg-scale", type=float, default=6.0,
+        help="classifier-free guidance scale (default 6, the paper); 1 turns guidance off")
+    add("--sampler", choices=["dpmpp-2m", "dpmpp-3m"], default="dpmpp-3m",
+        help="DPM-Solver++ multistep of order 2 or 3 (default dpmpp-3m)")
+    add("--seed", type=int, help="seed of sample 0; sample i uses seed + i "
+        "(default: random, printed and put in the file name)")
+    add("--n", type=int, default=1, help="number of samples, made as one batch (default 1)")
+    add("--negative", help="negative prompt: guidance steers away from it, not the null context")
+    add("--unconditional", action="store_true",
+        help='allow an empty prompt: the text is "" (the timing still conditions the sample)')
+    add("--out", help="a .wav, .flac or .ogg file (_SEED is added when --n > 1) or a directory "
+        "(default: out/PROMPT_SEED.wav)")
+    add("--ckpt", default=str(DEMO_CKPT),
+        help="checkpoint (default: the bundled demo model, checkpoints/demo.pt by this script)")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+        help="auto picks cuda, then mps, then cpu (default auto)")
+    add("--dtype", choices=DTYPES, default="float32", help="autocast precision (default float32);"
+        " bfloat16 and float16 need cuda and fall back to float32 elsewhere, with a note")
+    add("--no-ema", action="store_true", help="use the raw weights, not the EMA ones (if saved)")
+    add("--decode-chunk", type=int, default=128, help="latent frames the VAE decodes at a time, "
+        f"which bounds memory; more than {sa.DECODE_OVERLAP} (default 128)")
+    add("--no-trim", action="store_true", help="keep the whole window: the silent tail too")
+    add("--force", action="store_true", help="overwrite existing files")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Reject bad flags that need no model, before anything slow happens."""
+    empty = not args.prompt.strip()
+    problems = [
+        (args.unconditional and not empty, "--unconditional takes no prompt; drop one of them"),
+        (empty and not args.unconditional,
+         'empty prompt; describe the sound (e.g. "ambient rain") or pass --unconditional'),
+        (not args.seconds > 0, f"--seconds must be more than 0, got {args.seconds:g}"),
+        (not args.start >= 0, f"--start must be 0 or more, got {args.start:g}"),
+        (args.steps < 1, f"--steps must be at least 1, got {args.steps}"),
+        (args.n < 1, f"--n must be at least 1, got {args.n}"),
+        (args.seed is not None and not 0 <= args.seed < 2 ** 63,
+         f"--seed must be in [0, 2^63), got {args.seed}; leave it out for a random one"),
+        (args.decode_chunk <= sa.DECODE_OVERLAP, f"--decode-chunk must be more than "
+         f"{sa.DECODE_OVERLAP} latent frames (the chunks' overlap), got {args.decode_chunk}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise CLIError(message)
+
+
+def pick_device(name):
+    """auto: cuda, then mps, then cpu. Naming an accelerator that is not there is an error."""
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available(),
+                 "cpu": True}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[name]:
+        gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
+        raise CLIError(f"--device {name} but no {gpu} is visible; use --device cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name, device):
+    """Half precision only on CUDA; elsewhere float32 is the safe and usually faster choice."""
+    if name != "float32" and device.type != "cuda":
+        print(f"note: --dtype {name} needs cuda; running in float32 on {device.type}")
+        return torch.float32
+    return DTYPES[name]
+
+
+def slug(prompt, length=40):
+    """A short filesystem-safe name for a prompt: lowercase ASCII letters, digits and '-'."""
+    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:length].strip("-") or "untitled"
+
+
+def output_paths(out, prompt, seed, n):
+    """Audio paths of samples 0..n-1: `out` is a file name (.wav, .flac, .ogg) or a directory."""
+    path = Path(out or "out")
+    if out is None or out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+        return [path / f"{slug(prompt)}_{seed + i}.wav" for i in range(n)]
+    if path.suffix.lower() not in FORMATS:
+        raise CLIError(f"--out {out}: unsupported extension {path.suffix}; "
+                       f"use {', '.join(FORMATS)} or a directory")
+    return [path] if n == 1 else [path.with_name(f"{path.stem}_{seed + i}{path.suffix}")
+                                  for i in range(n)]
+
+
+def prepare_outputs(paths, force):
+    """Check every target before generating, so no computed audio is lost to a bad path."""
+    taken = [p for a in paths for p in (a, a.with_suffix(".png")) if p.exists()]
+    if taken and not force:
+        raise CLIError(f"{taken[0]} exists; pass --force to overwrite it or choose another --out")
+    for folder in {p.parent for p in paths}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise CLIError(f"cannot write to {folder} ({e.strerror or e}); "
+                           f"choose another --out") from None
+
+
+def limit_peak(audio, ceiling=CEILING):
+    """Scale the whole clip so its peak is at most `ceiling` (never clips) -> (audio, scaled)."""
+    peak = float(np.abs(audio).max())
+    if peak <= ceiling:
+        return audio, False
+    return audio * (ceiling / peak), True
+
+
+def write_audio(path, audio, sample_rate):
+    """Write (2, N) float audio; the format (wav, flac, ogg) follows the file extension."""
+    sf.write(str(path), audio.T, sample_rate)
+
+
+def spectrogram(audio, width=1000, height=300, n_fft=2048, floor_db=100):
+    """Log-magnitude STFT of the mono mix, 0 dBFS -> 1, (height, width), highest row first."""
+    mono = np.pad(audio.mean(0), (0, max(0, n_fft - audio.shape[-1])))
+    window = np.hanning(n_fft)
+    starts = np.linspace(0, len(mono) - n_fft, width).astype(int)       # one frame per column
+    frames = mono[starts[:, None] + np.arange(n_fft)] * window          # (width, n_fft)
+    # Dividing by sum(window) / 2 puts a full-scale sine at 0 dB.
+    db = 20 * np.log10(np.abs(np.fft.rfft(frames)) / (window.sum() / 2) + 1e-10)
+    rows = np.linspace(0, n_fft // 2, height).round().astype(int)       # linear frequency axis
+    return np.clip(db[:, rows].T[::-1] / floor_db + 1, 0, 1)           # high frequencies on top
+
+
+def write_png(path, rgb):
+    """Write an (H, W, 3) uint8 image as a PNG: signature, IHDR, one zlib IDAT, IEND."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    h, w, _ = rgb.shape
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, 3 * w)], 1)  # filter 0
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)       # 8-bit RGB, no interlace
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                          + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
+
+
+def write_spectrogram_png(path, audio):
+    """Spectrogram picture of (2, N) audio: frequency up, time right, quiet dark, loud bright."""
+    level = spectrogram(audio)
+    stops = np.linspace(0, 1, len(COLOURS))
+    rgb = np.stack([np.interp(level, stops, COLOURS[:, c]) for c in range(3)], -1)
+    write_png(path, rgb.round().astype(np.uint8))
+
+
+def load_model(args, device):
+    """Load the checkpoint, say what was loaded, and check the flags that depend on it."""
+    try:
+        model, ckpt = sa.load_checkpoint(args.ckpt, ema=not args.no_ema, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(e) from None
+    cfg = model.cfg
+    window = cfg.window / cfg.sample_rate
+    weights = ("raw weights (--no-ema)" if args.no_ema else "EMA weights"
+               if ckpt.get("ema") is not None else "raw weights (the checkpoint has no EMA)")
+    step = f", step {ckpt['step']}" if "step" in ckpt else ""
+    print(f"loaded {args.ckpt}: size {cfg.size}, window {window:.1f} s at {cfg.sample_rate} Hz, "
+          f"{weights}{step}")
+    if args.seconds > window:
+        raise CLIError(f"--seconds {args.seconds:g} is longer than this model's window of "
+                       f"{window:.1f} s; a longer window needs a new size and training")
+    if args.start > cfg.timing.max_seconds:
+        raise CLIError(f"--start must be at most {cfg.timing.max_seconds} s, the timing "
+                       f"embedding's range; got {args.start:g}")
+    return model
+
+
+def sample_batch(model, args, seed, dtype):
+    """All --n samples in one batch (one U-Net call per step), with a progress bar -> (n, 2, N)."""
+    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+        def callback(i, n_steps):
+            bar.update(1)
+            if i + 1 == n_steps:
+                bar.set_description("decoding")         # the VAE decode runs after the last step
+        try:
+            audio = sa.generate(
+                model, [args.prompt] * args.n, seconds_total=args.seconds,
+                seconds_start=args.start, steps=args.steps, cfg_scale=args.cfg_scale,
+                negative_prompt=args.negative, seed=seed, sampler=args.sampler,
+                trim=not args.no_trim, decode_chunk=args.decode_chunk, dtype=dtype,
+                callback=callback)
+        except FloatingPointError as e:
+            raise CLIError(e) from None
+        return audio.cpu().numpy()                      # waits for the device to finish
+
+
+def write_results(paths, audio, sample_rate, seed):
+    """Peak-limit and write each sample and its spectrogram; flag near-silent ones."""
+    for i, path in enumerate(paths):
+        peak = float(np.abs(audio[i]).max())
+        clip, scaled = limit_peak(audio[i])
+        try:
+            write_audio(path, clip, sample_rate)
+            write_spectrogram_png(path.with_suffix(".png"), clip)
+        except (OSError, sf.LibsndfileError) as e:
+            raise CLIError(f"could not write {path}: {e}") from None
+        level = f"peak {20 * np.log10(peak):+.1f} dBFS" if peak > 0 else "peak 0"
+        print(f"wrote {path} (+ .png), seed {seed + i}, {clip.shape[-1] / sample_rate:g} s, "
+              f"{level}" + (", scaled down to -1 dBFS" if scaled else ""))
+        if peak < SILENCE:
+            print(f"warning: {path} is near-silent: the model produced silence; try another "
+                  f"--seed or prompt, more --steps, or a better-trained checkpoint",
+                  file=sys.stderr)
+
+
+def run(args):
+    """The whole command: check everything, load, generate one batch, write, report times."""
+    check_args(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    seed = secrets.randbelow(2 ** 31) if args.seed is None else args.seed
+    paths = output_paths(args.out, args.prompt, seed, args.n)
+    prepare_outputs(paths, args.force)
+    t0 = time.perf_counter()
+    model = load_model(args, device)
+    if args.negative is not None and args.cfg_scale == 1:
+        print("note: --negative has no effect at --cfg-scale 1 (guidance is off)")
+    seeds = f"seed {seed}" if args.n == 1 else f"seeds {seed}..{seed + args.n - 1}"
+    print(f"generating {args.n} x {args.seconds:g} s, {seeds}, {args.steps} {args.sampler} steps, "
+          f"cfg scale {args.cfg_scale:g}, on {device.type} in {str(dtype).removeprefix('torch.')}")
+    t1 = time.perf_counter()
+    audio = sample_batch(model, args, seed, dtype)                  # (n, 2, N)
+    t2 = time.perf_counter()
+    write_results(paths, audio, model.cfg.sample_rate, seed)
+    seconds = audio.shape[0] * audio.shape[-1] / model.cfg.sample_rate
+    print(f"time: loading {t1 - t0:.1f} s + sampling and decoding {t2 - t1:.1f} s = "
+          f"{t2 - t0:.1f} s; {seconds:g} s of audio, real-time factor {seconds / (t2 - t1):.2f} "
+          f"(seconds of audio per second)")
+    return 0
+
+
+def main(argv=None):
+    """Run the command; returns the exit code (2 for bad input, after one `error:` line)."""
+    try:
+        return run(parse_args(argv))
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

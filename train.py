@@ -1,0 +1,984 @@
+"""Train Stable Audio's three stages (paper §4): the VAE, the CLAP text/audio encoders, and the
+latent diffusion U-Net, on a folder of audio with captions or on a built-in procedural sound world.
+
+    python train.py vae --size tiny --data toy --steps 2000
+    python train.py clap --size tiny --data toy --steps 2000
+    python train.py diffusion --size tiny --data toy --steps 4000
+
+Each stage writes OUT/STAGE.pt (resumable with --resume) and OUT/STAGE.log.
+Shape alphabet: B batch, C channels, L latent frames, N samples.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from tqdm import tqdm
+
+import stable_audio as sa
+
+# -------------------------------------------------------------------------------------------------
+# Data (§4.4, §4.5). Every clip becomes stereo at the model's rate, a window cropped at random or
+# padded with silence, plus seconds_start (where the window starts, whole seconds) and
+# seconds_total (the whole file's length, rounded up) for the timing tokens, and a prompt built
+# from metadata. Sources: a folder of audio files with captions, or a procedural sound world.
+# -------------------------------------------------------------------------------------------------
+RESAMPLE_ZEROS = 32        # sinc zero crossings on each side of the resampling filter
+RESAMPLE_ROLLOFF = 0.94    # cutoff as a fraction of the lower Nyquist: room for the transition band
+KAISER_BETA = 8.0          # stopband ~ -80 dB
+# Every format libsndfile reads, except headerless RAW, which cannot be read without being told how.
+AUDIO_EXTENSIONS = {"." + f.lower() for f in sf.available_formats() if f != "RAW"}
+AUDIO_EXTENSIONS |= {".aif", ".oga", ".opus"}
+PROMPT_MAIN = ("sound", "description")   # the first of these present is in every prompt
+NOT_IN_PROMPT = {"seconds"}              # timing reaches the model through the timing tokens
+MAX_PROMPT_BYTES = 126     # the tokenizer keeps 128 bytes including BOS and EOS
+TOY_OVERHANG = 1.25        # toy clips last up to 1.25 windows: most are padded, some get cropped
+
+
+def resample(audio, sr_in, sr_out):
+    """Band-limited resampling of (C, N) audio with a Kaiser-windowed sinc, evaluated polyphase."""
+    if sr_in == sr_out:
+        return audio
+    g = math.gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g          # output j lies at input position j·down/up
+    fc = RESAMPLE_ROLLOFF * min(sr_in, sr_out) / (2 * sr_in)   # cutoff, cycles per input sample
+    half = RESAMPLE_ZEROS / (2 * fc)            # filter half-length in input samples
+    pad = math.ceil(half)
+    # Outputs m·up … m·up + up−1 all read from inputs m·down − pad … m·down + down + pad, so one
+    # convolution with stride `down` and `up` output channels (one per phase) computes them all.
+    taps = down + 2 * pad
+    t = (torch.arange(up, dtype=torch.float64)[:, None] * down / up
+         - (torch.arange(taps, dtype=torch.float64) - pad))       # (up, taps) distance in samples
+    kaiser = torch.special.i0(KAISER_BETA * (1 - (t / half) ** 2).clamp(min=0).sqrt())
+    kaiser = kaiser * (t.abs() <= half) / torch.special.i0(torch.tensor(KAISER_BETA))
+    kernel = 2 * fc * torch.sinc(2 * fc * t) * kaiser
+    C, N = audio.shape
+    n_out = round(N * sr_out / sr_in)
+    x = F.pad(audio[:, None], (pad, taps))                         # (C, 1, N + pad + taps)
+    y = F.conv1d(x, kernel[:, None].to(audio.dtype), stride=down)   # (C, up, frames)
+    return y.transpose(1, 2).reshape(C, -1)[:, :n_out]             # (C, N·up/down)
+
+
+def to_stereo(audio):
+    """(C, N) → (2, N): mono is duplicated, more than two channels are averaged into both sides."""
+    if audio.shape[0] == 2:
+        return audio
+    # A plain average ignores surround layouts (5.1 centre, LFE); good enough for training data.
+    return audio.mean(dim=0, keepdim=True).repeat(2, 1)
+
+
+def read_audio(path, sample_rate):
+    """A file libsndfile reads → float32 stereo (2, N) at `sample_rate` (§4.4: 44.1 kHz stereo)."""
+    try:
+        data, sr = sf.read(str(path), dtype="float32", always_2d=True)    # (N, C)
+    except sf.SoundFileError as err:
+        raise ValueError(f"cannot read audio file {path}: {err}") from err
+    if len(data) == 0:
+        raise ValueError(f"audio file {path} is empty (0 frames)")
+    return resample(to_stereo(torch.from_numpy(data.T.copy())), sr, sample_rate)
+
+
+# The procedural sound world ("--data toy"): eleven sounds that differ by ear and by simple
+# spectral features, alone or in pairs, with tempo, key, level, position and width written into
+# the metadata. All numpy and vectorised: a 47 s stereo clip takes a fraction of a second.
+NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+MAJOR, MINOR = (0, 2, 4, 5, 7, 9, 11), (0, 2, 3, 5, 7, 8, 10)
+PROGRESSIONS = ((0, 5, 3, 4), (0, 3, 4, 0), (0, 4, 5, 3))   # scale degrees, two bars per chord
+LEVELS = {"soft": 0.25, "medium": 0.5, "loud": 0.9}         # peak level after normalising
+PANS = {"left": -0.7, "center": 0.0, "right": 0.7}
+WIDTHS = {"narrow": 0.0, "wide": 0.5}
+TABLE = 4096                                                 # wavetable length (a power of two)
+
+
+def unit_rms(x):
+    return x / (np.sqrt(np.mean(x**2)) + 1e-12)
+
+
+def noise(rng, n, sr, lo, hi, tilt=0.0):
+    """Unit-RMS Gaussian noise, 2nd-order skirts at lo and hi Hz, power ∝ f^tilt between."""
+    # Drawn directly in the frequency domain: a single inverse FFT, in float32, keeps it fast.
+    m = 1 << (n - 1).bit_length()                           # power-of-two FFTs are the fastest
+    f = np.linspace(0, sr / 2, m // 2 + 1, dtype=np.float32)
+    f[0] = f[1]
+    gain = 1 / np.sqrt((1 + (lo / f) ** 4) * (1 + (f / min(hi, 0.45 * sr)) ** 4))
+    if tilt:
+        gain *= (f / lo) ** (tilt / 2)
+    spec = rng.standard_normal((m // 2 + 1, 2), dtype=np.float32).view(np.complex64)[:, 0]
+    return unit_rms(np.fft.irfft(spec * gain, m)[:n])
+
+
+def wander(rng, n, sr, rate, lo, hi):
+    """A random curve between lo and hi that changes about `rate` times a second."""
+    knots = rng.uniform(lo, hi, int(n / sr * rate) + 2)
+    return np.interp(np.arange(n) * ((len(knots) - 1) / n), np.arange(len(knots)), knots)
+
+
+def add_at(out, start, x):
+    """out[start:] += x, cut at the end of out."""
+    x = x[: max(0, len(out) - start)]
+    out[start:start + len(x)] += x
+
+
+def ring(freqs, amps, decays, seconds, sr):
+    """A struck tone: sine partials decaying exponentially, 2 ms attack, 50 ms fade at the end."""
+    t = np.arange(int(seconds * sr))[:, None] / sr
+    amps = np.where(freqs < 0.45 * sr, amps, 0.0)           # drop partials that would alias
+    # float32 sine is several times faster; its phase error (< 0.01 rad) is inaudible here
+    x = (np.sin((2 * np.pi * freqs * t).astype(np.float32)) * np.exp(-t / decays)) @ amps
+    t = t[:, 0]
+    return x * np.minimum(1, t / 0.002) * np.minimum(1, (seconds - t) / 0.05)
+
+
+def oscillator(phase, harmonics):
+    """Wavetable oscillator: phase (N,) in cycles; harmonics: amplitudes of partials 1, 2, …"""
+    k = np.arange(1, len(harmonics) + 1)
+    table = np.sin(2 * np.pi * np.arange(TABLE)[:, None] * k / TABLE) @ np.array(harmonics)
+    return table[(phase * TABLE).astype(np.int64) & (TABLE - 1)]
+
+
+def hz(music, degree, octave):
+    """Frequency of scale degree `degree` (0 = tonic, 7 = tonic an octave up) in `octave`."""
+    o, d = divmod(degree, 7)
+    midi = 12 * (octave + 1 + o) + music["tonic"] + music["scale"][d]
+    return 440.0 * 2 ** ((midi - 69) / 12)
+
+
+def rain(rng, n, sr, music):
+    """Bright steady hiss (mostly above 1 kHz) with droplet ticks in it."""
+    drops = np.zeros(n)
+    k = rng.poisson(rng.uniform(50, 200) * n / sr)
+    drops[rng.integers(0, n, k)] = rng.uniform(0, 3, k)
+    ticks = np.diff(drops, prepend=0.0)                     # a difference: a click with no bass
+    return (noise(rng, n, sr, 800, 12000, -0.5) + ticks) * wander(rng, n, sr, 0.3, 0.8, 1.0)
+
+
+def wind(rng, n, sr, music):
+    """Dark noise (below ~600 Hz) in slow irregular gusts; a whistling band in the strong ones."""
+    gust = wander(rng, n, sr, 0.4, 0.05, 1.0) ** 2
+    f = rng.uniform(400, 900)
+    whistle = noise(rng, n, sr, 0.8 * f, 1.2 * f)
+    return gust * (noise(rng, n, sr, 40, 600, -1.0) + 0.4 * gust * whistle)
+
+
+def waves(rng, n, sr, music):
+    """A swell every 5–10 s: a roar that rises, breaks into bright hiss and washes out."""
+    period = rng.uniform(5, 10)
+    starts = np.cumsum(period * rng.uniform(0.8, 1.2, int(n / sr / period / 0.8) + 3))
+    phi = np.interp(np.arange(n) / sr, starts - starts[0] - rng.uniform(0, period),
+                    np.arange(len(starts))) % 1            # where each sample is within its wave
+    swell = np.where(phi < 0.6, (phi / 0.6) ** 3, np.exp(-(phi - 0.6) / 0.12))
+    roar = noise(rng, n, sr, 60, 2500, -1.0)
+    hiss = unit_rms(np.diff(roar, prepend=0.0))             # the roar tilted up 6 dB per octave
+    return (0.15 + swell) * roar + swell**2 * hiss
+
+
+def thunder(rng, n, sr, music):
+    """Low rumble (below ~250 Hz) in bursts: each strike swells in 0.1 s, rolls on for seconds."""
+    env = np.full(n, 0.02)
+    strikes = [rng.uniform(0, 0.3)] + list(rng.uniform(0, 1, rng.poisson(n / sr / 10)))
+    for at in strikes:
+        tau = rng.uniform(1.5, 4)
+        t = np.arange(int(5 * tau * sr)) / sr
+        add_at(env, int(at * n), rng.uniform(0.4, 1) * (1 - np.exp(-t / 0.1)) * np.exp(-t / tau))
+    return noise(rng, n, sr, 25, 250, -1.0) * env * wander(rng, n, sr, 8, 0.3, 1.0)
+
+
+def chirp(rng, sr):
+    """One bird syllable: a 40–150 ms sweep between 2 and 7 kHz, perhaps trilled."""
+    d = rng.uniform(0.04, 0.15)
+    t = np.arange(int(d * sr)) / sr
+    f = (rng.uniform(2500, 5000) + rng.uniform(-1500, 2500) * t / d
+         + rng.uniform(0, 400) * np.sin(2 * np.pi * rng.uniform(20, 60) * t))
+    phase = np.cumsum(np.minimum(f, 0.45 * sr)) / sr
+    return np.sin(2 * np.pi * phase) * np.sin(np.pi * t / d) ** 2
+
+
+def birdsong(rng, n, sr, music):
+    """Phrases of a few repeated chirps, with pauses of 0.4–2.5 s between phrases."""
+    syllables = [chirp(rng, sr) for _ in range(rng.integers(2, 4))]
+    out, at = np.zeros(n), int(rng.uniform(0, 0.3) * sr)
+    while at < n:
+        syllable = syllables[rng.integers(len(syllables))]
+        for _ in range(rng.integers(2, 7)):
+            add_at(out, at, rng.uniform(0.6, 1.0) * syllable)
+            at += len(syllable) + int(rng.uniform(0.02, 0.08) * sr)
+        at += int(rng.uniform(0.4, 2.5) * sr)
+    return out
+
+
+def fire(rng, n, sr, music):
+    """Crackles (bursts of sharp clicks, a few very loud) over a soft low roar."""
+    clicks = np.zeros(n)
+    k = rng.poisson(rng.uniform(8, 25) * n / sr)
+    at = rng.integers(0, n, (k, 1)) + (rng.exponential(0.01, (k, 4)) * sr).astype(int)
+    size = np.minimum(rng.pareto(2.5, (k, 4)), 8) * rng.choice([-1, 1], (k, 4))  # few loud pops
+    np.add.at(clicks, np.minimum(at, n - 1), size)
+    crackle = np.diff(clicks, 2, prepend=[0.0, 0.0])       # a second difference: highs only
+    roar = noise(rng, n, sr, 30, 400, -1.0) * wander(rng, n, sr, 1.0, 0.5, 1.0)
+    return crackle / np.abs(crackle).max() + 0.1 * roar
+
+
+KICKS = ("x...x...x...x...", "x.....x...x.....", "x.......x.x.....")
+SNARES = ("....x.......x...", "....x.......x..x")
+HATS = ("x.x.x.x.x.x.x.x.", "xxxxxxxxxxxxxxxx", "..x...x...x...x.")
+
+
+def drums(rng, n, sr, music):
+    """A kit on a 16-step grid: kick (a 155 → 45 Hz sine), snare (noise + 185 Hz), hi-hat (hiss)."""
+    t = np.arange(int(0.4 * sr)) / sr
+    kick = np.sin(2 * np.pi * np.cumsum(45 + 110 * np.exp(-t / 0.03)) / sr) * np.exp(-t / 0.15)
+    snare = 0.3 * noise(rng, len(t), sr, 1000, 8000) + np.sin(2 * np.pi * 185 * t)
+    snare *= np.exp(-t / 0.06)
+    hat = 0.2 * noise(rng, len(t), sr, 7000, 16000) * np.exp(-t / 0.015)
+    step = 15 / music["bpm"] * sr                           # a sixteenth note, in samples
+    out = np.zeros(n)
+    for hit, patterns, level in ((kick, KICKS, 1.0), (snare, SNARES, 0.8), (hat, HATS, 0.4)):
+        pattern = patterns[rng.integers(len(patterns))]
+        for i in range(int(n / step) + 1):
+            if pattern[i % 16] == "x":
+                add_at(out, int(i * step), level * rng.uniform(0.8, 1.0) * hit)
+    return out
+
+
+def piano(rng, n, sr, music):
+    """A melody on the scale in octave 4: struck, slightly sharp partials, upper ones die first."""
+    k = np.arange(1, 9)
+    stretch = k * np.sqrt(1 + 3e-4 * k**2)                  # a stiff string's partials run sharp
+    notes, out, at, degree = {}, np.zeros(n), 0.0, 7
+    while at < n:
+        if at == 0 or rng.random() > 0.15:                  # the odd rest shapes phrases
+            degree = int(np.clip(degree + rng.integers(-2, 3), 0, 11))
+            if degree not in notes:
+                notes[degree] = ring(hz(music, degree, 4) * stretch, k**-1.5, 0.9 / k**0.5, 1.2, sr)
+            add_at(out, int(at), rng.uniform(0.6, 1.0) * notes[degree])
+        at += rng.choice([1, 1, 2, 2, 4]) * 30 / music["bpm"] * sr     # in eighth notes
+    return out
+
+
+BELL_RATIOS = np.array([0.5, 1.0, 1.19, 1.51, 2.0, 2.51, 2.66, 3.01, 4.16])  # hum, prime, tierce…
+BELL_AMPS = np.array([0.6, 1.0, 0.7, 0.4, 0.6, 0.3, 0.25, 0.25, 0.15])
+
+
+def bells(rng, n, sr, music):
+    """Bells in octave 5 struck every 2–4 beats: inharmonic partials that ring for seconds."""
+    tones = [ring(hz(music, d, 5) * BELL_RATIOS, BELL_AMPS, 2.0 / BELL_RATIOS**0.5, 2.5, sr)
+             for d in (0, 2, 4, 7)]
+    out, at = np.zeros(n), 0.0
+    while at < n:
+        add_at(out, int(at), rng.uniform(0.6, 1.0) * tones[rng.integers(len(tones))])
+        at += rng.integers(2, 5) * 60 / music["bpm"] * sr
+    return out
+
+
+def bass(rng, n, sr, music):
+    """A plucked bass in octave 2 on the chord roots: root, fifth or octave on each eighth note."""
+    eighth = 30 / music["bpm"] * sr
+    i = (np.arange(n) / eighth).astype(int)                 # which eighth each sample is in
+    m = i[-1] + 1
+    roots = np.array([hz(music, music["progression"][j // 16 % 4], 2) for j in range(m)])
+    freq = (roots * 2 ** (rng.choice([0, 0, 0, 7, 12], m) / 12))[i]      # root, fifth, octave
+    play = (rng.random(m) < 0.7) | (np.arange(m) == 0)
+    t = (np.arange(n) - i * eighth) / sr                    # time since the note started
+    env = play[i] * np.exp(-t / 0.25) * np.minimum(1, t / 0.004)
+    env *= np.minimum(1, (eighth / sr - t) / 0.01)          # 4 ms attack, 10 ms release
+    return env * oscillator(np.cumsum(freq) / sr, [1, 0.5, 0.3, 0.15, 0.08])
+
+
+def pad(rng, n, sr, music):
+    """Sustained triads in octave 3, two bars each, from pairs of detuned soft oscillators."""
+    chord = (np.arange(n) / (480 / music["bpm"] * sr)).astype(int) % 4    # two bars = 8 beats
+    out = np.zeros(n)
+    for voice in range(3):                                  # root, third, fifth
+        freq = np.array([hz(music, d + 2 * voice, 3) for d in music["progression"]])[chord]
+        phase = np.cumsum(freq) / sr
+        out += oscillator(0.997 * phase, [1, 0.35, 0.15]) + oscillator(1.003 * phase, [1, 0.35])
+    return out * wander(rng, n, sr, 0.25, 0.6, 1.0) * np.minimum(1, np.arange(n) / sr / 1.5)
+
+
+SOUNDS = {"rain": rain, "wind": wind, "ocean waves": waves, "thunder": thunder,
+          "birdsong": birdsong, "crackling fire": fire, "drums": drums, "piano": piano,
+          "bass": bass, "synth pad": pad, "bells": bells}
+DESCRIPTIONS = {
+    "rain": ("steady rain", "rain on a roof"), "wind": ("gusty wind", "wind howling"),
+    "ocean waves": ("waves breaking on a beach", "ocean surf"),
+    "thunder": ("rolling thunder", "a distant thunderstorm"),
+    "birdsong": ("a bird singing", "birds chirping"),
+    "crackling fire": ("a crackling campfire", "wood burning in a fireplace"),
+    "drums": ("a drum beat", "a drum kit groove"), "piano": ("a piano melody", "solo piano"),
+    "bass": ("a bass line", "a plucked bass groove"),
+    "synth pad": ("warm synth pad chords", "an ambient pad"), "bells": ("ringing bells", "chimes")}
+MUSIC = ("drums", "piano", "bass", "synth pad", "bells")    # get bpm, genre, mood, instruments
+MIX_P = 0.3                                                  # share of clips that mix two sounds
+
+
+def spatialise(x, pan, width, sr):
+    """Mono (N,) → (2, N): mid ± width·(copy delayed 10 ms) decorrelates; constant-power pan."""
+    d = int(0.01 * sr)
+    side = width * np.concatenate([np.zeros(d), x[:-d]])
+    theta = (pan + 1) * np.pi / 4
+    return np.stack([np.cos(theta) * (x + side), np.sin(theta) * (x - side)])
+
+
+def music_meta(names, music):
+    """bpm, key, genre, mood, instruments: the fields a music library would have (§4.5)."""
+    played = [s for s in names if s in MUSIC]
+    if not played:
+        return {}
+    bpm, minor = music["bpm"], music["scale"] == MINOR
+    meta = {"bpm": bpm, "instruments": ", ".join(played),
+            "genre": "ambient" if set(played) <= {"synth pad", "bells"}
+            else "lo-fi" if bpm < 95 else "pop" if bpm < 125 else "dance",
+            "mood": ("melancholic" if bpm < 110 else "tense") if minor
+            else ("peaceful" if bpm < 110 else "uplifting")}
+    if played != ["drums"]:
+        meta["key"] = f"{NOTE_NAMES[music['tonic']]} {'minor' if minor else 'major'}"
+    return meta
+
+
+def make_clip(seed, sample_rate, max_seconds, sound=None):
+    """One sound-world clip, 1 to max_seconds long: (float32 (2, N), metadata dict)."""
+    if max_seconds < 1:
+        raise ValueError(f"max_seconds must be at least 1, got {max_seconds}")
+    rng = np.random.default_rng(seed)
+    # Uniform lengths: every seconds_total is seen about as often (§6.3: timing is least accurate
+    # for the lengths that were rare in training).
+    n = round(rng.uniform(1, max_seconds) * sample_rate)
+    if sound is None:
+        count = 2 if rng.random() < MIX_P else 1
+        names = [str(s) for s in rng.choice(list(SOUNDS), count, replace=False)]
+    else:
+        names = sound.split(" and ")
+        if not set(names) <= set(SOUNDS):
+            raise ValueError(f"unknown sound {sound!r}: use one of {list(SOUNDS)} or 'A and B'")
+    music = {"bpm": int(rng.integers(70, 151)), "tonic": int(rng.integers(12)),
+             "scale": MINOR if rng.random() < 0.5 else MAJOR,
+             "progression": PROGRESSIONS[rng.integers(len(PROGRESSIONS))]}
+    mono = sum(g * unit_rms(SOUNDS[s](rng, n, sample_rate, music))
+               for g, s in zip((1.0, rng.uniform(0.4, 0.8)), names))
+    fade = np.minimum(1, np.minimum(np.arange(n), np.arange(n)[::-1]) / (0.01 * sample_rate))
+    intensity, position, width = (str(rng.choice(list(d))) for d in (LEVELS, PANS, WIDTHS))
+    audio = spatialise(mono * fade, PANS[position], WIDTHS[width], sample_rate)
+    audio *= LEVELS[intensity] / np.abs(audio).max()        # peak at the level: never clips
+    meta = {"sound": " and ".join(names), "seconds": n / sample_rate,
+            "description": " with ".join(str(rng.choice(DESCRIPTIONS[s])) for s in names),
+            "intensity": intensity, "position": position, "width": width,
+            **music_meta(names, music)}
+    return torch.from_numpy(audio.astype(np.float32)), meta
+
+
+def prompt_fields(meta):
+    """The metadata fields that can go into a prompt, values as text (lists joined by commas)."""
+    def text(v):
+        if isinstance(v, (list, tuple)):
+            return ", ".join(map(str, v))
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip()
+    fields = {k: text(v) for k, v in meta.items() if k not in NOT_IN_PROMPT and v is not None}
+    return {k: v for k, v in fields.items() if v}
+
+
+def build_prompt(meta, rng):
+    """§4.5: a random subset of the fields, shuffled, as 'Field: value | …' or 'value, …'."""
+    fields = prompt_fields(meta)
+    main = next((k for k in PROMPT_MAIN if k in fields), None)
+    keep = [k for k in fields if k != main and rng.random() < 0.5]
+    if main is not None:
+        keep.append(main)                                    # the prompt always names the sound
+    elif not keep:
+        keep = [list(fields)[rng.integers(len(fields))]]
+    keep = [keep[i] for i in rng.permutation(len(keep))]
+    structured = rng.random() < 0.5
+    while True:
+        if structured:
+            prompt = " | ".join(f"{'BPM' if k == 'bpm' else k.capitalize()}: {fields[k]}"
+                                for k in keep)
+        else:
+            prompt = ", ".join(f"{fields[k]} bpm" if k == "bpm" else fields[k] for k in keep)
+        optional = [k for k in keep if k != main]
+        if len(prompt.encode()) <= MAX_PROMPT_BYTES or not optional:
+            return prompt
+        keep.remove(optional[-1])        # too long for the text encoder: drop a field, not the sound
+
+
+def inspect_file(path):
+    """One dataset entry for an audio file, or ValueError saying why it cannot be used."""
+    try:
+        info = sf.info(str(path))
+    except sf.SoundFileError as err:
+        raise ValueError(f"not readable audio ({err})") from err
+    if info.frames == 0:
+        raise ValueError("no audio frames")
+    item = {"path": str(path), "seconds": info.frames / info.samplerate,
+            "sample_rate": info.samplerate, "channels": info.channels}
+    txt, meta = path.with_suffix(".txt"), path.with_suffix(".json")
+    if txt.is_file():
+        caption = txt.read_text(encoding="utf-8").strip()
+        if not caption:
+            raise ValueError(f"{txt.name} is empty")
+        return {**item, "caption": caption}
+    if meta.is_file():
+        try:
+            fields = json.loads(meta.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta.name} is not valid JSON ({err})") from err
+        if not isinstance(fields, dict) or not prompt_fields(fields):
+            raise ValueError(f"{meta.name} must be an object of fields (description, genre, …)")
+        return {**item, "meta": fields}
+    raise ValueError(f"no caption: add {txt.name} (the prompt) or {meta.name} (metadata fields)")
+
+
+def scan_folder(path):
+    """Usable audio files under `path` with their captions: (items, [(path, reason), …] skipped)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"{root} is a file; give a folder of audio files with captions")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+    files = [p for p in files if p.is_file()]
+    items, skipped = [], []
+    for p in files:
+        try:
+            items.append(inspect_file(p))
+        except ValueError as err:
+            skipped.append((str(p), str(err)))
+            print(f"warning: skipping {p}: {err}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(files)} files", file=sys.stderr)
+    if not items:
+        raise ValueError(
+            f"no usable audio in {root}: found {len(files)} audio files, {len(skipped)} skipped. "
+            "A usable file is audio that libsndfile reads (wav, flac, ogg, aiff, mp3, …) with a "
+            "caption of the same name beside it: song.wav + song.txt (the prompt) or song.json "
+            '(metadata such as {"description": "…", "genre": "…", "bpm": 120}).')
+    return items, skipped
+
+
+def crop_or_pad(audio, window, rng, sample_rate):
+    """§3.3: a random window of (C, N) and its timing: (C, window), seconds_start, seconds_total."""
+    # Also right for latents (C, L): pass the latent frame rate, sample_rate / hop, as sample_rate.
+    n = audio.shape[-1]
+    offset = int(rng.integers(0, n - window + 1)) if n > window else 0
+    x = audio[:, offset:offset + window]
+    x = F.pad(x, (0, window - x.shape[-1]))                 # shorter clips: silence at the end
+    return x, math.floor(offset / sample_rate), math.ceil(n / sample_rate)
+
+
+class AudioData:
+    """Batches of windows from `clip(rng, window) -> (audio (2, N), prompt)` of a subclass.
+    Item `index` depends only on (seed, index): a run resumed at step k sees the same batches."""
+
+    def __init__(self, window, sample_rate, seed=0):
+        self.window, self.sample_rate, self.seed = window, sample_rate, seed
+
+    def item(self, index, window):
+        """Item `index`: audio (2, window), prompt, seconds_start, seconds_total."""
+        rng = np.random.default_rng([self.seed, index])
+        clip, prompt = self.clip(rng, window)
+        x, start, total = crop_or_pad(clip, window, rng, self.sample_rate)
+        x = -x if rng.random() < 0.5 else x                 # released code: random polarity flip
+        return x, prompt, start, total
+
+    def batch(self, batch_size, step, window=None):
+        """Items step·B … step·B + B−1: audio (B, 2, window), prompts, seconds_start/total (B,)."""
+        indices = range(step * batch_size, (step + 1) * batch_size)
+        audio, prompts, start, total = zip(*(self.item(i, window or self.window) for i in indices))
+        return {"audio": torch.stack(audio), "prompts": list(prompts),
+                "seconds_start": torch.tensor(start), "seconds_total": torch.tensor(total)}
+
+
+class ToyData(AudioData):
+    """The procedural sound world: an endless stream of fresh clips."""
+
+    def clip(self, rng, window):
+        # Clips up to 1.25 windows: most are padded (so the model learns to end on time), some are
+        # cropped (so seconds_start varies); none is made longer than needed just to be cut away.
+        max_seconds = max(1.0, TOY_OVERHANG * window / self.sample_rate)
+        audio, meta = make_clip(int(rng.integers(2**63)), self.sample_rate, max_seconds)
+        return audio, build_prompt(meta, rng)
+
+
+class FolderData(AudioData):
+    """Audio files with same-name .txt captions or .json metadata, read on demand."""
+
+    def __init__(self, path, window, sample_rate, seed=0):
+        super().__init__(window, sample_rate, seed)
+        self.items, _ = scan_folder(path)
+        rates = sorted({item["sample_rate"] for item in self.items})
+        channels = sorted({item["channels"] for item in self.items})
+        hours = sum(item["seconds"] for item in self.items) / 3600
+        print(f"data: {len(self.items)} files, {hours:.3g} h, sample rates {rates} Hz, channels "
+              f"{channels}; read as stereo at {sample_rate} Hz")
+
+    def clip(self, rng, window):
+        # Drawn with replacement: item `index` needs no shuffled epoch order to be reproduced.
+        item = self.items[rng.integers(len(self.items))]
+        audio = read_audio(item["path"], self.sample_rate)
+        return audio, item["caption"] if "caption" in item else build_prompt(item["meta"], rng)
+
+
+def make_toy_folder(path, sample_rate, n=10, max_seconds=10.0, seed=0):
+    """Write n sound-world clips as clip_000.wav + clip_000.txt (a caption) into `path`."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        audio, meta = make_clip(int(rng.integers(2**63)), sample_rate, max_seconds)
+        name = folder / f"clip_{i:03d}"
+        sf.write(str(name.with_suffix(".wav")), audio.T.numpy(), sample_rate, subtype="PCM_16")
+        name.with_suffix(".txt").write_text(build_prompt(meta, rng) + "\n", encoding="utf-8")
+    return folder
+
+# -------------------------------------------------------------------------------------------------
+# §4.2 VAE losses. Reconstruction: a multi-resolution STFT loss (spectral convergence + log
+# magnitude, windows 2048 ... 32) on the sum and the difference of the channels, A-weighted so that
+# errors count as much as the ear hears them. Adversarial: a multi-scale STFT discriminator with
+# hinge loss, plus feature matching. Weights 1.0 spectral, 0.1 adversarial, 5.0 feature matching,
+# 1e-4 KL (the paper; the released config uses 1e-6).
+# -------------------------------------------------------------------------------------------------
+STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)
+DISC_SIZES = (2048, 1024, 512, 256, 128)
+LOSS_WEIGHTS = {"spectral": 1.0, "adversarial": 0.1, "feature": 5.0, "kl": 1e-4}
+
+
+def a_weighting(freqs):
+    """IEC 61672 A-weighting as a linear gain (1 at 1 kHz) for frequencies in Hz."""
+    f2 = freqs ** 2
+    r = 12194.0 ** 2 * f2 ** 2 / ((f2 + 20.6 ** 2) * (f2 + 12194.0 ** 2)
+                                  * torch.sqrt((f2 + 107.7 ** 2) * (f2 + 737.9 ** 2)))
+    return r * 10 ** (2.0 / 20)
+
+
+def stft_loss(x_hat, x, sample_rate):
+    """A-weighted multi-resolution STFT loss between (B, N) signals, averaged over resolutions."""
+    x_hat, x = x_hat.float(), x.float()            # STFT losses in float32 (USERS.md row 11)
+    total = 0.0
+    for n_fft in STFT_SIZES:
+        window = torch.hann_window(n_fft, device=x.device)
+        weight = a_weighting(torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, device=x.device))
+        mag = lambda s: (weight[:, None] * torch.stft(s, n_fft, n_fft // 4, window=window,
+                                                      return_complex=True).abs()).clamp(min=1e-4)
+        Y, X = mag(x_hat), mag(x)                  # (B, F, T)
+        spectral_convergence = torch.linalg.norm(Y - X) / torch.linalg.norm(X)
+        log_magnitude = (Y.log() - X.log()).abs().mean()
+        total = total + spectral_convergence + log_magnitude
+    return total / len(STFT_SIZES)
+
+
+def stereo_loss(x_hat, x, sample_rate):
+    """§4.2 sum-and-difference STFT loss, plus the left and right channels as released.
+
+    Mid (L + R) and side (L - R) share one normalisation, so a nearly mono clip (side ~ 0) does not
+    divide by ~0. |STFT(L - R)| equals |STFT(R - L)|: mid and side alone cannot see a left/right
+    swap, which is why the released config adds L and R (0.5 each)."""
+    mid_side = lambda a: torch.cat([a.sum(1), a[:, 0] - a[:, 1]])         # (2B, N)
+    return (stft_loss(mid_side(x_hat), mid_side(x), sample_rate)
+            + stft_loss(x_hat.flatten(0, 1), x.flatten(0, 1), sample_rate))
+
+
+def WNConv2d(*args, **kwargs):
+    return weight_norm(nn.Conv2d(*args, **kwargs))
+
+
+class STFTDiscriminator(nn.Module):
+    """One scale: 2-D convolutions over the complex spectrogram (real and imaginary parts of
+    both channels as 4 input planes), strided along frequency, dilated along time."""
+    def __init__(self, n_fft, channels=2, filters=32):
+        super().__init__()
+        self.n_fft = n_fft
+        self.convs = nn.ModuleList([
+            nn.Conv2d(2 * channels, filters, (3, 9), padding=(1, 4)),
+            *[WNConv2d(filters, filters, (3, 9), stride=(1, 2), dilation=(d, 1), padding=(d, 4))
+              for d in (1, 2, 4)],
+            WNConv2d(filters, filters, (3, 3), padding=(1, 1))])
+        self.post = WNConv2d(filters, 1, (3, 3), padding=(1, 1))
+
+    def forward(self, x):
+        """Audio (B, 2, N) -> patch logits and the feature map of every layer."""
+        B, C, N = x.shape
+        spec = torch.stft(x.float().reshape(B * C, N), self.n_fft, self.n_fft // 4,
+                          window=torch.hann_window(self.n_fft, device=x.device),
+                          normalized=True, center=False, return_complex=True)   # (B C, F, T)
+        h = torch.view_as_real(spec).reshape(B, C, *spec.shape[1:], 2)          # (B, C, F, T, 2)
+        h = h.permute(0, 1, 4, 3, 2).reshape(B, 2 * C, spec.shape[2], spec.shape[1])  # (B, 4, T, F)
+        features = []
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.2)
+            features.append(h)
+        return self.post(h), features
+
+
+class Discriminator(nn.Module):
+    def __init__(self, channels=2):
+        super().__init__()
+        self.scales = nn.ModuleList(STFTDiscriminator(n, channels) for n in DISC_SIZES)
+
+    def forward(self, x):
+        return [scale(x) for scale in self.scales]
+
+
+def discriminator_loss(disc, x, x_hat):
+    """Hinge loss: real patches pushed above +1, reconstructed ones below -1."""
+    real, fake = disc(x), disc(x_hat.detach())
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean()
+               for (r, _), (f, _) in zip(real, fake)) / len(real)
+
+
+def generator_losses(disc, x, x_hat):
+    """Adversarial loss (-D(x_hat)) and feature matching (L1 between the layers' features)."""
+    real, fake = disc(x), disc(x_hat)
+    adversarial = sum(-f.mean() for f, _ in fake) / len(fake)
+    feature = sum(sum((a.detach() - b).abs().mean() for a, b in zip(fr, ff)) / len(fr)
+                  for (_, fr), (_, ff) in zip(real, fake)) / len(real)
+    return adversarial, feature
+
+
+# -------------------------------------------------------------------------------------------------
+# Training machinery shared by the three stages: device choice, EMA, checkpoints that can be
+# resumed exactly, a NaN guard and Ctrl-C handling.
+# -------------------------------------------------------------------------------------------------
+DEFAULTS = {  # stage: (batch size, {size: learning rate}); full-size rates are the paper's
+    "vae": (8, {"full": 1e-4, "small": 1e-4, "tiny": 3e-4}),
+    "clap": (32, {"full": 1e-4, "small": 1e-4, "tiny": 1e-3}),
+    "diffusion": (8, {"full": 4e-5, "small": 1e-4, "tiny": 5e-4}),
+}
+
+
+class TrainingError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("--device mps but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+class EMA:
+    """Exponential moving average of the weights: decay min(beta, 1 - (1 + k)^-3/4) at step k,
+    so a short run still averages (ema-pytorch's warm-up, as in the released code)."""
+    def __init__(self, model, beta=0.9999, state=None):
+        self.beta = beta
+        self.shadow = state or {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.beta, 1 - (1 + step) ** -0.75)
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1 - decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+class Trainer:
+    """One stage's loop: batches by step, optimizer steps, EMA, logging, checkpoints."""
+    def __init__(self, args, model, optimizers, ckpt_path, resume_state, extra=dict):
+        self.args, self.model, self.optimizers, self.path = args, model, optimizers, ckpt_path
+        self.extra = extra                       # more state to save, e.g. the discriminator
+        self.ema = EMA(model, state=resume_state.get("ema") if resume_state else None)
+        self.generator = torch.Generator().manual_seed(args.seed)
+        self.step = 0
+        if resume_state:
+            self.step = resume_state["step"]
+            self.generator.set_state(resume_state["rng"])
+            for opt, state in zip(optimizers, resume_state["optimizers"]):
+                opt.load_state_dict(state)
+        self.first_step = self.step
+        self.log = open(os.path.join(args.out, f"{args.stage}.log"), "a")
+
+    def save(self):
+        sa.save_checkpoint(self.path, self.model, stage=self.args.stage, step=self.step,
+                           ema=self.ema.shadow, rng=self.generator.get_state(),
+                           optimizers=[opt.state_dict() for opt in self.optimizers],
+                           **self.extra(),
+                           args={k: v for k, v in vars(self.args).items()
+                                 if isinstance(v, (str, int, float, bool)) or v is None})
+
+    def run(self, step_fn):
+        """Call step_fn(step) -> {name: loss} until --steps, saving every --save-every steps."""
+        args = self.args
+        bar = tqdm(total=args.steps, initial=self.step, desc=args.stage, dynamic_ncols=True)
+        start, losses = time.time(), {}
+        try:
+            while self.step < args.steps:
+                losses = step_fn(self.step)
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise TrainingError(
+                        f"{args.stage}: loss is not finite at step {self.step} ({losses}); the "
+                        f"last good checkpoint {self.path} is untouched; lower --lr or use "
+                        f"--dtype float32")
+                self.ema.update(self.model, self.step)
+                self.step += 1
+                text = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                bar.set_postfix_str(text)
+                bar.update()
+                per_step = (time.time() - start) / (self.step - self.first_step)
+                self.log.write(f"step {self.step} {text} {per_step:.3f} s/step\n")
+                if self.step % args.save_every == 0 or self.step == args.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise TrainingError(f"interrupted after step {self.step}; saved {self.path}; "
+                                f"continue with --resume") from None
+        finally:
+            bar.close()
+            self.log.close()
+        return losses
+
+
+def autocast(device, dtype):
+    """bf16/fp16 autocast on CUDA (the paper trains with AMP); plain float32 elsewhere."""
+    return torch.autocast(device.type, getattr(torch, dtype), enabled=dtype != "float32")
+# -------------------------------------------------------------------------------------------------
+# The three stages. Each writes OUT/{stage}.pt (the whole model's config and weights, plus EMA,
+# optimizer, step and RNG state) and OUT/{stage}.log.
+# -------------------------------------------------------------------------------------------------
+def model_config(args):
+    cfg = sa.SIZES[args.size]
+    if args.window_seconds:
+        stride = math.prod(cfg.vae.strides) * math.prod(cfg.unet.factors)
+        window = math.ceil(args.window_seconds * cfg.sample_rate / stride) * stride
+        cfg = replace(cfg, window=window)
+    return cfg
+
+
+def prepare(args, stage):
+    """The model to train and its checkpoint path: fresh, or restored for --resume."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{stage}.pt")
+    if args.resume and (os.path.exists(path) or args.stage != "all"):
+        model, state = sa.load_checkpoint(path, size=args.size, ema=False)
+        if state.get("stage") != stage:
+            raise TrainingError(f"{path} is a {state.get('stage')} checkpoint, not {stage}")
+        print(f"{stage}: resuming {path} at step {state['step']}")
+        return model, path, state
+    if os.path.exists(path) and not args.force:
+        raise TrainingError(f"{path} exists; pass --resume to continue it or --force to start over")
+    torch.manual_seed(args.seed)               # parameter initialisation draws from torch's RNG
+    return sa.build_model(model_config(args)), path, None
+
+
+class Overfit:
+    """Every step sees the first batch: a sanity check that the loss can fall toward zero."""
+    def __init__(self, data):
+        self.data = data
+
+    def batch(self, batch_size, step, window=None):
+        return self.data.batch(batch_size, 0, window)
+
+
+def make_data(args, cfg):
+    if args.data == "toy":
+        data = ToyData(cfg.window, cfg.sample_rate, args.seed)
+    else:
+        data = FolderData(args.data, cfg.window, cfg.sample_rate, args.seed)
+    return Overfit(data) if args.overfit else data
+
+
+def clip_and_step(optimizer, params, max_norm):
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+
+
+def train_vae(args):
+    """§4.2: reconstruction + adversarial + feature matching + KL on short crops (1.5 s)."""
+    model, path, state = prepare(args, "vae")
+    device, cfg = pick_device(args.device), model.cfg
+    model.to(device).train()
+    vae, disc = model.vae, Discriminator(cfg.vae.channels).to(device)
+    if state:
+        disc.load_state_dict(state["discriminator"])
+    vae.encoder.requires_grad_(not args.freeze_encoder)   # phase 2: fine-tune the decoder only
+    # AdamW skips parameters without gradients, so the optimizer state keeps one layout across
+    # both phases and a phase-1 checkpoint resumes into phase 2.
+    opt_g = torch.optim.AdamW(vae.parameters(), args.lr, betas=(0.8, 0.99))
+    opt_d = torch.optim.AdamW(disc.parameters(), args.lr, betas=(0.8, 0.99))
+    trainer = Trainer(args, model, [opt_g, opt_d], path, state,
+                      extra=lambda: {"discriminator": disc.state_dict()})
+    data, crop = make_data(args, cfg), args.crop or 65536
+
+    def step(i):
+        x = data.batch(args.batch_size, i, window=crop)["audio"].to(device)   # (B, 2, N)
+        with autocast(device, args.dtype):
+            mean, std = vae.encode(x)
+            z = mean + std * sa.randn(mean.shape, trainer.generator, mean)
+            x_hat = vae.decode(z)[..., :x.shape[-1]].float()
+        d_loss = discriminator_loss(disc, x, x_hat)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        clip_and_step(opt_d, disc.parameters(), args.clip)
+        losses = {"spectral": stereo_loss(x_hat, x, cfg.sample_rate),
+                  "kl": sa.kl_divergence(mean.float(), std.float())}
+        losses["adversarial"], losses["feature"] = generator_losses(disc, x, x_hat)
+        loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_step(opt_g, vae.parameters(), args.clip)
+        return {**{k: v.item() for k, v in losses.items()}, "disc": d_loss.item()}
+    return trainer.run(step)
+
+
+def train_clap(args):
+    """§4.3: contrastive training of the text and audio towers on (caption, clip) pairs."""
+    model, path, state = prepare(args, "clap")
+    device, cfg = pick_device(args.device), model.cfg
+    model.to(device).train()
+    clap = model.clap
+    opt = torch.optim.AdamW(clap.parameters(), args.lr)
+    trainer = Trainer(args, model, [opt], path, state)
+    data, crop = make_data(args, cfg), args.crop or 10 * cfg.sample_rate
+
+    def step(i):
+        batch = data.batch(args.batch_size, i, window=min(crop, cfg.window))
+        tokens, mask = clap.tokenize(batch["prompts"])
+        with autocast(device, args.dtype):
+            loss = clap.loss(clap.embed_text(tokens, mask),
+                             clap.embed_audio(batch["audio"].to(device))).float()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_step(opt, clap.parameters(), args.clip)
+        return {"loss": loss.item()}
+    return trainer.run(step)
+
+
+def load_part(model, part, path):
+    """Copy a trained VAE or CLAP into `model`, refusing one of another size or a wrong stage."""
+    if not os.path.exists(path):
+        raise TrainingError(f"the diffusion stage needs a trained {part}: {path} not found; run "
+                            f"`python train.py {part}` first or pass --{part} PATH")
+    other, ckpt = sa.load_checkpoint(path, ema=True)
+    if ckpt.get("stage") != part:
+        raise TrainingError(f"{path} is a {ckpt.get('stage')} checkpoint, not a {part} one")
+    if getattr(other.cfg, part) != getattr(model.cfg, part):
+        raise TrainingError(f"{path} holds a {part} of size {ckpt['size']!r}, but this run is "
+                            f"--size {model.cfg.size}; train the {part} at that size first")
+    getattr(model, part).load_state_dict(getattr(other, part).state_dict())
+
+
+def train_diffusion(args):
+    """§4.4: v-objective on latents of the frozen VAE, conditioned by the frozen CLAP + timing."""
+    model, path, state = prepare(args, "diffusion")
+    if state is None:
+        load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"))
+        load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"))
+    device, cfg = pick_device(args.device), model.cfg
+    model.to(device).train()
+    for frozen in (model.vae, model.clap):
+        frozen.requires_grad_(False).eval()
+    model.unet.set_checkpointing(args.grad_checkpointing)
+    params = [*model.unet.parameters(), *model.timing.parameters()]
+    opt = torch.optim.Adam(params, args.lr)               # the paper: Adam, no weight decay
+    trainer = Trainer(args, model, [opt], path, state)
+    data = make_data(args, cfg)
+
+    def step(i):
+        batch = data.batch(args.batch_size, i)
+        with torch.no_grad(), autocast(device, args.dtype):
+            mean, std = model.vae.encode(batch["audio"].to(device))
+            z = mean + std * sa.randn(mean.shape, trainer.generator, mean)   # (B, 64, L)
+        with autocast(device, args.dtype):
+            context, mask = model.condition(batch["prompts"], batch["seconds_start"],
+                                            batch["seconds_total"])
+            loss = sa.diffusion_loss(model.unet, z, context, mask, trainer.generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_step(opt, params, args.clip)
+        if i == trainer.first_step and device.type == "cuda":
+            print(f"peak GPU memory after one step: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        return {"loss": loss.item(), "latent_std": z.float().std().item()}
+    return trainer.run(step)
+
+
+STAGES = {"vae": train_vae, "clap": train_clap, "diffusion": train_diffusion}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Train Stable Audio's three stages (paper §4).")
+    p.add_argument("stage", choices=[*STAGES, "all"], help="what to train; `all` runs the three "
+                   "in order (vae, clap, diffusion), each for --steps")
+    p.add_argument("--size", default="tiny", choices=sa.SIZES, help="model size (default tiny)")
+    p.add_argument("--data", default="toy", help="`toy` for the built-in sound world, or a "
+                   "folder of audio files with same-name .txt captions or .json metadata")
+    p.add_argument("--steps", type=int, default=1000, help="train until this step (default 1000)")
+    p.add_argument("--out", default=None, help="output folder (default runs/SIZE)")
+    p.add_argument("--resume", action="store_true", help="continue OUT/STAGE.pt from its step")
+    p.add_argument("--force", action="store_true", help="start over even if OUT/STAGE.pt exists")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per step (default: vae 8, clap 32, diffusion 8)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default per stage and "
+                   "size; full size: vae 1e-4, clap 1e-4, diffusion 4e-5 as in the paper)")
+    p.add_argument("--crop", type=int, default=None, help="samples per training clip for vae "
+                   "(default 65536, 1.5 s) and clap (default 10 s); diffusion uses the window")
+    p.add_argument("--window-seconds", type=float, default=None, help="override the size's "
+                   "window (rounded up to a multiple of 16384 samples)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="vae phase 2 (§4.2): train the decoder only, e.g. with --resume")
+    p.add_argument("--vae", default=None, help="diffusion: VAE checkpoint (default OUT/vae.pt)")
+    p.add_argument("--clap", default=None, help="diffusion: CLAP checkpoint (default OUT/clap.pt)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="diffusion: recompute activations in the backward pass to save memory")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype (default bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default 1)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--overfit", action="store_true", help="train on the first batch only, a "
+                   "sanity check: the loss should fall far below its starting value")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order and noise")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="default: cuda, then mps, then cpu")
+    args = p.parse_args(argv)
+    for name in ("steps", "save_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.out = args.out or os.path.join("runs", args.size)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if pick_device(args.device).type == "cuda" else "float32"
+    return args
+
+
+def run_stage(args, stage):
+    batch, lrs = DEFAULTS[stage]
+    stage_args = replace_args(args, stage=stage, batch_size=args.batch_size or batch,
+                              lr=args.lr or lrs[args.size])
+    losses = STAGES[stage](stage_args)
+    print(f"{stage}: done, step {stage_args.steps}, "
+          + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+          + f"; wrote {os.path.join(args.out, stage + '.pt')}")
+    return losses
+
+
+def replace_args(args, **changes):
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        for stage in ([*STAGES] if args.stage == "all" else [args.stage]):
+            run_stage(args, stage)
+    except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
