@@ -1,4 +1,4 @@
-"""Stable Audio in one file: a readable reference of latent audio diffusion with timing conditioning.
+"""Stable Audio in one file: a readable reference of timing-conditioned latent audio diffusion.
 
 Evans, Carr, Taylor, Hawley, Pons. "Fast Timing-Conditioned Latent Audio Diffusion." ICML 2024,
 arXiv:2402.04825. Stable Audio generates up to 95 s of 44.1 kHz stereo from a text prompt and a
@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 CHECKPOINT_FORMAT = "stable-audio-reference/1"
 PAD, BOS, EOS = 256, 257, 258  # byte tokenizer: the 256 byte values, then three specials
 VOCAB = 259
-DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks (> 2 x receptive field)
+DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
 
 
 # -------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ SIZES = {
 
 
 # -------------------------------------------------------------------------------------------------
-# §3.1 Snake (Ziyin et al. 2020, as in DAC): x + 1/alpha * sin^2(alpha x), alpha learned per channel.
+# §3.1 Snake (Ziyin et al. 2020, as in DAC): x + 1/alpha sin^2(alpha x), alpha learned per channel.
 # A periodic bump on top of the identity lets convolutions model oscillations, which is what audio
 # is made of; ReLU-type activations must build every period out of pieces.
 # -------------------------------------------------------------------------------------------------
@@ -153,7 +153,8 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels, dilation):
         super().__init__()
         self.block = nn.Sequential(
-            Snake(channels), WNConv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
+            Snake(channels),
+            WNConv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
             Snake(channels), WNConv1d(channels, channels, 1))
 
     def forward(self, x):
@@ -669,7 +670,7 @@ def v_to_denoiser(v_fn):
 
 
 def dpmpp_multistep(denoiser, x, sigmas, order, callback=None):
-    """DPM-Solver++ multistep (Lu et al. 2022) of order 1, 2 or 3, data prediction, in lam = -log sigma.
+    """DPM-Solver++ multistep (Lu et al. 2022), order 1-3, data prediction, in lam = -log sigma.
 
     The probability-flow ODE dx/dlam = D(x, lam) - x integrates exactly over a step of size h to
         x_{i+1} = e^{-h} x_i + int_0^h e^{-(h - tau)} D(lam_i + tau) dtau.
@@ -791,16 +792,22 @@ def check_finite(x, what):
 # checkpoint from a stranger cannot run code. Written to a temporary file, then renamed.
 # -------------------------------------------------------------------------------------------------
 def save_checkpoint(path, model, **extra):
-    """Atomically write {format, size, config, model, **extra} (extra: ema, optimizer, step...)."""
+    """Atomically write {format, size, config, model, **extra} (extra: ema, optimizer, step...).
+    An "ema" entry may hold some of the weights; loading puts them over "model"."""
     state = {"format": CHECKPOINT_FORMAT, "size": model.cfg.size, "config": asdict(model.cfg),
              "model": model.state_dict(), **extra}
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except BaseException:                        # a full disk or Ctrl-C: leave no half file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
 def load_checkpoint(path, size=None, ema=True, device="cpu"):
-    """Rebuild the model a checkpoint describes -> (model, checkpoint dict). EMA weights if there."""
+    """Rebuild the model a checkpoint describes -> (model, checkpoint dict), EMA weights if any."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train one with train.py or pass "
                                 f"--ckpt with an existing file")
@@ -819,7 +826,8 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
             model = build_model(ModelConfig.from_dict(ckpt["config"]))
     except (TypeError, KeyError) as e:
         raise ValueError(f"checkpoint {path} has a config this code cannot build: {e}") from None
-    weights = ckpt["ema"] if ema and ckpt.get("ema") is not None else ckpt["model"]
+    # "ema" may cover only the part a stage trained; it overrides those weights.
+    weights = {**ckpt["model"], **(ckpt.get("ema") or {} if ema else {})}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not match its config: missing "

@@ -406,7 +406,7 @@ def build_prompt(meta, rng):
         optional = [k for k in keep if k != main]
         if len(prompt.encode()) <= MAX_PROMPT_BYTES or not optional:
             return prompt
-        keep.remove(optional[-1])        # too long for the text encoder: drop a field, not the sound
+        keep.remove(optional[-1])        # too long for the text encoder: drop a field
 
 
 def inspect_file(path):
@@ -547,6 +547,9 @@ def make_toy_folder(path, sample_rate, n=10, max_seconds=10.0, seed=0):
 # -------------------------------------------------------------------------------------------------
 STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)
 DISC_SIZES = (2048, 1024, 512, 256, 128)
+# Discriminator width per model size: the released 32 filters cost ~36 GMAC per second of stereo
+# per pass, most of a tiny VAE step on a CPU; 8 filters cost 1/16 of that.
+DISC_FILTERS = {"full": 32, "small": 32, "tiny": 8}
 LOSS_WEIGHTS = {"spectral": 1.0, "adversarial": 0.1, "feature": 5.0, "kl": 1e-4}
 
 
@@ -618,9 +621,9 @@ class STFTDiscriminator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, channels=2):
+    def __init__(self, channels=2, filters=32):
         super().__init__()
-        self.scales = nn.ModuleList(STFTDiscriminator(n, channels) for n in DISC_SIZES)
+        self.scales = nn.ModuleList(STFTDiscriminator(n, channels, filters) for n in DISC_SIZES)
 
     def forward(self, x):
         return [scale(x) for scale in self.scales]
@@ -635,7 +638,9 @@ def discriminator_loss(disc, x, x_hat):
 
 def generator_losses(disc, x, x_hat):
     """Adversarial loss (-D(x_hat)) and feature matching (L1 between the layers' features)."""
-    real, fake = disc(x), disc(x_hat)
+    with torch.no_grad():                         # the real features are targets only
+        real = disc(x)
+    fake = disc(x_hat)
     adversarial = sum(-f.mean() for f, _ in fake) / len(fake)
     feature = sum(sum((a.detach() - b).abs().mean() for a, b in zip(fr, ff)) / len(fr)
                   for (_, fr), (_, ff) in zip(real, fake)) / len(real)
@@ -646,10 +651,10 @@ def generator_losses(disc, x, x_hat):
 # Training machinery shared by the three stages: device choice, EMA, checkpoints that can be
 # resumed exactly, a NaN guard and Ctrl-C handling.
 # -------------------------------------------------------------------------------------------------
-DEFAULTS = {  # stage: (batch size, {size: learning rate}); full-size rates are the paper's
-    "vae": (8, {"full": 1e-4, "small": 1e-4, "tiny": 3e-4}),
-    "clap": (32, {"full": 1e-4, "small": 1e-4, "tiny": 1e-3}),
-    "diffusion": (8, {"full": 4e-5, "small": 1e-4, "tiny": 5e-4}),
+DEFAULTS = {  # stage: {size: (batch size, learning rate)}; full-size rates are the paper's
+    "vae": {"full": (8, 1e-4), "small": (8, 1e-4), "tiny": (4, 3e-4)},
+    "clap": {"full": (64, 1e-4), "small": (64, 1e-4), "tiny": (16, 1e-3)},
+    "diffusion": {"full": (8, 4e-5), "small": (8, 1e-4), "tiny": (4, 5e-4)},
 }
 
 
@@ -671,17 +676,24 @@ def pick_device(name):
     return torch.device(name)
 
 
+STAGE_PARTS = {"vae": ("vae.",), "clap": ("clap.",), "diffusion": ("unet.", "timing.")}
+
+
 class EMA:
-    """Exponential moving average of the weights: decay min(beta, 1 - (1 + k)^-3/4) at step k,
-    so a short run still averages (ema-pytorch's warm-up, as in the released code)."""
-    def __init__(self, model, beta=0.9999, state=None):
-        self.beta = beta
-        self.shadow = state or {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Exponential moving average of the weights a stage trains: decay min(beta, 1 - (1 + k)^-3/4)
+    at step k, so a short run still averages (ema-pytorch's warm-up, as in the released code)."""
+    def __init__(self, model, parts, beta=0.9999, state=None):
+        self.beta, self.parts = beta, parts
+        weights = model.state_dict()
+        self.shadow = ({k: v.to(weights[k].device) for k, v in state.items()} if state else
+                       {k: v.detach().clone() for k, v in weights.items() if k.startswith(parts)})
 
     @torch.no_grad()
     def update(self, model, step):
         decay = min(self.beta, 1 - (1 + step) ** -0.75)
         for k, v in model.state_dict().items():
+            if not k.startswith(self.parts):
+                continue
             if v.is_floating_point():
                 self.shadow[k].lerp_(v, 1 - decay)
             else:
@@ -693,7 +705,8 @@ class Trainer:
     def __init__(self, args, model, optimizers, ckpt_path, resume_state, extra=dict):
         self.args, self.model, self.optimizers, self.path = args, model, optimizers, ckpt_path
         self.extra = extra                       # more state to save, e.g. the discriminator
-        self.ema = EMA(model, state=resume_state.get("ema") if resume_state else None)
+        self.ema = EMA(model, STAGE_PARTS[args.stage],
+                       state=resume_state.get("ema") if resume_state else None)
         self.generator = torch.Generator().manual_seed(args.seed)
         self.step = 0
         if resume_state:
@@ -702,9 +715,16 @@ class Trainer:
             for opt, state in zip(optimizers, resume_state["optimizers"]):
                 opt.load_state_dict(state)
         self.first_step = self.step
-        self.log = open(os.path.join(args.out, f"{args.stage}.log"), "a")
+        self.log = open(os.path.join(args.out, f"{args.stage}.log"), "a", buffering=1)
 
     def save(self):
+        try:
+            self._save()
+        except (OSError, RuntimeError) as e:
+            raise TrainingError(f"could not write {self.path} ({str(e).splitlines()[0]}); is the "
+                                f"disk full? The previous checkpoint is untouched") from None
+
+    def _save(self):
         sa.save_checkpoint(self.path, self.model, stage=self.args.stage, step=self.step,
                            ema=self.ema.shadow, rng=self.generator.get_state(),
                            optimizers=[opt.state_dict() for opt in self.optimizers],
@@ -803,7 +823,8 @@ def train_vae(args):
     model, path, state = prepare(args, "vae")
     device, cfg = pick_device(args.device), model.cfg
     model.to(device).train()
-    vae, disc = model.vae, Discriminator(cfg.vae.channels).to(device)
+    vae = model.vae
+    disc = Discriminator(cfg.vae.channels, DISC_FILTERS.get(cfg.size, 32)).to(device)
     if state:
         disc.load_state_dict(state["discriminator"])
     vae.encoder.requires_grad_(not args.freeze_encoder)   # phase 2: fine-tune the decoder only
@@ -892,7 +913,10 @@ def train_diffusion(args):
     def step(i):
         batch = data.batch(args.batch_size, i)
         with torch.no_grad(), autocast(device, args.dtype):
-            mean, std = model.vae.encode(batch["audio"].to(device))
+            # One clip at a time, as the released code does: a 95 s window at full width needs
+            # ~16 GB of activations per clip.
+            mean, std = (torch.cat(t) for t in zip(*(model.vae.encode(a[None].to(device))
+                                                      for a in batch["audio"])))
             z = mean + std * sa.randn(mean.shape, trainer.generator, mean)   # (B, 64, L)
         with autocast(device, args.dtype):
             context, mask = model.condition(batch["prompts"], batch["seconds_start"],
@@ -902,7 +926,8 @@ def train_diffusion(args):
         loss.backward()
         clip_and_step(opt, params, args.clip)
         if i == trainer.first_step and device.type == "cuda":
-            print(f"peak GPU memory after one step: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            print(f"peak GPU memory after one step: {peak:.1f} GiB")
         return {"loss": loss.item(), "latent_std": z.float().std().item()}
     return trainer.run(step)
 
@@ -922,7 +947,7 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue OUT/STAGE.pt from its step")
     p.add_argument("--force", action="store_true", help="start over even if OUT/STAGE.pt exists")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="per step (default: vae 8, clap 32, diffusion 8)")
+                   help="per step (default per stage and size; tiny: vae 4, clap 16, diffusion 4)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default per stage and "
                    "size; full size: vae 1e-4, clap 1e-4, diffusion 4e-5 as in the paper)")
     p.add_argument("--crop", type=int, default=None, help="samples per training clip for vae "
@@ -955,9 +980,9 @@ def parse_args(argv):
 
 
 def run_stage(args, stage):
-    batch, lrs = DEFAULTS[stage]
+    batch, lr = DEFAULTS[stage][args.size]
     stage_args = replace_args(args, stage=stage, batch_size=args.batch_size or batch,
-                              lr=args.lr or lrs[args.size])
+                              lr=args.lr or lr)
     losses = STAGES[stage](stage_args)
     print(f"{stage}: done, step {stage_args.steps}, "
           + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
@@ -974,6 +999,10 @@ def main(argv=None):
         args = parse_args(argv)
         for stage in ([*STAGES] if args.stage == "all" else [args.stage]):
             run_stage(args, stage)
+    except torch.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch-size, add --grad-checkpointing (diffusion) "
+              "or pick a smaller --size; the last checkpoint is untouched", file=sys.stderr)
+        return 2
     except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
