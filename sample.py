@@ -99,19 +99,6 @@ def check_args(args):
             raise CLIError(message)
 
 
-def pick_device(name):
-    """auto: cuda, then mps, then cpu. Naming an accelerator that is not there is an error."""
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available(),
-                 "cpu": True}
-    if name == "auto":
-        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
-    if not available[name]:
-        gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
-        raise CLIError(f"--device {name} but no {gpu} is visible; use --device cpu")
-    return torch.device(name)
-
-
 def pick_dtype(name, device):
     """Half precision only on CUDA; elsewhere float32 is the safe and usually faster choice."""
     if name != "float32" and device.type != "cuda":
@@ -259,7 +246,10 @@ def write_results(paths, audio, sample_rate, seed):
 def run(args):
     """The whole command: check everything, load, generate one batch, write, report times."""
     check_args(args)
-    device = pick_device(args.device)
+    try:
+        device = sa.pick_device(args.device)
+    except ValueError as e:
+        raise CLIError(e) from None
     dtype = pick_dtype(args.dtype, device)
     seed = secrets.randbelow(2 ** 31) if args.seed is None else args.seed
     paths = output_paths(args.out, args.prompt, seed, args.n)

@@ -806,6 +806,19 @@ def save_checkpoint(path, model, **extra):
     os.replace(tmp, path)
 
 
+def pick_device(name="auto"):
+    """auto: cuda, then mps, then cpu (USERS.md row 3). Naming a missing accelerator is an error."""
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available(),
+                 "cpu": True}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[name]:
+        gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
+        raise ValueError(f"--device {name} but no {gpu} is visible; use --device cpu")
+    return torch.device(name)
+
+
 def load_checkpoint(path, size=None, ema=True, device="cpu"):
     """Rebuild the model a checkpoint describes -> (model, checkpoint dict), EMA weights if any."""
     if not os.path.isfile(path):

@@ -662,20 +662,6 @@ class TrainingError(Exception):
     """A problem the user can fix; printed as one line."""
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("--device mps but MPS is not available; use --device cpu")
-    return torch.device(name)
-
-
 STAGE_PARTS = {"vae": ("vae.",), "clap": ("clap.",), "diffusion": ("unet.", "timing.")}
 
 
@@ -821,7 +807,7 @@ def clip_and_step(optimizer, params, max_norm):
 def train_vae(args):
     """§4.2: reconstruction + adversarial + feature matching + KL on short crops (1.5 s)."""
     model, path, state = prepare(args, "vae")
-    device, cfg = pick_device(args.device), model.cfg
+    device, cfg = sa.pick_device(args.device), model.cfg
     model.to(device).train()
     vae = model.vae
     disc = Discriminator(cfg.vae.channels, DISC_FILTERS.get(cfg.size, 32)).to(device)
@@ -860,7 +846,7 @@ def train_vae(args):
 def train_clap(args):
     """§4.3: contrastive training of the text and audio towers on (caption, clip) pairs."""
     model, path, state = prepare(args, "clap")
-    device, cfg = pick_device(args.device), model.cfg
+    device, cfg = sa.pick_device(args.device), model.cfg
     model.to(device).train()
     clap = model.clap
     opt = torch.optim.AdamW(clap.parameters(), args.lr)
@@ -900,7 +886,7 @@ def train_diffusion(args):
     if state is None:
         load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"))
         load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"))
-    device, cfg = pick_device(args.device), model.cfg
+    device, cfg = sa.pick_device(args.device), model.cfg
     model.to(device).train()
     for frozen in (model.vae, model.clap):
         frozen.requires_grad_(False).eval()
@@ -975,7 +961,7 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     args.out = args.out or os.path.join("runs", args.size)
     if args.dtype is None:
-        args.dtype = "bfloat16" if pick_device(args.device).type == "cuda" else "float32"
+        args.dtype = "bfloat16" if sa.pick_device(args.device).type == "cuda" else "float32"
     return args
 
 
