@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import stable_audio as sa
+import train
 
 DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "demo.pt"
 FORMATS = (".wav", ".flac", ".ogg")          # soundfile picks the container from the extension
@@ -47,8 +48,8 @@ def parse_args(argv):
                            "then one audio file and one spectrogram PNG per sample.")
     add = p.add_argument
     add("prompt", nargs="?", default="", help='what it should sound like, e.g. "ambient rain"')
-    add("--seconds", type=float, default=30.0,
-        help="length in seconds, at most the model's window (default 30)")
+    add("--seconds", type=float, help="length in seconds, at most the model's window "
+        "(default 30, or the length of --init-audio)")
     add("--start", type=float, default=0.0,
         help="seconds_start: where the clip begins within a longer piece (default 0)")
     add("--steps", type=int, default=100, help="sampler steps (default 100, the paper)")
@@ -60,6 +61,12 @@ def parse_args(argv):
         "(default: random, printed and put in the file name)")
     add("--n", type=int, default=1, help="number of samples, made as one batch (default 1)")
     add("--negative", help="negative prompt: guidance steers away from it, not the null context")
+    add("--init-audio", metavar="FILE", help="start from this clip instead of pure noise (any "
+        "rate and channel count; resampled and made stereo): a variation of it, or see --inpaint")
+    add("--init-strength", type=float, metavar="S", help="how far from --init-audio to go, in "
+        "(0, 1]: near 0 returns it, 1 ignores it (default 0.6; 1 with --inpaint)")
+    add("--inpaint", type=float, nargs=2, metavar=("START", "END"), help="regenerate the "
+        "--init-audio between START and END seconds and keep the rest")
     add("--unconditional", action="store_true",
         help='allow an empty prompt: the text is "" (the timing still conditions the sample)')
     add("--out", help="a .wav, .flac or .ogg file (_SEED is added when --n > 1) or a directory "
@@ -85,7 +92,14 @@ def check_args(args):
         (args.unconditional and not empty, "--unconditional takes no prompt; drop one of them"),
         (empty and not args.unconditional,
          'empty prompt; describe the sound (e.g. "ambient rain") or pass --unconditional'),
-        (not args.seconds > 0, f"--seconds must be more than 0, got {args.seconds:g}"),
+        (args.seconds is not None and not args.seconds > 0,
+         f"--seconds must be more than 0, got {args.seconds}"),
+        (args.init_audio is None and (args.init_strength, args.inpaint) != (None, None),
+         "--init-strength and --inpaint need --init-audio FILE"),
+        (args.init_strength is not None and not 0 < args.init_strength <= 1,
+         f"--init-strength must be in (0, 1], got {args.init_strength}"),
+        (args.inpaint is not None and not 0 <= args.inpaint[0] < args.inpaint[1],
+         "--inpaint START END needs 0 <= START < END (seconds)"),
         (not args.start >= 0, f"--start must be 0 or more, got {args.start:g}"),
         (args.steps < 1, f"--steps must be at least 1, got {args.steps}"),
         (args.n < 1, f"--n must be at least 1, got {args.n}"),
@@ -191,24 +205,61 @@ def load_model(args, device):
         raise CLIError(e) from None
     cfg = model.cfg
     window = cfg.window / cfg.sample_rate
-    weights = ("raw weights (--no-ema)" if args.no_ema else "EMA weights"
-               if ckpt.get("ema") is not None else "raw weights (the checkpoint has no EMA)")
+    if ckpt.get("weights"):                      # train.py export: one set, described
+        weights = ckpt["weights"]
+    elif ckpt.get("ema") is None:
+        weights = "raw weights (the checkpoint has no EMA)"
+    else:
+        weights = "raw weights (--no-ema)" if args.no_ema else "EMA weights"
     step = f", step {ckpt['step']}" if "step" in ckpt else ""
     print(f"loaded {args.ckpt}: size {cfg.size}, window {window:.1f} s at {cfg.sample_rate} Hz, "
           f"{weights}{step}")
+    init = read_init_audio(args, cfg)
     if args.seconds > window:
         raise CLIError(f"--seconds {args.seconds:g} is longer than this model's window of "
                        f"{window:.1f} s; a longer window needs a new size and training")
     if args.start > cfg.timing.max_seconds:
         raise CLIError(f"--start must be at most {cfg.timing.max_seconds} s, the timing "
                        f"embedding's range; got {args.start:g}")
-    return model
+    return model, init
 
 
-def sample_batch(model, args, seed, dtype):
+def read_init_audio(args, cfg):
+    """--init-audio as stereo at the model's rate (None without it); fills in the defaults of
+    --seconds (30 s, or the clip's length) and --init-strength (0.6, or 1 for inpainting)."""
+    if args.init_audio is None:
+        args.seconds = 30.0 if args.seconds is None else args.seconds
+        return None
+    if not os.path.isfile(args.init_audio):
+        raise CLIError(f"--init-audio {args.init_audio}: no such file")
+    try:
+        audio = train.read_audio(args.init_audio, cfg.sample_rate)     # (2, N)
+    except ValueError as e:
+        raise CLIError(e) from None
+    if not torch.isfinite(audio).all():
+        raise CLIError(f"--init-audio {args.init_audio} has NaN or infinite samples")
+    seconds, window = audio.shape[-1] / cfg.sample_rate, cfg.window / cfg.sample_rate
+    if seconds > window:
+        raise CLIError(f"--init-audio lasts {seconds:.1f} s, longer than the model's window of "
+                       f"{window:.1f} s; cut it to at most that")
+    if args.inpaint is not None and args.inpaint[1] > seconds:
+        raise CLIError(f"--inpaint {args.inpaint[0]:g} {args.inpaint[1]:g} reaches past the end "
+                       f"of --init-audio ({seconds:.2f} s); pick a gap inside the clip")
+    args.seconds = seconds if args.seconds is None else args.seconds
+    if args.init_strength is None:
+        args.init_strength = 1.0 if args.inpaint is not None else 0.6
+    what = (f"inpainting {args.inpaint[0]:g}-{args.inpaint[1]:g} s" if args.inpaint is not None
+            else "a variation")
+    print(f"init audio {args.init_audio}: {seconds:.2f} s, {what}, strength "
+          f"{args.init_strength:g}")
+    return audio[..., :round(args.seconds * cfg.sample_rate)]
+
+
+def sample_batch(model, args, seed, dtype, init=None):
     """All --n samples in one batch (one U-Net call per step), with a progress bar -> (n, 2, N)."""
     with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
         def callback(i, n_steps):
+            bar.total = n_steps                         # fewer than --steps from --init-audio
             bar.update(1)
             if i + 1 == n_steps:
                 bar.set_description("decoding")         # the VAE decode runs after the last step
@@ -217,6 +268,7 @@ def sample_batch(model, args, seed, dtype):
                 model, [args.prompt] * args.n, seconds_total=args.seconds,
                 seconds_start=args.start, steps=args.steps, cfg_scale=args.cfg_scale,
                 negative_prompt=args.negative, seed=seed, sampler=args.sampler,
+                init_audio=init, init_strength=args.init_strength or 1.0, inpaint=args.inpaint,
                 trim=not args.no_trim, decode_chunk=args.decode_chunk, dtype=dtype,
                 callback=callback)
         except FloatingPointError as e:
@@ -255,14 +307,14 @@ def run(args):
     paths = output_paths(args.out, args.prompt, seed, args.n)
     prepare_outputs(paths, args.force)
     t0 = time.perf_counter()
-    model = load_model(args, device)
+    model, init = load_model(args, device)
     if args.negative is not None and args.cfg_scale == 1:
         print("note: --negative has no effect at --cfg-scale 1 (guidance is off)")
     seeds = f"seed {seed}" if args.n == 1 else f"seeds {seed}..{seed + args.n - 1}"
     print(f"generating {args.n} x {args.seconds:g} s, {seeds}, {args.steps} {args.sampler} steps, "
           f"cfg scale {args.cfg_scale:g}, on {device.type} in {str(dtype).removeprefix('torch.')}")
     t1 = time.perf_counter()
-    audio = sample_batch(model, args, seed, dtype)                  # (n, 2, N)
+    audio = sample_batch(model, args, seed, dtype, init)            # (n, 2, N)
     t2 = time.perf_counter()
     write_results(paths, audio, model.cfg.sample_rate, seed)
     seconds = audio.shape[0] * audio.shape[-1] / model.cfg.sample_rate

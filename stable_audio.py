@@ -17,6 +17,7 @@ Shape alphabet: B batch, C channels, L latent frames, N audio samples, S tokens.
 import copy
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -111,7 +112,8 @@ SIZES = {
         vae=VAEConfig(encoder_width=16, decoder_width=128),
         clap=CLAPConfig(text_width=64, text_layers=3, text_heads=4, audio_width=64,
                         audio_layers=2, audio_heads=4, embed_dim=64),
-        unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(1, 1, 1, 1, 1), heads=4,
+        # No attention at the first level (2048 frames): it was 44% of a CPU forward pass.
+        unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(0, 1, 1, 1, 1), heads=4,
                         mapping_features=128)),
 }
 
@@ -487,14 +489,18 @@ class DownLevel(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(c_out, c_out, cfg.mapping_features,
                                                  cfg.resnet_groups)
                                      for _ in range(cfg.resnet_blocks))
-        self.transformer = Transformer1d(c_out, attentions, cfg.heads, context_features)
+        # A level with 0 attention blocks has no transformer at all (tiny drops the first level's:
+        # self-attention over all L frames is most of a CPU forward).
+        self.transformer = (Transformer1d(c_out, attentions, cfg.heads, context_features)
+                            if attentions else None)
 
     def forward(self, x, mapping, context, mask, skips):
         x = self.downsample(x)                                       # (B, C_out, L / f)
         for resnet in self.resnets:
             x = resnet(x, mapping)
             skips.append(x)
-        x = self.transformer(x, context, mask)
+        if self.transformer is not None:
+            x = self.transformer(x, context, mask)
         skips.append(x)
         return x
 
@@ -506,7 +512,8 @@ class UpLevel(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(2 * c_in, c_in, cfg.mapping_features,
                                                  cfg.resnet_groups)
                                      for _ in range(cfg.resnet_blocks + 1))
-        self.transformer = Transformer1d(c_in, attentions, cfg.heads, context_features)
+        self.transformer = (Transformer1d(c_in, attentions, cfg.heads, context_features)
+                            if attentions else None)
         self.upsample = (nn.Conv1d(c_in, c_out, 3, padding=1) if factor == 1 else
                          nn.ConvTranspose1d(c_in, c_out, 2 * factor, stride=factor,
                                             padding=factor // 2))
@@ -514,7 +521,8 @@ class UpLevel(nn.Module):
     def forward(self, x, mapping, context, mask, skips):
         for resnet in self.resnets:
             x = resnet(torch.cat([x, skips.pop() * 2 ** -0.5], dim=1), mapping)   # (B, C, L)
-        x = self.transformer(x, context, mask)
+        if self.transformer is not None:
+            x = self.transformer(x, context, mask)
         return self.upsample(x)                                      # (B, C_out, L * f)
 
 
@@ -744,11 +752,45 @@ SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": s
 # (USERS.md row 7). Sample i of a batch starts from the noise of seed + i, so any one file can be
 # regenerated on its own.
 # -------------------------------------------------------------------------------------------------
+class Stopwatch:
+    """Seconds between laps into a dict (nothing when it is None); waits for the GPU first."""
+    def __init__(self, device, laps):
+        self.device, self.laps, self.t = device, laps, time.perf_counter()
+
+    def lap(self, name):
+        if self.laps is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.laps[name], self.t = now - self.t, now
+
+
+def init_sigmas(steps, strength, sigma_min=0.03, sigma_max=80.0):
+    """The part of the `steps`-step schedule that a run from init audio takes: strength 1 is the
+    whole schedule (plain text-to-audio), strength -> 0 ends with no step left at all."""
+    return get_sigmas(steps, sigma_min, sigma_max)[round((1 - strength) * steps):]
+
+
+def inpaint_mask(frames, gap, frame_rate, ramp=4):
+    """1 where the input is kept, 0 in the gap (start, end) in seconds, and a linear ramp over the
+    gap's first and last `ramp` frames so the seams blend instead of clicking. (L,)"""
+    a, b = math.floor(gap[0] * frame_rate), min(frames, math.ceil(gap[1] * frame_rate))
+    f = torch.arange(frames)
+    depth = torch.minimum(f - a + 1, b - f).clamp(min=0)           # frames into the gap
+    return (1 - depth / (ramp + 1)).clamp(min=0)
+
+
 @torch.inference_mode()
 def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
              negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03, sigma_max=80.0,
-             trim=True, decode_chunk=128, dtype=torch.float32, callback=None):
-    """Audio (B, 2, N) for a list of prompts; N = seconds_total * sample_rate unless trim=False."""
+             init_audio=None, init_strength=1.0, inpaint=None,
+             trim=True, decode_chunk=128, dtype=torch.float32, callback=None, timings=None):
+    """Audio (B, 2, N) for a list of prompts; N = seconds_total * sample_rate unless trim=False.
+
+    init_audio (2, N) or (B, 2, N) at the model's rate starts from that clip instead of noise:
+    `init_strength` in (0, 1] picks how much of the schedule is run, `inpaint` = (start, end)
+    seconds regenerates only that gap. A dict passed as `timings` receives the seconds spent on
+    "text", "sampling" and "decoding"."""
     cfg, device = model.cfg, next(model.parameters()).device
     window_seconds = cfg.window / cfg.sample_rate
     if not 0 < seconds_total <= window_seconds:
@@ -758,9 +800,17 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         raise ValueError(f"seconds_start must be in [0, {cfg.timing.max_seconds}]")
     if decode_chunk is not None and decode_chunk <= DECODE_OVERLAP:
         raise ValueError(f"decode_chunk must be more than {DECODE_OVERLAP} latent frames")
+    if not 0 < init_strength <= 1:
+        raise ValueError(f"init_strength must be in (0, 1], got {init_strength}")
+    if (init_strength < 1 or inpaint is not None) and init_audio is None:
+        raise ValueError("init_strength < 1 and inpaint need init_audio")
+    if init_audio is not None and init_audio.shape[-1] > cfg.window:
+        raise ValueError(f"init_audio is longer than the model's window of {window_seconds:.1f} s")
     # Training sees whole seconds: start rounded down, total rounded up (train.crop_or_pad).
     B, start, total = len(prompts), math.floor(seconds_start), math.ceil(seconds_total)
+    L = model.latent_frames
     autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+    clock = Stopwatch(device, timings)
     with autocast:
         context, mask = model.condition(prompts, [start] * B, [total] * B)
         if negative_prompt is None:
@@ -768,16 +818,38 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
             uncond_mask = torch.ones_like(mask)
         else:
             uncond, uncond_mask = model.condition([negative_prompt] * B, [start] * B, [total] * B)
-        v_fn = guided_v(model.unet, context, mask, uncond, uncond_mask, cfg_scale)
-        sigmas = get_sigmas(steps, sigma_min, sigma_max)
-        noise = torch.stack([torch.randn(cfg.vae.latent_dim, model.latent_frames,
-                                         generator=torch.Generator().manual_seed(seed + i))
-                             for i in range(B)]).to(device)            # (B, 64, L)
-        z = SAMPLERS[sampler](v_to_denoiser(v_fn), noise * sigmas[0].item(), sigmas, callback)
+        clock.lap("text")
+        denoiser = v_to_denoiser(guided_v(model.unet, context, mask, uncond, uncond_mask,
+                                          cfg_scale))
+        sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
+        eps = torch.stack([torch.randn(cfg.vae.latent_dim, L,
+                                       generator=torch.Generator().manual_seed(seed + i))
+                           for i in range(B)]).to(device)              # (B, 64, L)
+        x = sigmas[0].item() * eps
+        if init_audio is not None:
+            audio = init_audio.to(device, torch.float32).expand(B, cfg.vae.channels, -1)
+            z0 = model.vae.encode(F.pad(audio, (0, cfg.window - audio.shape[-1])))[0]
+            keep = (torch.zeros(L) if inpaint is None else
+                    inpaint_mask(L, inpaint, cfg.sample_rate / model.vae.hop)).to(device)
+            # §3.4 in the VE form: a clip noised to the schedule's sigma_start is x = z0 + sigma
+            # eps. At strength 1 only the kept part of an inpainting starts from z0.
+            x = x + (z0 if init_strength < 1 else keep * z0)
+            if inpaint is not None:
+                # Holding the denoised estimate at z0 where the input is kept makes every
+                # solver step map z0 + sigma eps to z0 + sigma_next eps there: the kept region
+                # is always the input noised to the sampler's current sigma, and ends as z0.
+                guided = denoiser
+                denoiser = lambda x, sigma: keep * z0 + (1 - keep) * guided(x, sigma)
+        z = SAMPLERS[sampler](denoiser, x, sigmas, callback)
+    clock.lap("sampling")
     check_finite(z, "latent")
+    N = round(seconds_total * cfg.sample_rate)
+    if trim:         # decode only what is kept, plus enough frames to cover the receptive field
+        z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
     audio = model.vae.decode(z.float(), chunk=decode_chunk)      # decoded in float32 (USERS row 4)
     check_finite(audio, "audio")
-    return audio[..., :round(seconds_total * cfg.sample_rate)] if trim else audio
+    clock.lap("decoding")
+    return audio[..., :N] if trim else audio
 
 
 def check_finite(x, what):
@@ -794,11 +866,15 @@ def check_finite(x, what):
 def save_checkpoint(path, model, **extra):
     """Atomically write {format, size, config, model, **extra} (extra: ema, optimizer, step...).
     An "ema" entry may hold some of the weights; loading puts them over "model"."""
-    state = {"format": CHECKPOINT_FORMAT, "size": model.cfg.size, "config": asdict(model.cfg),
-             "model": model.state_dict(), **extra}
+    atomic_save({"format": CHECKPOINT_FORMAT, "size": model.cfg.size,
+                 "config": asdict(model.cfg), "model": model.state_dict(), **extra}, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, then rename: an interrupted save never leaves a broken file."""
     tmp = f"{path}.tmp"
     try:
-        torch.save(state, tmp)
+        torch.save(obj, tmp)
     except BaseException:                        # a full disk or Ctrl-C: leave no half file
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -392,6 +392,78 @@ def test_generate_stops_on_non_finite_latents(model):
         sa.generate(broken, ["rain"], seconds_total=1, steps=2)
 
 
+def test_trimmed_output_equals_the_start_of_the_whole_window(model):
+    # Trimming decodes only the kept frames plus a margin; the receptive field makes it exact.
+    kept = sa.generate(model, ["rain"], seconds_total=1, steps=3, seed=2)
+    whole = sa.generate(model, ["rain"], seconds_total=1, steps=3, seed=2, trim=False)
+    torch.testing.assert_close(kept, whole[..., :kept.shape[-1]], rtol=0, atol=1e-5)
+
+
+# --- audio-to-audio --------------------------------------------------------------------------------
+def final_latent(model, monkeypatch, **kwargs):
+    """Run generate(trim=False) and return the latent it hands to the VAE decoder."""
+    seen, decode = [], model.vae.decode
+    monkeypatch.setattr(model.vae, "decode", lambda z, **kw: seen.append(z) or decode(z, **kw))
+    sa.generate(model, ["rain"], seconds_total=2, steps=4, seed=3, trim=False, **kwargs)
+    return seen[0]
+
+
+def encoded(model, audio):
+    return model.vae.encode(F.pad(audio, (0, SHORT.window - audio.shape[-1]))[None])[0][0]
+
+
+CLIP = 0.3 * torch.sin(torch.linspace(0, 2000, 88200)).expand(2, -1)   # 2 s of a 318 Hz tone
+
+
+def test_init_sigmas_start_where_the_strength_points_on_the_schedule():
+    full = sa.get_sigmas(100)
+    assert torch.equal(sa.init_sigmas(100, 1.0), full)
+    assert torch.equal(sa.init_sigmas(100, 0.3), full[70:])    # 30 of the 100 steps are run
+    assert torch.equal(sa.init_sigmas(100, 1e-6), full[100:])  # nothing left: sigma 0
+
+
+def test_init_strength_one_is_exactly_text_to_audio(model):
+    plain = sa.generate(model, ["rain"], seconds_total=2, steps=4, seed=3)
+    init = sa.generate(model, ["rain"], seconds_total=2, steps=4, seed=3, init_audio=CLIP,
+                       init_strength=1.0)
+    torch.testing.assert_close(init, plain, rtol=0, atol=0)
+
+
+def test_init_strength_near_zero_returns_the_input_latent(model, monkeypatch):
+    z0 = encoded(model, CLIP)
+    none_left = final_latent(model, monkeypatch, init_audio=CLIP, init_strength=1e-3)[0]
+    torch.testing.assert_close(none_left, z0, rtol=0, atol=0)
+    one_step = final_latent(model, monkeypatch, init_audio=CLIP, init_strength=0.25)[0]
+    far = final_latent(model, monkeypatch, init_audio=CLIP, init_strength=1.0)[0]
+    # One step from sigma_min = 0.03 moves the latent by ~0.03; from pure noise it lands far off.
+    assert (one_step - z0).abs().mean() < 0.05 < (far - z0).abs().mean()
+
+
+def test_inpainting_keeps_the_latent_outside_the_gap_and_changes_it_inside(model, monkeypatch):
+    z0 = encoded(model, CLIP)
+    z = final_latent(model, monkeypatch, init_audio=CLIP, inpaint=(0.5, 1.5))[0]
+    keep = sa.inpaint_mask(z0.shape[-1], (0.5, 1.5), 44100 / 1024)
+    torch.testing.assert_close(z[:, keep == 1], z0[:, keep == 1], rtol=0, atol=1e-6)
+    assert (z[:, keep == 0] - z0[:, keep == 0]).abs().mean() > 0.1
+
+
+def test_inpaint_mask_is_one_outside_the_gap_zero_inside_and_ramps_at_the_seams():
+    keep = sa.inpaint_mask(100, (1.0, 2.0), frame_rate=20, ramp=4)   # gap: frames 20..39
+    assert (keep[:20] == 1).all() and (keep[40:] == 1).all()
+    assert (keep[24:36] == 0).all()
+    assert (keep[20:25].diff() < 0).all() and (keep[35:40].diff() > 0).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"init_audio": CLIP, "init_strength": 0}, "init_strength"),
+    ({"init_audio": CLIP, "init_strength": 1.5}, "init_strength"),
+    ({"inpaint": (0.5, 1.0)}, "need init_audio"),
+    ({"init_audio": torch.zeros(2, SHORT.window + 1)}, "longer than the model's window")])
+def test_generate_refuses_bad_init_arguments(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sa.generate(model, ["rain"], seconds_total=1, steps=2, **kwargs)
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_loads_with_weights_only(model, tmp_path):
     path = tmp_path / "m.pt"
@@ -854,6 +926,14 @@ def test_vae_stage_overfits_one_batch(tmp_path):
     assert len(spectral) == 25 and sum(spectral[-3:]) < 0.6 * sum(spectral[:3])
 
 
+def test_discriminator_joins_at_disc_start_and_not_before(tmp_path):
+    assert run_train("vae", "--steps", 3, "--out", tmp_path, "--crop", 4096, "--batch-size", 1,
+                     "--disc-start", 2) == 0
+    lines = (tmp_path / "vae.log").read_text().splitlines()
+    assert ["disc" in line.split() for line in lines] == [False, False, True]
+    assert ["adversarial" in line.split() for line in lines] == [False, False, True]
+
+
 def test_clap_stage_overfits_one_batch(tmp_path):
     assert run_train("clap", "--steps", 25, "--out", tmp_path, "--crop", 16384,
                      "--batch-size", 4, "--overfit") == 0
@@ -917,6 +997,44 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(parts, tmp_path):
         for key in ("model", "ema"):
             for name, tensor in a[key].items():
                 assert torch.equal(tensor, b[key][name]), (stage, key, name)
+
+
+def test_latent_cache_holds_the_vae_posterior_of_the_datas_own_items(parts, capsys):
+    args = ["--steps", 2, "--out", parts, *DIFFUSION, "--latent-cache", 3]
+    assert run_train("diffusion", *args) == 0
+    cache = torch.load(parts / "latents.pt", weights_only=True)
+    model, _ = sa.load_checkpoint(parts / "diffusion.pt")
+    data = train.ToyData(model.cfg.window, SR, seed=0)
+    for j in range(3):
+        audio, prompt, start, total = data.item(j, model.cfg.window)
+        mean, std = model.vae.encode(audio[None])
+        torch.testing.assert_close(cache["mean"][j], mean[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache["std"][j], std[0], rtol=1e-4, atol=1e-5)
+        assert (cache["prompts"][j], cache["seconds_start"][j], cache["seconds_total"][j]) == (
+            prompt, start, total)
+    capsys.readouterr()
+    assert run_train("diffusion", *args[:1], 4, *args[2:], "--resume") == 0
+    assert "using 3 cached latents" in capsys.readouterr().out       # reused, not re-encoded
+    assert run_train("diffusion", *args, "--latent-cache", 2, "--force") == 0
+    assert len(torch.load(parts / "latents.pt", weights_only=True)["prompts"]) == 2   # rebuilt
+
+
+def test_export_writes_the_ema_weights_alone_and_sample_py_loads_them(parts, tmp_path, capsys):
+    assert run_train("diffusion", "--steps", 2, "--out", parts, *DIFFUSION) == 0
+    demo = tmp_path / "ckpts" / "demo.pt"
+    assert run_train("export", "--out", parts, "--to", demo) == 0
+    source = torch.load(parts / "diffusion.pt", weights_only=True)
+    exported = torch.load(demo, weights_only=True)
+    assert set(exported) >= {"config", "model"} and "optimizers" not in exported
+    for name, tensor in exported["model"].items():
+        expected = source["ema"].get(name, source["model"][name])
+        assert torch.equal(tensor, expected), name
+    assert demo.stat().st_size < 0.6 * (parts / "diffusion.pt").stat().st_size
+    assert run_train("export", "--out", parts, "--to", demo) == 2     # no overwrite
+    assert "--force" in capsys.readouterr().err
+    assert sample.main(["rain", "--ckpt", str(demo), "--steps", "2", "--seconds", "0.3",
+                        "--out", str(tmp_path / "a.wav")]) == 0
+    assert "EMA weights of" in capsys.readouterr().out
 
 
 def test_diffusion_refuses_a_vae_of_another_size(parts, capsys):
@@ -1116,6 +1234,21 @@ def test_half_precision_off_cuda_falls_back_to_float32(ckpt, tmp_path, capsys):
     assert "float32" in capsys.readouterr().out
 
 
+def test_init_audio_sets_the_length_and_inpainting_runs(ckpt, tmp_path, capsys):
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, 0.3 * np.sin(np.arange(2 * 48000) / 20)[:, None], 48000)   # 2 s mono 48 kHz
+    assert sample.main(["x", "--ckpt", str(ckpt), "--steps", "4", "--out", str(tmp_path / "v.wav"),
+                        "--init-audio", str(clip), "--init-strength", "0.5"]) == 0
+    audio, rate = sf.read(tmp_path / "v.wav")
+    assert audio.shape == (2 * 32000, 2) and rate == 32000      # the clip's length, model's rate
+    out = capsys.readouterr().out
+    assert "a variation, strength 0.5" in out
+    assert sample.main(["x", "--ckpt", str(ckpt), "--steps", "4", "--out", str(tmp_path / "i.wav"),
+                        "--init-audio", str(clip), "--inpaint", "0.5", "1.0"]) == 0
+    assert "inpainting 0.5-1 s, strength 1" in capsys.readouterr().out
+    assert sf.read(tmp_path / "i.wav")[0].shape == (2 * 32000, 2)
+
+
 # ---------------------------------------------------------------------------------- bad input
 def assert_one_error_line(capsys, *words):
     err = capsys.readouterr().err
@@ -1143,12 +1276,27 @@ BAD = {
     "unwritable folder": (["x", "--out", "OUT/file/a.wav"], "cannot write"),
     "missing checkpoint": (["x", "--ckpt", "OUT/none.pt"], "not found"),
     "damaged checkpoint": (["x", "--ckpt", "OUT/file"], "damaged"),
+    "missing init audio": (["x", "--init-audio", "OUT/none.wav"], "no such file"),
+    "unreadable init audio": (["x", "--init-audio", "OUT/file"], "cannot read"),
+    "init audio past the window": (["x", "--init-audio", "OUT/long.wav"], "window of 4.1 s"),
+    "init strength zero": (["x", "--init-audio", "OUT/clip.wav", "--init-strength", "0"],
+                           "--init-strength"),
+    "init strength above one": (["x", "--init-audio", "OUT/clip.wav", "--init-strength", "1.5"],
+                                "--init-strength"),
+    "strength without init audio": (["x", "--init-strength", "0.5"], "--init-audio"),
+    "inpaint without init audio": (["x", "--inpaint", "0", "1"], "--init-audio"),
+    "inpaint gap reversed": (["x", "--init-audio", "OUT/clip.wav", "--inpaint", "1", "0.5"],
+                             "START < END"),
+    "inpaint gap past the clip": (["x", "--init-audio", "OUT/clip.wav", "--inpaint", "1", "3"],
+                                  "past the end"),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_error_line_and_exit_2(ckpt, tmp_path, capsys, case):
     (tmp_path / "file").write_bytes(b"not a checkpoint")
+    sf.write(tmp_path / "clip.wav", np.zeros((2 * 48000, 1)), 48000)      # 2 s, mono, 48 kHz
+    sf.write(tmp_path / "long.wav", np.zeros((5 * 32000, 2)), 32000)      # 5 s > the window
     args, word = BAD[case]
     args = [a.replace("OUT", str(tmp_path)) for a in args]
     assert sample.main(["--ckpt", str(ckpt), "--steps", "2", "--seconds", "1",
