@@ -44,6 +44,7 @@ class VAEConfig:
     encoder_width: int = 128             # DAC d_model; doubles at every stride
     decoder_width: int = 1536            # halves at every rate
     strides: tuple = (4, 4, 8, 8)        # product 1024; the decoder uses them reversed
+    activation: str = "snake"            # §3.1; "elu" (as in EnCodec) for the comparison exercise
 
 
 @dataclass
@@ -66,6 +67,7 @@ class CLAPConfig:
 @dataclass
 class TimingConfig:
     max_seconds: int = 512               # released IntConditioner: whole seconds 0..512
+    enabled: bool = True                 # False: text-only context, for the timing exercise
 
 
 @dataclass
@@ -88,6 +90,11 @@ class ModelConfig:
     clap: CLAPConfig = field(default_factory=CLAPConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+
+    @property
+    def context_len(self):
+        """Tokens the U-Net cross-attends to: the text, then the two timing tokens (§3.2)."""
+        return self.clap.text_len + (2 if self.timing.enabled else 0)
 
     @classmethod
     def from_dict(cls, d):
@@ -136,6 +143,9 @@ class Snake(nn.Module):
         return snake(x, self.alpha)
 
 
+ACTIVATIONS = {"snake": Snake, "elu": lambda channels: nn.ELU()}
+
+
 # -------------------------------------------------------------------------------------------------
 # §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz ->
 # 64 channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
@@ -152,31 +162,31 @@ def WNConvTranspose1d(*args, **kwargs):
 
 class ResidualUnit(nn.Module):
     """Snake -> dilated conv (k=7) -> Snake -> 1x1 conv, added back to the input."""
-    def __init__(self, channels, dilation):
+    def __init__(self, channels, dilation, act=Snake):
         super().__init__()
         self.block = nn.Sequential(
-            Snake(channels),
+            act(channels),
             WNConv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
-            Snake(channels), WNConv1d(channels, channels, 1))
+            act(channels), WNConv1d(channels, channels, 1))
 
     def forward(self, x):
         return x + self.block(x)
 
 
-def EncoderBlock(width, stride):
+def EncoderBlock(width, stride, act=Snake):
     """Residual units at width/2 (dilations 1, 3, 9), then a strided conv that doubles the width."""
     return nn.Sequential(
-        ResidualUnit(width // 2, 1), ResidualUnit(width // 2, 3), ResidualUnit(width // 2, 9),
-        Snake(width // 2),
+        *[ResidualUnit(width // 2, dilation, act) for dilation in (1, 3, 9)],
+        act(width // 2),
         WNConv1d(width // 2, width, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
 
 
-def DecoderBlock(c_in, c_out, stride):
+def DecoderBlock(c_in, c_out, stride, act=Snake):
     """A transposed conv that upsamples by `stride`, then residual units (dilations 1, 3, 9)."""
     return nn.Sequential(
-        Snake(c_in),
+        act(c_in),
         WNConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
-        ResidualUnit(c_out, 1), ResidualUnit(c_out, 3), ResidualUnit(c_out, 9))
+        *[ResidualUnit(c_out, dilation, act) for dilation in (1, 3, 9)])
 
 
 def kl_divergence(mean, std):
@@ -189,19 +199,19 @@ class VAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.hop = math.prod(cfg.strides)
-        w, d = cfg.encoder_width, cfg.decoder_width
+        w, d, act = cfg.encoder_width, cfg.decoder_width, ACTIVATIONS[cfg.activation]
         enc_widths = [w * 2 ** (i + 1) for i in range(len(cfg.strides))]   # 256 .. 2048
         self.encoder = nn.Sequential(
             WNConv1d(cfg.channels, w, 7, padding=3),
-            *[EncoderBlock(c, s) for c, s in zip(enc_widths, cfg.strides)],
-            Snake(enc_widths[-1]), WNConv1d(enc_widths[-1], enc_widths[-1], 3, padding=1),
+            *[EncoderBlock(c, s, act) for c, s in zip(enc_widths, cfg.strides)],
+            act(enc_widths[-1]), WNConv1d(enc_widths[-1], enc_widths[-1], 3, padding=1),
             nn.Conv1d(enc_widths[-1], 2 * cfg.latent_dim, 1))                # mean and scale
         dec_widths = [d // 2 ** i for i in range(len(cfg.strides) + 1)]     # 1536 .. 96
         self.decoder = nn.Sequential(
             WNConv1d(cfg.latent_dim, d, 7, padding=3),
-            *[DecoderBlock(dec_widths[i], dec_widths[i + 1], s)
+            *[DecoderBlock(dec_widths[i], dec_widths[i + 1], s, act)
               for i, s in enumerate(reversed(cfg.strides))],
-            Snake(dec_widths[-1]), WNConv1d(dec_widths[-1], cfg.channels, 7, padding=3),
+            act(dec_widths[-1]), WNConv1d(dec_widths[-1], cfg.channels, 7, padding=3),
             nn.Tanh())
 
     def encode(self, audio):
@@ -579,7 +589,7 @@ class StableAudio(nn.Module):
         self.vae = VAE(cfg.vae)
         self.clap = CLAP(cfg.clap, cfg.sample_rate)
         self.timing = TimingEmbedding(cfg.timing, cfg.clap.text_width)
-        self.unet = UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.clap.text_len + 2)
+        self.unet = UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.context_len)
 
     @property
     def latent_frames(self):
@@ -589,6 +599,8 @@ class StableAudio(nn.Module):
         """Prompts and seconds (B,) -> context (B, S + 2, C) and mask (B, S + 2)."""
         tokens, mask = self.clap.tokenize(prompts)
         text = self.clap.text_features(tokens, mask)                 # (B, S, C)
+        if not self.cfg.timing.enabled:                              # the ablation: text only
+            return text, mask
         device = text.device
         timing = self.timing(torch.as_tensor(seconds_start, device=device),
                              torch.as_tensor(seconds_total, device=device))   # (B, 2, C)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
+import bench
 import sample
 import stable_audio as sa
 import train
@@ -111,6 +112,21 @@ def test_chunked_decode_equals_one_shot_decode(model):
                                        rtol=1e-4, atol=1e-5)
 
 
+def test_elu_activation_replaces_every_snake_and_keeps_the_shapes():
+    elu = sa.build_model(replace(SHORT, vae=replace(SHORT.vae, activation="elu"))).vae
+    snake = sa.build_model(SHORT).vae
+    assert not any(isinstance(m, sa.Snake) for m in elu.modules())
+    n_alpha = sum(m.alpha.numel() for m in snake.modules() if isinstance(m, sa.Snake))
+    assert sa.count(elu) == sa.count(snake) - n_alpha                 # only the alphas go
+    assert elu.decode(elu.encode(torch.randn(1, 2, 4096))[0]).shape == (1, 2, 4096)
+
+
+def test_strides_set_the_compression_ratio():
+    vae = sa.build_model(replace(SHORT, vae=replace(SHORT.vae, strides=(2, 4, 8, 8)))).vae
+    mean, _ = vae.encode(torch.randn(1, 2, 8192))
+    assert vae.hop == 512 and mean.shape == (1, 64, 16)
+
+
 # ---------------------------------------------------------------------------------- CLAP
 def test_tokenizer_round_trip_and_truncation():
     prompts = ["ambient rain", "Café, 120 BPM | Mood: 😊", ""]
@@ -172,6 +188,15 @@ def test_context_is_text_plus_two_timing_tokens_and_the_mask_hides_padding(model
     noisy[~mask] = 100 * torch.randn(int((~mask).sum()), context.shape[-1])
     with torch.no_grad():
         torch.testing.assert_close(model.unet(z, t, noisy, mask), model.unet(z, t, context, mask))
+
+
+def test_without_timing_the_context_is_the_text_alone_and_ignores_seconds():
+    torch.manual_seed(0)
+    plain = sa.build_model(replace(SHORT, timing=sa.TimingConfig(enabled=False))).eval()
+    context, mask = plain.condition(["rain", "rain"], [0, 3], [10, 30])
+    assert context.shape[1] == mask.shape[1] == plain.cfg.clap.text_len
+    assert plain.unet.null_context.shape[0] == plain.cfg.clap.text_len
+    torch.testing.assert_close(context[0], context[1])               # seconds are not seen
 
 
 # ---------------------------------------------------------------------------------- U-Net
@@ -1037,6 +1062,16 @@ def test_export_writes_the_ema_weights_alone_and_sample_py_loads_them(parts, tmp
     assert "EMA weights of" in capsys.readouterr().out
 
 
+def test_clap_layer_flag_conditions_on_the_chosen_layer(parts):
+    assert run_train("diffusion", "--steps", 1, "--out", parts, *DIFFUSION,
+                     "--clap-layer", -1) == 0
+    model, _ = sa.load_checkpoint(parts / "diffusion.pt")
+    tokens, mask = model.clap.tokenize(["bells"])
+    last = model.clap.text_hidden(tokens, mask, len(model.clap.text_layers))
+    torch.testing.assert_close(model.clap.text_features(tokens, mask), last)
+    assert run_train("diffusion", "--steps", 1, "--out", parts, "--clap-layer", 0) == 2
+
+
 def test_diffusion_refuses_a_vae_of_another_size(parts, capsys):
     other = replace(sa.SIZES["tiny"], size="other", vae=sa.VAEConfig(encoder_width=8))
     sa.save_checkpoint(parts / "vae.pt", sa.build_model(other), stage="vae", step=0)
@@ -1383,3 +1418,178 @@ def test_output_paths_file_directory_and_batch(tmp_path):
     assert sample.output_paths("d/x.flac", "Rain", 5, 2) == [sample.Path("d/x_5.flac"),
                                                              sample.Path("d/x_6.flac")]
     assert sample.output_paths("d/x.wav", "Rain", 5, 1) == [sample.Path("d/x.wav")]
+
+
+# ================================================================================== bench.py
+BENCH_SR = 16000
+FRAME = bench.FRAME_SECONDS
+
+
+# ---------------------------------------------------------------------------------- timing
+def test_audible_end_finds_where_noise_stops_to_within_a_frame():
+    noise = 0.3 * np.random.default_rng(0).standard_normal((2, round(1.234 * BENCH_SR)))
+    audio = np.concatenate([noise, np.zeros((2, BENCH_SR))], axis=1)
+    assert 1.234 <= bench.audible_end(audio, BENCH_SR) <= 1.234 + FRAME
+
+
+def test_audible_end_of_a_decaying_tone_is_where_it_falls_40_db_under_its_peak():
+    t = np.arange(3 * BENCH_SR) / BENCH_SR
+    audio = 0.5 * np.exp(-np.clip(t - 1, 0, None) / 0.2) * np.sin(2 * np.pi * 440 * t)
+    expected = 1 + 0.2 * math.log(10 ** (40 / 20))          # amplitude 40 dB down: 1.92 s
+    assert bench.audible_end(audio, BENCH_SR, threshold_db=-40) == pytest.approx(expected, abs=FRAME)
+
+
+def test_audible_end_ignores_hiss_under_the_absolute_floor():
+    tone = 10 ** (-45 / 20) * math.sqrt(2) * np.sin(2 * np.pi * 440 * np.arange(BENCH_SR) / BENCH_SR)
+    hiss = 10 ** (-80 / 20) * np.random.default_rng(0).standard_normal(2 * BENCH_SR)
+    audio = np.concatenate([tone, hiss])                    # -45 dBFS for 1 s, then -80 dBFS
+    assert bench.audible_end(audio, BENCH_SR, floor_dbfs=-70) == pytest.approx(1.0, abs=FRAME)
+    # Without the floor the hiss is within 40 dB of the tone and counts as audible.
+    assert bench.audible_end(audio, BENCH_SR, floor_dbfs=-200) == pytest.approx(3.0, abs=FRAME)
+
+
+# ---------------------------------------------------------------------------------- samplers
+@pytest.mark.parametrize("sampler, order", [(sa.sample_euler, 1), (sa.sample_dpmpp_2m, 2),
+                                            (sa.sample_dpmpp_3m, 3)])
+def test_measured_sampler_order_matches_theory_on_the_exact_gaussian_problem(sampler, order):
+    steps = [50, 100]
+    errors = [e for e, _ in bench.gaussian_sampler_errors(sampler, steps)]
+    assert bench.measured_orders(errors, steps)[0] == pytest.approx(order, abs=0.15 * order)
+
+
+def test_error_at_sigma_zero_is_the_final_denoising_steps_closed_form_bias():
+    s = bench.DATA_STD
+    (_, at_zero), = bench.gaussian_sampler_errors(sa.sample_dpmpp_3m, [100], s=s)
+    assert at_zero == pytest.approx(1 - s / math.hypot(s, bench.SIGMA_MIN), rel=0.01)
+
+
+# ---------------------------------------------------------------------------------- descriptors
+def test_spectral_flatness_is_near_1_for_white_noise_and_near_0_for_a_sine():
+    noise = np.random.default_rng(0).standard_normal((2, 2 * BENCH_SR))
+    sine = np.sin(2 * np.pi * 1000 * np.arange(2 * BENCH_SR) / BENCH_SR)
+    assert bench.spectral_flatness(noise) > 0.95
+    assert bench.spectral_flatness(sine) < 0.05
+
+
+def test_tonality_is_near_1_for_a_sine_and_near_0_for_noise():
+    noise = np.random.default_rng(0).standard_normal((2, 2 * BENCH_SR))
+    sine = np.sin(2 * np.pi * 1000 * np.arange(2 * BENCH_SR) / BENCH_SR)
+    assert bench.tonality(sine) > 0.95
+    assert bench.tonality(noise) < 0.05
+
+
+def test_clicks_are_more_percussive_than_steady_noise():
+    clicks = np.zeros((2, 2 * BENCH_SR))
+    clicks[:, ::BENCH_SR // 4] = 1.0                               # 4 clicks a second
+    noise = np.random.default_rng(0).standard_normal((2, 2 * BENCH_SR))
+    assert bench.percussiveness(clicks, BENCH_SR) > bench.percussiveness(noise, BENCH_SR) + 10
+
+
+def test_descriptors_hear_rain_as_noise_piano_as_tonal_and_drums_as_percussive():
+    rain, piano, drums = (bench.real_clip(s, 0, BENCH_SR, 3.0).numpy()
+                          for s in ("rain", "piano", "drums"))
+    assert bench.spectral_flatness(rain) > 0.9 > 0.3 > bench.spectral_flatness(piano)
+    assert bench.tonality(piano) > 0.9 > 0.1 > bench.tonality(rain)
+    assert bench.percussiveness(drums, BENCH_SR) > bench.percussiveness(rain, BENCH_SR) + 5
+
+
+def test_log_spectral_distance_ignores_loudness_and_separates_noise_from_a_tone():
+    rng = np.random.default_rng(0)
+    noise_a, noise_b = rng.standard_normal((2, 2, 2 * BENCH_SR))
+    sine = np.sin(2 * np.pi * 1000 * np.arange(2 * BENCH_SR) / BENCH_SR)
+    assert bench.log_spectral_distance(noise_a, 0.1 * noise_a) == pytest.approx(0, abs=1e-9)
+    assert bench.log_spectral_distance(noise_a, noise_b) < 1
+    assert bench.log_spectral_distance(noise_a, sine) > 20
+
+
+def test_real_clip_is_the_start_of_the_first_sound_world_clip_that_is_long_enough():
+    n = round(2.5 * BENCH_SR)
+    long, _ = train.make_clip(0, BENCH_SR, 5.0, sound="piano")
+    short, _ = train.make_clip(3, BENCH_SR, 5.0, sound="piano")
+    assert long.shape[-1] >= n > short.shape[-1]
+    assert torch.equal(bench.real_clip("piano", 0, BENCH_SR, 2.5), long[:, :n])
+    assert bench.real_clip("piano", 3, BENCH_SR, 2.5).shape == (2, n)      # another seed is tried
+
+
+# ---------------------------------------------------------------------------------- Fréchet
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    x = np.random.default_rng(0).standard_normal((50, 8))
+    assert bench.frechet_distance(x, x) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_of_diagonal_gaussians_matches_the_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([3.0, 1.0, 0.5])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((s1 - s2) ** 2)
+    assert bench.frechet_gaussians(mu1, np.diag(s1 ** 2), mu2, np.diag(s2 ** 2)) == \
+        pytest.approx(expected)
+    # A rotation of both leaves the distance alone; the covariances are then not diagonal.
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((3, 3)))
+    rotated = bench.frechet_gaussians(q @ mu1, q @ np.diag(s1 ** 2) @ q.T,
+                                      q @ mu2, q @ np.diag(s2 ** 2) @ q.T)
+    assert rotated == pytest.approx(expected)
+    # From samples, the fitted Gaussians give the same distance.
+    rng = np.random.default_rng(1)
+    a, b = mu1 + s1 * rng.standard_normal((20000, 3)), mu2 + s2 * rng.standard_normal((20000, 3))
+    assert bench.frechet_distance(a, b) == pytest.approx(expected, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------- command
+
+
+@pytest.fixture(scope="module")
+def short_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bench") / "m.pt"
+    sa.save_checkpoint(path, sa.build_model(SHORT))
+    return path
+
+
+def test_speed_wall_time_covers_text_sampling_and_decoding(short_ckpt):
+    model, _ = sa.load_checkpoint(short_ckpt)
+    (row,) = bench.speed_rows(model, steps=2, dtype=torch.float32, repeats=1)
+    window = SHORT.window / SHORT.sample_rate
+    assert row["audio s"] == round(window, 1)               # 10 s and 30 s do not fit in 3 s
+    parts = row["text s"] + row["sampling s"] + row["decoding s"]
+    assert 0 < parts <= row["total s"]
+    assert row["audio s per s"] == pytest.approx(window / row["total s"])
+
+
+def test_timing_and_adherence_run_on_a_checkpoint_and_name_the_machine(short_ckpt, tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--only", "timing,adherence", "--ckpt", str(short_ckpt),
+                       "--eval-steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    timing = report["sections"]["timing"][0]["rows"]
+    assert [r["requested s"] for r in timing] == [1, 2, "all"]     # whole seconds under 3 s
+    assert all(abs(r["detector on a real clip: error s"]) <= FRAME for r in timing[:-1])
+    tables = [t for section in report["sections"].values() for t in section]
+    assert len(tables) == 5 and all(t["rows"] for t in tables)
+    assert all(t["machine"]["torch"] == torch.__version__ and t["machine"]["dtype"]
+               and t["machine"]["threads"] == torch.get_num_threads() for t in tables)
+
+
+def test_sections_that_need_a_checkpoint_are_skipped_without_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "DEMO_CKPT", tmp_path / "demo.pt")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--only", "timing,adherence", "--out", str(out)]) == 0
+    tables = [t for s in json.loads(out.read_text())["sections"].values() for t in s]
+    assert tables and all(t["notes"] == [f"skipped: no checkpoint at {tmp_path / 'demo.pt'}"]
+                          for t in tables)
+
+
+@pytest.mark.parametrize("argv", [["--only", "nonsense"], ["--only", "samplers,speeed"],
+                                  ["--only", "timing", "--ckpt", "missing.pt"],
+                                  ["--repeats", "0"], ["--size", "huge"]])
+def test_bench_bad_input_is_one_error_line_and_exit_2(argv, tmp_path, capsys):
+    assert bench.main([*argv, "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_bench_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
+    assert bench.main(["--device", "cuda", "--only", "samplers",
+                       "--out", str(tmp_path / "b.json")]) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda but no CUDA GPU")

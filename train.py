@@ -759,7 +759,15 @@ def autocast(device, dtype):
 # optimizer, step and RNG state) and OUT/{stage}.log.
 # -------------------------------------------------------------------------------------------------
 def model_config(args):
+    """The size's config with the command line's changes (all default to the paper's choices)."""
     cfg = sa.SIZES[args.size]
+    cfg = replace(cfg, vae=replace(cfg.vae, activation=args.activation,
+                                   strides=tuple(args.vae_strides or cfg.vae.strides)),
+                  clap=replace(cfg.clap, feature_layer=args.clap_layer),
+                  timing=replace(cfg.timing, enabled=not args.no_timing))
+    if not -cfg.clap.text_layers <= args.clap_layer <= -1:
+        raise ValueError(f"--clap-layer must be from -{cfg.clap.text_layers} (the first layer) "
+                         f"to -1 (the last), got {args.clap_layer}")
     if args.window_seconds:
         stride = math.prod(cfg.vae.strides) * math.prod(cfg.unet.factors)
         window = math.ceil(args.window_seconds * cfg.sample_rate / stride) * stride
@@ -878,9 +886,12 @@ def load_part(model, part, path):
         raise TrainingError(f"the diffusion stage needs a trained {part}: {path} not found; run "
                             f"`python train.py {part}` first or pass --{part} PATH")
     other, ckpt = sa.load_checkpoint(path, ema=True)
-    if ckpt.get("stage") != part:
+    if ckpt.get("stage") not in (part, "diffusion", "export"):   # the last two hold all parts
         raise TrainingError(f"{path} is a {ckpt.get('stage')} checkpoint, not a {part} one")
-    if getattr(other.cfg, part) != getattr(model.cfg, part):
+    mine = getattr(model.cfg, part)
+    if part == "clap":         # which layer conditions the U-Net is the diffusion stage's choice
+        mine = replace(mine, feature_layer=other.cfg.clap.feature_layer)
+    if getattr(other.cfg, part) != mine:
         raise TrainingError(f"{path} holds a {part} of size {ckpt['size']!r}, but this run is "
                             f"--size {model.cfg.size}; train the {part} at that size first")
     getattr(model, part).load_state_dict(getattr(other, part).state_dict())
@@ -1022,6 +1033,15 @@ def parse_args(argv):
     p.add_argument("--disc-start", type=int, default=0, help="vae: train the discriminator and "
                    "use its losses from this step on (default 0, as in the paper); before it, "
                    "reconstruction + KL only, much faster on a CPU")
+    p.add_argument("--activation", default="snake", choices=sa.ACTIVATIONS, help="vae: the "
+                   "VAE's activation (default snake, §3.1; elu for the comparison exercise)")
+    p.add_argument("--vae-strides", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   metavar="S,S,S,S", help="vae: encoder strides, whose product is the "
+                   "compression in time (default 4,4,8,8 = 1024x; e.g. 2,4,8,8 = 512x)")
+    p.add_argument("--clap-layer", type=int, default=-2, help="diffusion: the CLAP text layer "
+                   "that conditions the U-Net (default -2, the next-to-last, §3.2; -1 the last)")
+    p.add_argument("--no-timing", action="store_true", help="diffusion: drop the two timing "
+                   "tokens from the context (an ablation; the paper conditions on them)")
     p.add_argument("--vae", default=None, help="diffusion: VAE checkpoint (default OUT/vae.pt)")
     p.add_argument("--clap", default=None, help="diffusion: CLAP checkpoint (default OUT/clap.pt)")
     p.add_argument("--latent-cache", type=int, default=0, metavar="N", help="diffusion: encode "

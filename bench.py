@@ -1,0 +1,860 @@
+"""Benchmarks for the Stable Audio reference: speed, throughput, timing accuracy, sampler accuracy
+and prompt adherence. Prints a markdown table per measurement and writes the same figures to JSON.
+
+    python bench.py --quick                          # a few minutes on a CPU (tiny size)
+    python bench.py --size full --device cuda        # the paper's setting: 95 s, 100 steps, bf16
+    python bench.py --only samplers,throughput --out samplers.json
+
+Sections (run in this order; --only picks some):
+  speed       wall time of `generate` for 10 s, 30 s and the whole window, split into text
+              encoding, diffusion steps and VAE decoding (median of --repeats after a warm-up), and
+              seconds of audio per second. cli: the design card command
+              `python sample.py "ambient rain" --seconds 30 ...` as a subprocess, start-up included.
+  throughput  U-Net forward (batch 2: the CFG pair) and VAE decode per latent length, peak memory;
+              on CUDA also the largest training batch with and without gradient checkpointing.
+  timing      §6.3 timing accuracy: request durations across the window, find where the untrimmed
+              output stops being audible, report the errors.
+  samplers    Euler and DPM-Solver++(2M, 3M) against the exact probability-flow solution for
+              Gaussian data: errors and measured orders.
+  adherence   CLAP scores of generated audio against every prompt, a Fréchet distance to real
+              sound-world clips, and acoustic descriptors beside those of real clips. The CLAP
+              is this project's own small one, so its figures are not the paper's.
+Every table names the machine (CPU model and torch threads, or GPU), the torch version and dtype.
+speed and throughput use random weights of --size unless --ckpt is given; timing, adherence and
+the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from tqdm import tqdm
+
+import stable_audio as sa
+import train
+
+HERE = Path(__file__).resolve().parent
+DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
+SECTIONS = ("speed", "throughput", "timing", "samplers", "adherence")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
+CFG_SCALE = 6.0                             # §4.4, generate's default
+DECODE_CHUNK = 128                          # latent frames per VAE decode, generate's default
+
+# speed
+SPEED_SECONDS = (10, 30)                    # and the whole window
+SPEED_PROMPT = "ambient rain"
+WARMUP_STEPS = 2                            # a warm-up only has to run every kernel once
+PAPER_STEPS = 100
+H100_TARGET_S = 4.0          # 95 s, 100 steps, CFG 6, batch 1, bf16 (the paper: 8 s on an A100)
+CLI_SECONDS = 30
+CLI_TARGET_S = 20.0                         # the design card: at most 20 s on 2 CPU cores
+TIME_LINE = re.compile(r"time: loading ([\d.]+) s \+ sampling and decoding ([\d.]+) s")
+
+# throughput
+LATENT_DIVISORS = (16, 4, 1)                # latent lengths: a 16th, a quarter and the window
+MAX_TRAIN_BATCH = 1024
+TRAIN_TIMED_STEPS = 3
+
+# timing
+TIMING_SOUNDS = ("rain", "ocean waves", "synth pad")  # steady: the end is where the sound stops
+TIMING_EVERY_S, QUICK_TIMING_EVERY_S = 5, 10          # requested durations: every 5 s (quick 10)
+# The audible end is judged relative to the clip's loudest frame, so a soft clip (the sound world
+# peaks anywhere from -12 to -1 dBFS) is judged like a loud one: 40 dB down is where a sound fades
+# into the background at a normal listening level. The absolute floor keeps a very quiet clip from
+# calling the VAE's residual hiss in the silent tail audible: -70 dBFS RMS is far below anything
+# heard at a level where the clip's peaks are comfortable.
+SILENCE_DB = -40.0
+SILENCE_FLOOR_DBFS = -70.0
+FRAME_SECONDS = 0.05
+
+# samplers
+SAMPLER_STEPS = (5, 10, 20, 50, 100)
+SAMPLER_NAMES = ("euler", "dpmpp-2m", "dpmpp-3m")           # by order
+# generate's sigma range. Data std 0.1 puts the part of the flow where the denoiser changes x
+# (sigma ~ s) well inside it; sigma_max / s = 800 damps the first low-order steps, so the
+# asymptotic orders show from about 20 steps on.
+DATA_STD = 0.1
+SIGMA_MIN, SIGMA_MAX = 0.03, 80.0
+GAUSS_SAMPLES = 16
+
+# adherence
+ADHERENCE_SOUNDS = ("rain", "piano", "drums", "birdsong", "ocean waves", "synth pad")
+QUICK_SOUNDS = 3                            # --quick: rain, piano, drums
+ADHERENCE_SECONDS = 10
+REAL_CLIPS = 4                              # real sound-world clips per sound, the reference set
+REAL_SEED = 1000              # training draws 63-bit seeds, so clips from here on are unseen
+N_FFT, HOP = 2048, 1024                     # 46 ms frames at 44.1 kHz
+FLATNESS_BAND = 16                          # bins per band for flatness (344 Hz at 44.1 kHz)
+PEAK_NEIGHBOURS, PEAK_DB = 8, 10.0          # a tonal peak: 10 dB over the median of +-8 bins
+ENVELOPE_SECONDS = 0.01
+SPECTRUM_FLOOR_DB = -80.0                   # log spectra are floored 80 dB under their maximum
+CLAP_NOTE = ("CLAP figures use this project's own small CLAP (train.py clap), not OpenL3, PaSST "
+             "or LAION-CLAP as in the paper, so they are not comparable with the paper's numbers")
+
+
+class BenchError(Exception):
+    """Bad input: main() prints it as one `error:` line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):               # one line, not argparse's usage dump and sys.exit
+        raise BenchError(f"{message} (see --help)")
+
+
+# -------------------------------------------------------------------------------------------------
+# Measuring: the machine, clocks that wait for the GPU, peak memory, tables.
+# -------------------------------------------------------------------------------------------------
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine(device, dtype):
+    """Where a figure comes from: processor or GPU, torch threads, torch version, dtype."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {"device": f"{name} ({device.type})", "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def sync(device):
+    """Wait for queued GPU work, so a clock read afterwards includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def median_seconds(fn, device, repeats):
+    """Median wall time of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device):
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    kib = 1 / 1024 if sys.platform == "darwin" else 1        # ru_maxrss: bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib / 2 ** 20
+
+
+def table(title, where, rows, *notes):
+    """One printed table: {title, machine, notes, rows}; rows are dicts with the same keys."""
+    return {"title": title, "machine": where, "notes": list(notes), "rows": rows}
+
+
+def fmt(v):
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "0" if v == 0 else f"{v:.2e}" if not 0.01 <= abs(v) < 1e4 else f"{v:.3g}"
+    return str(v)
+
+
+def markdown(t):
+    """A table as markdown: title, machine line, notes, then the rows."""
+    m = t["machine"]
+    lines = [f"### {t['title']}",
+             f"machine: {m['device']}, torch threads {m['threads']}, torch {m['torch']}, "
+             f"{m['dtype']}", *t["notes"]]
+    if t["rows"]:
+        keys = list(t["rows"][0])
+        lines += ["", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+        lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in t["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------
+# speed: generate's wall time, split by its own stopwatch, and the CLI as a user runs it.
+# -------------------------------------------------------------------------------------------------
+def time_generate(model, seconds, steps, dtype):
+    """One `generate` call -> seconds on text, sampling, decoding, and in all (bench's clock)."""
+    laps = {}
+    t0 = time.perf_counter()
+    sa.generate(model, [SPEED_PROMPT], seconds_total=seconds, steps=steps, cfg_scale=CFG_SCALE,
+                dtype=dtype, timings=laps)
+    sync(next(model.parameters()).device)
+    return {**laps, "total": time.perf_counter() - t0}
+
+
+def speed_rows(model, steps, dtype, repeats):
+    """Median times of `generate` for 10 s, 30 s and the whole window (those that fit)."""
+    cfg = model.cfg
+    window = cfg.window / cfg.sample_rate
+    durations = [s for s in SPEED_SECONDS if s < window] + [window]
+    time_generate(model, durations[0], WARMUP_STEPS, dtype)          # warm-up: not measured
+    rows = []
+    for seconds in tqdm(durations, desc="speed", leave=False):
+        runs = [time_generate(model, seconds, steps, dtype) for _ in range(repeats)]
+        t = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows.append({"audio s": round(seconds, 1), "steps": steps, "text s": t["text"],
+                     "sampling s": t["sampling"], "decoding s": t["decoding"],
+                     "total s": t["total"], "audio s per s": seconds / t["total"]})
+    return rows
+
+
+def time_cli(ckpt, device):
+    """Wall time of the design card command as a subprocess, split by its own `time:` line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, str(HERE / "sample.py"), SPEED_PROMPT,
+                   "--seconds", str(CLI_SECONDS), "--ckpt", str(ckpt), "--out", f"{tmp}/x.wav",
+                   "--seed", "0", "--device", device.type]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE)
+        wall = time.perf_counter() - t0
+    row = {"command": f'sample.py "{SPEED_PROMPT}" --seconds {CLI_SECONDS} --seed 0',
+           "wall s": wall}
+    if done.returncode != 0:
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**row, "failed": f"exit {done.returncode}: {error}"}
+    found = TIME_LINE.search(done.stdout)
+    loading, generating = (float(g) for g in found.groups()) if found else (None, None)
+    return {**row, "loading s": loading, "sampling and decoding s": generating,
+            "start-up and writing s": wall - loading - generating if found else None}
+
+
+def bench_speed(setup):
+    model, where = setup["speed_model"], machine(setup["device"], setup["dtype"])
+    cfg, steps = model.cfg, setup["steps"]
+    weights = (f"checkpoint {setup['ckpt']}" if setup["ckpt_given"]
+               else "random weights (no --ckpt; speed does not depend on the weights)")
+    rows = speed_rows(model, steps, setup["dtype"], setup["repeats"])
+    notes = [f"size {cfg.size}, {weights}; CFG {CFG_SCALE:g}, batch 1, median of "
+             f"{setup['repeats']} after a warm-up; the diffusion always runs on the whole window, "
+             "so only the decoding grows with the seconds asked for"]
+    if setup["device"].type == "cuda" and cfg.size == "full" and steps == PAPER_STEPS:
+        for row in rows:
+            full_window = row is rows[-1]
+            row["target s (H100)"] = f"< {H100_TARGET_S:g}" if full_window else None
+            row["met"] = row["total s"] < H100_TARGET_S if full_window else None
+        notes.append(f"target: the whole 95 s window, {PAPER_STEPS} steps, CFG 6, batch 1, bf16 "
+                     f"in under {H100_TARGET_S:g} s on one H100 (the paper: 8 s on an A100)")
+    yield table("speed: generate", where, rows, *notes)
+    if not setup["ckpt"].is_file():
+        yield table("speed: cli", where, [], f"skipped: no checkpoint at {setup['ckpt']}")
+        return
+    row = time_cli(setup["ckpt"], setup["device"])
+    if setup["device"].type == "cpu" and "failed" not in row:
+        row["target s (2 CPU cores)"] = f"<= {CLI_TARGET_S:g}"
+        row["met"] = row["wall s"] <= CLI_TARGET_S
+    yield table("speed: cli", machine(setup["device"], torch.float32), [row],
+                "the design card command as a subprocess (start-up included), "
+                f"checkpoint {setup['ckpt']}, float32, the same torch threads as this process")
+
+
+# -------------------------------------------------------------------------------------------------
+# throughput: the U-Net and the VAE decoder on their own; on CUDA, training batch sizes.
+# -------------------------------------------------------------------------------------------------
+def build_parts(size, device):
+    """Random-weight U-Net and VAE of a size, built on the device (no slow CPU init first)."""
+    cfg = sa.SIZES[size]
+    with torch.device(device):
+        unet = sa.UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.context_len)
+        return cfg, unet, sa.VAE(cfg.vae)
+
+
+def random_inputs(cfg, batch, L, device):
+    """Latents (B, 64, L), t (B,), context (B, S, C) and an all-true mask (B, S)."""
+    g = torch.Generator().manual_seed(0)
+    S, C = cfg.context_len, cfg.clap.text_width
+    return (torch.randn(batch, cfg.vae.latent_dim, L, generator=g).to(device),
+            torch.rand(batch, generator=g).to(device),
+            torch.randn(batch, S, C, generator=g).to(device),
+            torch.ones(batch, S, dtype=torch.bool, device=device))
+
+
+@torch.inference_mode()
+def throughput_rows(size, device, dtype, repeats):
+    """U-Net forward (batch 2) and VAE decode (batch 1) per latent length, with peak memory."""
+    cfg, unet, vae = build_parts(size, device)
+    unet.eval()
+    vae.eval()
+    frames = cfg.window // vae.hop
+    autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+    rows = []
+    for L in tqdm([frames // d for d in LATENT_DIVISORS], desc=f"throughput {size}", leave=False):
+        x, t, context, mask = random_inputs(cfg, 2, L, device)
+        reset_peak_memory(device)
+        with autocast:
+            unet_s = median_seconds(lambda: unet(x, t, context, mask), device, repeats)
+        unet_gib = peak_memory_gib(device)
+        reset_peak_memory(device)          # generate decodes in float32, chunk by chunk
+        decode_s = median_seconds(lambda: vae.decode(x[:1], chunk=DECODE_CHUNK), device, repeats)
+        rows.append({"size": size, "latent frames": L,
+                     "audio s": round(L * vae.hop / cfg.sample_rate, 1),
+                     "U-Net forward s (B=2)": unet_s, "U-Net peak GiB": unet_gib,
+                     "VAE decode s (B=1)": decode_s, "decode peak GiB": peak_memory_gib(device)})
+    return rows
+
+
+def train_step_seconds(unet, opt, cfg, batch, device, dtype):
+    """Median seconds of one U-Net training step (Adam, the v-loss), or None if out of memory."""
+    L = cfg.window // math.prod(cfg.vae.strides)
+    z, _, context, mask = random_inputs(cfg, batch, L, device)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            loss = sa.diffusion_loss(unet, z, context, mask, generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    try:
+        return median_seconds(step, device, TRAIN_TIMED_STEPS)
+    except torch.OutOfMemoryError:
+        pass
+    opt.zero_grad(set_to_none=True)   # outside the handler: its traceback holds the activations
+    torch.cuda.empty_cache()
+    return None
+
+
+def train_batch_rows(size, device, dtype, checkpointing):
+    """Training steps at batch 1, 2, 4, ... until one runs out of memory (CUDA only)."""
+    cfg, unet, _ = build_parts(size, device)
+    unet.train().set_checkpointing(checkpointing)
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-5)     # the paper trains with Adam
+    rows, batch = [], 1
+    while batch <= MAX_TRAIN_BATCH:
+        reset_peak_memory(device)
+        seconds = train_step_seconds(unet, opt, cfg, batch, device, dtype)
+        fits = seconds is not None
+        rows.append({"size": size, "checkpointing": checkpointing, "batch": batch, "fits": fits,
+                     "steps per s": 1 / seconds if fits else None,
+                     "samples per s": batch / seconds if fits else None,
+                     "peak GiB": peak_memory_gib(device) if fits else None})
+        if not fits:
+            break
+        batch *= 2
+    del unet, opt
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_throughput(setup):
+    device, dtype, size = setup["device"], setup["dtype"], setup["size"]
+    where = machine(device, dtype)
+    sizes = [size] if setup["quick"] else SIZE_ORDER[:SIZE_ORDER.index(size) + 1]
+    rows = [r for s in sizes for r in throughput_rows(s, device, dtype, setup["repeats"])]
+    memory = ("peak allocated per call, weights included" if device.type == "cuda" else
+              "CPU memory is the whole process's peak resident set so far (ru_maxrss): it only "
+              "grows")
+    yield table("throughput: U-Net forward and VAE decode", where, rows,
+                f"random weights; median of {setup['repeats']} after a warm-up; the decode runs "
+                f"in float32 in chunks of {DECODE_CHUNK} frames, as generate does; {memory}")
+    if device.type != "cuda":
+        yield table("throughput: training batch", where, [], "skipped: CUDA only")
+        return
+    rows = [r for on in (False, True) for r in train_batch_rows(size, device, dtype, on)]
+    largest = {on: max([r["batch"] for r in rows if r["checkpointing"] == on and r["fits"]],
+                       default=0) for on in (False, True)}
+    yield table(f"throughput: training batch at {size}", where, rows,
+                "one Adam step of the v-loss on random latents spanning the window, "
+                f"median of {TRAIN_TIMED_STEPS}; largest batch that fits: {largest[False]} "
+                f"without, {largest[True]} with gradient checkpointing")
+
+
+# -------------------------------------------------------------------------------------------------
+# timing (§6.3): where does the untrimmed output stop being audible?
+# -------------------------------------------------------------------------------------------------
+def frame_levels_db(audio, sample_rate, frame_seconds):
+    """RMS level in dBFS of consecutive frames over both channels. (frames,)"""
+    x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
+    n = max(1, round(frame_seconds * sample_rate))
+    x = np.pad(x, ((0, 0), (0, -x.shape[1] % n)))
+    # Power over both channels, not of their sum: opposite-phase channels would cancel in a mix.
+    power = np.square(x).reshape(x.shape[0], -1, n).mean((0, 2))
+    return 10 * np.log10(power + 1e-20)
+
+
+def audible_end(audio, sample_rate, threshold_db=SILENCE_DB, floor_dbfs=SILENCE_FLOOR_DBFS,
+                frame_seconds=FRAME_SECONDS):
+    """Seconds to the end of the last frame above max(loudest frame + threshold_db, floor_dbfs).
+    audio: (C, N) or (N,); 0 when nothing is audible."""
+    levels = frame_levels_db(audio, sample_rate, frame_seconds)
+    loud = np.flatnonzero(levels > max(levels.max() + threshold_db, floor_dbfs))
+    if len(loud) == 0:
+        return 0.0
+    n = np.shape(audio)[-1]
+    return min((loud[-1] + 1) * max(1, round(frame_seconds * sample_rate)), n) / sample_rate
+
+
+def timing_durations(window_seconds, every):
+    """Whole seconds every `every` s below the window (every 1 s when the window is short)."""
+    every = every if window_seconds > 2 * every else 1
+    return list(range(every, math.ceil(window_seconds), every))
+
+
+def real_clip(sound, seed, sample_rate, seconds):
+    """The first `seconds` of the first sound-world clip of `sound` that lasts that long, trying
+    seeds seed, seed + 1e5, ... (clip lengths are random)."""
+    n = round(seconds * sample_rate)
+    while True:
+        audio, _ = train.make_clip(seed, sample_rate, max(1.0, 2 * seconds), sound=sound)
+        if audio.shape[-1] >= n:
+            return audio[:, :n]
+        seed += 100_000
+
+
+def adherence_prompt(sound):
+    """A prompt in the form train.build_prompt makes: the description, then the sound's name."""
+    return f"{train.DESCRIPTIONS[sound][0]}, {sound}"
+
+
+def timing_rows(model, durations, seeds, steps, dtype):
+    """Detected audible end of untrimmed outputs per requested duration, against a real clip."""
+    sr, window = model.cfg.sample_rate, model.cfg.window
+    rows, errors = [], []
+    for i, seconds in enumerate(tqdm(durations, desc="timing", leave=False)):
+        sounds = [TIMING_SOUNDS[(i + j) % len(TIMING_SOUNDS)] for j in range(seeds)]
+        audio = sa.generate(model, [adherence_prompt(s) for s in sounds], seconds_total=seconds,
+                            steps=steps, cfg_scale=CFG_SCALE, seed=0, trim=False, dtype=dtype)
+        ends = np.array([audible_end(a, sr) for a in audio.cpu().numpy()])
+        error = ends - seconds                                   # > 0: the sound runs on
+        errors.append(error)
+        # The detector on a real clip of that length, padded with silence to the window.
+        real = np.pad(real_clip(sounds[0], REAL_SEED + i, sr, seconds).numpy(),
+                      ((0, 0), (0, window - round(seconds * sr))))
+        rows.append({"requested s": seconds, "detected s (mean)": float(ends.mean()),
+                     "error s (mean)": float(error.mean()),
+                     "abs error s (mean)": float(np.abs(error).mean()),
+                     "within 1 s": float((np.abs(error) <= 1).mean()),
+                     "detector on a real clip: error s": audible_end(real, sr) - seconds})
+    errors = np.abs(np.concatenate(errors))
+    rows.append({"requested s": "all", "detected s (mean)": None, "error s (mean)": None,
+                 "abs error s (mean)": float(errors.mean()),
+                 "within 1 s": float((errors <= 1).mean()),
+                 "detector on a real clip: error s": None})
+    return rows
+
+
+def bench_timing(setup):
+    model = setup["ckpt_model"]
+    if model is None:
+        yield table("timing: §6.3 timing accuracy", machine(setup["device"], setup["dtype"]), [],
+                    f"skipped: no checkpoint at {setup['ckpt']}")
+        return
+    cfg = model.cfg
+    every = QUICK_TIMING_EVERY_S if setup["quick"] else TIMING_EVERY_S
+    durations = timing_durations(cfg.window / cfg.sample_rate, every)
+    rows = timing_rows(model, durations, setup["seeds"], setup["eval_steps"], setup["dtype"])
+    yield table("timing: §6.3 timing accuracy", machine(setup["device"], setup["dtype"]), rows,
+                f"checkpoint {setup['ckpt']} (size {cfg.size}), {setup['seeds']} seed(s) per "
+                f"duration, {setup['eval_steps']} dpmpp-3m steps, CFG {CFG_SCALE:g}, trim=False; "
+                f"prompts: {', '.join(adherence_prompt(s) for s in TIMING_SOUNDS)}",
+                f"audible end: end of the last {FRAME_SECONDS * 1000:g} ms frame whose RMS over "
+                f"both channels is above max(loudest frame {SILENCE_DB:+g} dB, "
+                f"{SILENCE_FLOOR_DBFS:g} dBFS); error = detected - requested; the last column "
+                "runs the detector on a real clip of the requested length padded with silence")
+
+
+# -------------------------------------------------------------------------------------------------
+# samplers: against the exact probability-flow solution for Gaussian data.
+# -------------------------------------------------------------------------------------------------
+def gaussian_sampler_errors(sampler, steps_list, s=DATA_STD, sigma_min=SIGMA_MIN,
+                            sigma_max=SIGMA_MAX):
+    """Relative errors (at sigma_min, at 0) of a sampler on generate's schedule, data N(0, s^2).
+
+    With x = x0 + sigma eps the ideal denoiser is D(x, sigma) = x s^2 / (s^2 + sigma^2) and the
+    probability-flow ODE solves exactly: x(sigma) = x(sigma_max) sqrt(s^2 + sigma^2) /
+    sqrt(s^2 + sigma_max^2). get_sigmas ends at 0, where each sampler returns D(x, sigma_min): the
+    x the denoiser sees at sigma_min is the ODE solution after steps - 1 steps."""
+    x = torch.randn(GAUSS_SAMPLES, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64) * math.hypot(s, sigma_max)            # x(sigma_max)
+    errors = []
+    for steps in steps_list:
+        sigmas = sa.get_sigmas(steps, sigma_min, sigma_max)
+        seen = {}
+
+        def denoiser(x_sigma, sigma):
+            seen[sigma] = x_sigma
+            return x_sigma * s ** 2 / (s ** 2 + sigma ** 2)
+        out = sampler(denoiser, x, sigmas)
+        hi, lo = sigmas[0].item(), sigmas[-2].item()
+        exact = [x * math.sqrt((s ** 2 + sigma ** 2) / (s ** 2 + hi ** 2)) for sigma in (lo, 0)]
+        errors.append(tuple(((a - b).norm() / b.norm()).item()
+                            for a, b in zip((seen[lo], out), exact)))
+    return errors
+
+
+def measured_orders(errors, steps_list):
+    """Slopes of -log(error) against log(steps - 1) between consecutive step counts: the order
+    p in error ~ h^p, h = log(sigma_max / sigma_min) / (steps - 1) ODE steps."""
+    return [math.log(e0 / e1) / math.log((n1 - 1) / (n0 - 1))
+            for e0, e1, n0, n1 in zip(errors, errors[1:], steps_list, steps_list[1:])]
+
+
+def bench_samplers(setup):
+    rows = [{"steps": n} for n in SAMPLER_STEPS]
+    at_zero = {}
+    for name in SAMPLER_NAMES:
+        errors = gaussian_sampler_errors(sa.SAMPLERS[name], SAMPLER_STEPS)
+        at_sigma_min = [e for e, _ in errors]
+        orders = [None] + measured_orders(at_sigma_min, SAMPLER_STEPS)
+        for row, error, order in zip(rows, at_sigma_min, orders):
+            row[f"{name} error"], row[f"{name} order"] = error, order
+        at_zero[name] = errors[-1][1]
+    floor = 1 - DATA_STD / math.hypot(DATA_STD, SIGMA_MIN)
+    yield table("samplers: error against the exact Gaussian solution",
+                machine(torch.device("cpu"), torch.float64), rows,
+                f"data x0 ~ N(0, {DATA_STD:g}^2); generate's schedule (get_sigmas, sigma "
+                f"{SIGMA_MAX:g} -> {SIGMA_MIN:g}, then 0); relative RMS error of x at sigma_min, "
+                "i.e. after steps - 1 ODE steps; order: slope against the previous row, "
+                f"expected 1, 2, 3 once h = {math.log(SIGMA_MAX / SIGMA_MIN):.1f} / (steps - 1) "
+                "is small (at few steps, errors of opposite sign can cancel)",
+                "the final sigma_min -> 0 step returns D(x, sigma_min), which is off the exact "
+                f"x(0) by 1 - s / sqrt(s^2 + sigma_min^2) = {floor:.2e} at any step count; "
+                f"measured error at 0 after {SAMPLER_STEPS[-1]} steps: "
+                + ", ".join(f"{k} {v:.2e}" for k, v in at_zero.items()))
+
+
+# -------------------------------------------------------------------------------------------------
+# adherence: CLAP scores, a Fréchet distance, and descriptors that need no learned model.
+# The CLAP is this project's own small one, not OpenL3, PaSST or LAION-CLAP as in the paper: its
+# scores and distances rank checkpoints of this project and cannot be compared with the paper's.
+# -------------------------------------------------------------------------------------------------
+def stft_power(audio, n_fft=N_FFT, hop=HOP):
+    """Power spectra of Hann-windowed frames, summed over channels. (frames, n_fft / 2 + 1)"""
+    x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
+    x = np.pad(x, ((0, 0), (0, max(0, n_fft - x.shape[1]))))
+    frames = sliding_window_view(x, n_fft, axis=1)[:, ::hop] * np.hanning(n_fft)
+    return np.square(np.abs(np.fft.rfft(frames))).sum(0)
+
+
+def audible_frames(power):
+    """Frames within SILENCE_DB of the loudest: silence has no spectral shape to measure."""
+    energy = power.sum(1)
+    return power[energy >= energy.max() * 10 ** (SILENCE_DB / 10)]
+
+
+def spectral_flatness(audio, band=FLATNESS_BAND):
+    """Geometric over arithmetic mean of the frame-averaged power spectrum, within bands of
+    `band` bins, weighted by band power: ~1 for noise (band-limited or tilted too), ~0 for tones.
+
+    Averaging power over frames first removes the periodogram's own scatter (one frame of white
+    noise has flatness e^-gamma = 0.56). Bands keep coloured noise flat: rain is noise from 0.8 to
+    12 kHz, whose flatness over the whole spectrum would be low."""
+    power = audible_frames(stft_power(audio)).mean(0)[1:]                # drop DC
+    power = power[:len(power) // band * band].reshape(-1, band) + 1e-30
+    flatness = np.exp(np.log(power).mean(1)) / power.mean(1)
+    return float((flatness * power.sum(1)).sum() / power.sum())
+
+
+def tonality(audio):
+    """Share of each frame's power in spectral peaks (bins PEAK_DB over the median of their
+    +-PEAK_NEIGHBOURS bins), averaged over frames: ~1 for notes, ~0 for noise."""
+    power = audible_frames(stft_power(audio))                            # (frames, bins)
+    k = PEAK_NEIGHBOURS
+    padded = np.pad(power, ((0, 0), (k, k)), mode="edge")
+    local = np.median(sliding_window_view(padded, 2 * k + 1, axis=1), axis=-1)
+    peaks = power > local * 10 ** (PEAK_DB / 10)
+    return float(((power * peaks).sum(1) / power.sum(1)).mean())
+
+
+def percussiveness(audio, sample_rate):
+    """Crest factor of the 10 ms energy envelope in dB, 10 log10(max / mean): ~1 dB for steady
+    sound, high for sharp hits with quieter gaps between them."""
+    energy = 10 ** (frame_levels_db(audio, sample_rate, ENVELOPE_SECONDS) / 10)
+    return float(10 * np.log10(energy.max() / energy.mean()))
+
+
+def log_spectrum_db(audio):
+    """Frame-averaged power spectrum in dB, normalised to total power 1 (shape, not loudness),
+    floored SPECTRUM_FLOOR_DB under its maximum."""
+    power = audible_frames(stft_power(audio)).mean(0)[1:]
+    db = 10 * np.log10(power / power.sum() + 1e-30)
+    return np.maximum(db, db.max() + SPECTRUM_FLOOR_DB)
+
+
+def log_spectral_distance(a, b):
+    """RMS difference in dB between two clips' average log spectra."""
+    return float(np.sqrt(np.mean(np.square(log_spectrum_db(a) - log_spectrum_db(b)))))
+
+
+def frechet_gaussians(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) for Gaussians N(mu1, S1), N(mu2, S2).
+
+    Tr (S1 S2)^(1/2) = Tr (A S2 A)^(1/2) with A = S1^(1/2): a symmetric matrix, so both square
+    roots come from eigh, and rounding cannot make them complex."""
+    w, v = np.linalg.eigh(cov1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root1 @ cov2 @ root1)
+    trace_root = np.sqrt(np.clip(middle, 0, None)).sum()
+    return float(np.sum(np.square(mu1 - mu2)) + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
+
+
+def frechet_distance(a, b):
+    """Fréchet distance between Gaussians fitted to two sets of embeddings (n, D) and (m, D)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return frechet_gaussians(a.mean(0), np.cov(a, rowvar=False),
+                             b.mean(0), np.cov(b, rowvar=False))
+
+
+@torch.inference_mode()
+def clap_audio(model, clips):
+    """Unit-norm CLAP audio embeddings of clips (B, 2, N). (B, D)"""
+    device = next(model.parameters()).device
+    return model.clap.embed_audio(clips.to(device)).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def clap_text(model, prompts):
+    """Unit-norm CLAP text embeddings. (P, D)"""
+    return model.clap.embed_text(*model.clap.tokenize(prompts)).float().cpu().numpy()
+
+
+def clap_summary(scores, labels):
+    """From cosine scores (B, P) and each clip's prompt (B,): own-prompt score, mean score of the
+    other prompts, and top-1 accuracy (the own prompt scores highest)."""
+    own = scores[np.arange(len(labels)), labels]
+    others = (scores.sum(1) - own) / (scores.shape[1] - 1)
+    return {"own prompt": float(own.mean()), "other prompts": float(others.mean()),
+            "top-1 accuracy": float((scores.argmax(1) == labels).mean())}
+
+
+def generate_clips(model, sounds, seeds, seconds, steps, dtype):
+    """One clip per sound and seed (batch 1, so seed k is the same noise for every prompt).
+    -> (len(sounds) * seeds, 2, N), sound-major."""
+    jobs = [(s, k) for s in sounds for k in range(seeds)]
+    return torch.cat([sa.generate(model, [adherence_prompt(s)], seconds_total=seconds,
+                                  steps=steps, cfg_scale=CFG_SCALE, seed=k, dtype=dtype).cpu()
+                      for s, k in tqdm(jobs, desc="adherence", leave=False)])
+
+
+def real_set(sounds, first, count, sample_rate, seconds):
+    """`count` real clips per sound, seeds first, first + 1, ... -> (sounds, count, 2, N)."""
+    return torch.stack([torch.stack([real_clip(s, REAL_SEED + 1000 * i + first + k, sample_rate,
+                                               seconds) for k in range(count)])
+                        for i, s in enumerate(sounds)])
+
+
+def descriptor_rows(sounds, generated, real, sample_rate):
+    """Flatness, tonality and percussiveness per sound: generated beside real clips."""
+    measures = {"flatness": spectral_flatness, "tonality": tonality,
+                "percussive dB": lambda a: percussiveness(a, sample_rate)}
+    rows = []
+    for i, sound in enumerate(sounds):
+        row = {"sound": sound}
+        for name, f in measures.items():
+            row[f"{name} gen"] = float(np.mean([f(a) for a in generated[i]]))
+            row[f"{name} real"] = float(np.mean([f(a) for a in real[i]]))
+        rows.append(row)
+    return rows
+
+
+def lsd_rows(generated, real):
+    """Log-spectral distance: two prompts with the same seed against two seeds of one prompt."""
+    def pairs(clips):
+        across = [log_spectral_distance(clips[i][0], clips[j][0])
+                  for i in range(len(clips)) for j in range(i + 1, len(clips))]
+        within = [log_spectral_distance(c[0], c[1]) for c in clips]
+        return float(np.mean(across)), float(np.mean(within))
+    (gen_across, gen_within), (real_across, real_within) = pairs(generated), pairs(real)
+    return [{"pair": "different prompts, same seed", "generated dB": gen_across,
+             "real dB": real_across},
+            {"pair": "same prompt, two seeds", "generated dB": gen_within,
+             "real dB": real_within}]
+
+
+def bench_adherence(setup):
+    model, where = setup["ckpt_model"], machine(setup["device"], setup["dtype"])
+    if model is None:
+        yield table("adherence", where, [], f"skipped: no checkpoint at {setup['ckpt']}")
+        return
+    cfg = model.cfg
+    sounds = ADHERENCE_SOUNDS[:QUICK_SOUNDS] if setup["quick"] else ADHERENCE_SOUNDS
+    prompts, seeds = [adherence_prompt(s) for s in sounds], max(2, setup["seeds"])
+    seconds = min(ADHERENCE_SECONDS, cfg.window / cfg.sample_rate)
+    generated = generate_clips(model, sounds, seeds, seconds, setup["eval_steps"], setup["dtype"])
+    generated = generated.view(len(sounds), seeds, *generated.shape[1:])   # (sounds, seeds, 2, N)
+    real = real_set(sounds, 0, REAL_CLIPS, cfg.sample_rate, seconds)
+    real_b = real_set(sounds, REAL_CLIPS, seeds, cfg.sample_rate, seconds)   # as many as generated
+    setting = (f"checkpoint {setup['ckpt']} (size {cfg.size}); {seconds:.1f} s, {seeds} seeds per "
+               f"prompt, {setup['eval_steps']} dpmpp-3m steps, CFG {CFG_SCALE:g}; real: "
+               f"{REAL_CLIPS} sound-world clips per sound")
+    text = clap_text(model, prompts)
+    gen_emb, real_emb, real_b_emb = (clap_audio(model, clips.flatten(0, 1))
+                                     for clips in (generated, real, real_b))
+    gen_scores, real_scores = gen_emb @ text.T, real_emb @ text.T
+    matrix = [{"generated for": p, **{q: float(v) for q, v in
+                                      zip(prompts, gen_scores[i * seeds:(i + 1) * seeds].mean(0))}}
+              for i, p in enumerate(prompts)]
+    yield table("adherence: CLAP score matrix (generated audio x prompt)", where, matrix,
+                CLAP_NOTE, setting, "cosine similarity, mean over seeds; rows: the prompt the "
+                "audio was made for, columns: every prompt")
+    labels = np.arange(len(sounds))
+    rows = [{"audio": "generated", **clap_summary(gen_scores, labels.repeat(seeds)),
+             "Fréchet distance to real": frechet_distance(gen_emb, real_emb)},
+            {"audio": "real (reference)", **clap_summary(real_scores, labels.repeat(REAL_CLIPS)),
+             "Fréchet distance to real": frechet_distance(real_b_emb, real_emb)}]
+    yield table("adherence: CLAP scores and Fréchet distance", where, rows, CLAP_NOTE, setting,
+                f"Fréchet distance on CLAP audio embeddings against the {len(real_emb)} real "
+                f"clips; the reference row uses {len(real_b_emb)} other real clips, as many as "
+                "generated ones: the distance between two real sets of that size, its noise floor")
+    yield table("adherence: acoustic descriptors", where,
+                descriptor_rows(sounds, generated.numpy(), real.numpy(), cfg.sample_rate),
+                setting, "no learned model: flatness ~1 for noise (rain), tonality ~1 for notes "
+                "(piano), percussiveness: crest factor of the 10 ms envelope (drums high)")
+    yield table("adherence: log-spectral distance", where,
+                lsd_rows(generated.numpy(), real.numpy()), setting,
+                "RMS dB difference of average log spectra (shape only, loudness removed); "
+                "different prompts should be further apart than two seeds of one prompt")
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line.
+# -------------------------------------------------------------------------------------------------
+BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "timing": bench_timing,
+           "samplers": bench_samplers, "adherence": bench_adherence}
+
+
+def parse_args(argv):
+    p = Parser(description="Benchmark the Stable Audio reference; prints markdown tables and "
+                           "writes the figures to a JSON file.")
+    add = p.add_argument
+    add("--quick", action="store_true", help="a CPU run of a few minutes: 1 repeat, 1 seed, "
+        "25 steps for timing and adherence, fewer durations and prompts, one size")
+    add("--size", choices=list(sa.SIZES), help="model size for speed and throughput (default: "
+        "the --ckpt's size if given, else full on cuda and tiny elsewhere)")
+    add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+        help="auto picks cuda, then mps, then cpu (default auto)")
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="autocast precision "
+        "(default auto: bfloat16 on cuda as in the paper, float32 elsewhere)")
+    add("--ckpt", help="checkpoint for timing, adherence and the cli run, and for speed when "
+        "given (default checkpoints/demo.pt beside this script; those parts are skipped if "
+        "it is missing)")
+    add("--out", default="bench.json", help="JSON file for the figures (default bench.json)")
+    add("--only", help=f"comma-separated sections to run, from {', '.join(SECTIONS)} "
+        "(default all)")
+    add("--steps", type=int, default=PAPER_STEPS,
+        help=f"sampler steps for speed (default {PAPER_STEPS}, the paper)")
+    add("--eval-steps", type=int, help="sampler steps for timing and adherence "
+        f"(default {PAPER_STEPS}; --quick 25)")
+    add("--repeats", type=int, help="timed runs per speed and throughput figure, after a "
+        "warm-up; the median is reported (default 3; --quick 1)")
+    add("--seeds", type=int, help="seeds per duration for timing and per prompt for adherence, "
+        "which uses at least 2 (default 3; --quick 1)")
+    args = p.parse_args(argv)
+    for flag, default, quick in (("eval_steps", PAPER_STEPS, 25), ("repeats", 3, 1),
+                                 ("seeds", 3, 1)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, quick if args.quick else default)
+    return args
+
+
+def check_args(args):
+    """Reject bad flags before anything slow -> the sections to run, in SECTIONS order."""
+    only = SECTIONS if args.only is None else [s.strip() for s in args.only.split(",")]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        raise BenchError(f"unknown section {unknown[0]!r} in --only; choose from "
+                         f"{', '.join(SECTIONS)}")
+    for flag in ("steps", "eval_steps", "repeats", "seeds"):
+        if getattr(args, flag) < 1:
+            raise BenchError(f"--{flag.replace('_', '-')} must be at least 1, "
+                             f"got {getattr(args, flag)}")
+    if args.ckpt is not None and not Path(args.ckpt).is_file():
+        raise BenchError(f"checkpoint {args.ckpt} not found; train one with train.py or leave "
+                         "out --ckpt")
+    folder = Path(args.out).resolve().parent
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        raise BenchError(f"--out {args.out}: cannot write to folder {folder}; choose another --out")
+    return [s for s in SECTIONS if s in only]
+
+
+def pick_dtype(name, device):
+    """bfloat16 on CUDA by default (the paper's setting); half precision only on CUDA."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    if name != "float32" and device.type != "cuda":
+        print(f"note: --dtype {name} needs cuda; running in float32 on {device.type}")
+        return torch.float32
+    return DTYPES[name]
+
+
+def prepare(args, sections):
+    """Device, dtype, models and settings the sections share."""
+    given = args.ckpt is not None
+    ckpt = Path(args.ckpt) if given else DEMO_CKPT
+    ckpt_model = None
+    try:
+        device = sa.pick_device(args.device)
+        if ckpt.is_file() and (given or {"timing", "adherence"} & set(sections)):
+            # A size asked for must match a checkpoint given; the default one is only a fallback.
+            ckpt_model = sa.load_checkpoint(ckpt, size=args.size if given else None,
+                                            device=device)[0]
+    except (FileNotFoundError, ValueError) as e:
+        raise BenchError(e) from None
+    size = args.size or (ckpt_model.cfg.size if given else
+                         "full" if device.type == "cuda" else "tiny")
+    speed_model = None
+    if "speed" in sections:
+        if given:
+            speed_model = ckpt_model
+        else:
+            with torch.device(device):
+                speed_model = sa.build_model(size).eval()
+    return {"device": device, "dtype": pick_dtype(args.dtype, device), "size": size,
+            "ckpt": ckpt, "ckpt_given": given, "ckpt_model": ckpt_model,
+            "speed_model": speed_model, "quick": args.quick, "steps": args.steps,
+            "eval_steps": args.eval_steps, "repeats": args.repeats, "seeds": args.seeds}
+
+
+def run(args):
+    """Run the chosen sections, print each table when done, write the JSON after each section."""
+    sections = check_args(args)
+    setup = prepare(args, sections)
+    report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "sections": {}}
+    for name in sections:
+        report["sections"][name] = []
+        for t in BENCHES[name](setup):
+            print(markdown(t), flush=True)
+            report["sections"][name].append(t)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None):
+    """Run the benchmark; returns the exit code (2 for bad input, after one `error:` line)."""
+    try:
+        return run(parse_args(argv))
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
