@@ -12,16 +12,19 @@ Sections (run in this order; --only picks some):
               `python sample.py "ambient rain" --seconds 30 ...` as a subprocess, start-up included.
   throughput  U-Net forward (batch 2: the CFG pair) and VAE decode per latent length, peak memory;
               on CUDA also the largest training batch with and without gradient checkpointing.
+  vae         reconstruction of unseen sound-world clips by a checkpoint's VAE (STFT loss, SNR,
+              log-spectral distance) and its compression ratio.
   timing      §6.3 timing accuracy: request durations across the window, find where the untrimmed
               output stops being audible, report the errors.
   samplers    Euler and DPM-Solver++(2M, 3M) against the exact probability-flow solution for
-              Gaussian data: errors and measured orders.
+              Gaussian data: errors and measured orders; with --ckpt also on the model, against
+              a run of twice the most steps.
   adherence   CLAP scores of generated audio against every prompt, a Fréchet distance to real
               sound-world clips, and acoustic descriptors beside those of real clips. The CLAP
               is this project's own small one, so its figures are not the paper's.
 Every table names the machine (CPU model and torch threads, or GPU), the torch version and dtype.
-speed and throughput use random weights of --size unless --ckpt is given; timing, adherence and
-the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
+speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
+and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
 """
 import argparse
 import json
@@ -47,7 +50,7 @@ import train
 
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
-SECTIONS = ("speed", "throughput", "timing", "samplers", "adherence")
+SECTIONS = ("speed", "throughput", "vae", "timing", "samplers", "adherence")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
 CFG_SCALE = 6.0                             # §4.4, generate's default
@@ -83,6 +86,7 @@ FRAME_SECONDS = 0.05
 # samplers
 SAMPLER_STEPS = (5, 10, 20, 50, 100)
 SAMPLER_NAMES = ("euler", "dpmpp-2m", "dpmpp-3m")           # by order
+MODEL_SAMPLER_STEPS = (5, 10, 20, 50)       # on a checkpoint (--quick: the first three)
 # generate's sigma range. Data std 0.1 puts the part of the flow where the denoiser changes x
 # (sigma ~ s) well inside it; sigma_max / s = 800 damps the first low-order steps, so the
 # asymptotic orders show from about 20 steps on.
@@ -94,6 +98,7 @@ GAUSS_SAMPLES = 16
 ADHERENCE_SOUNDS = ("rain", "piano", "drums", "birdsong", "ocean waves", "synth pad")
 QUICK_SOUNDS = 3                            # --quick: rain, piano, drums
 ADHERENCE_SECONDS = 10
+VAE_SECONDS = 5
 REAL_CLIPS = 4                              # real sound-world clips per sound, the reference set
 REAL_SEED = 1000              # training draws 63-bit seeds, so clips from here on are unseen
 N_FFT, HOP = 2048, 1024                     # 46 ms frames at 44.1 kHz
@@ -433,14 +438,14 @@ def adherence_prompt(sound):
     return f"{train.DESCRIPTIONS[sound][0]}, {sound}"
 
 
-def timing_rows(model, durations, seeds, steps, dtype):
+def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
     """Detected audible end of untrimmed outputs per requested duration, against a real clip."""
     sr, window = model.cfg.sample_rate, model.cfg.window
     rows, errors = [], []
     for i, seconds in enumerate(tqdm(durations, desc="timing", leave=False)):
         sounds = [TIMING_SOUNDS[(i + j) % len(TIMING_SOUNDS)] for j in range(seeds)]
         audio = sa.generate(model, [adherence_prompt(s) for s in sounds], seconds_total=seconds,
-                            steps=steps, cfg_scale=CFG_SCALE, seed=0, trim=False, dtype=dtype)
+                            steps=steps, cfg_scale=cfg_scale, seed=0, trim=False, dtype=dtype)
         ends = np.array([audible_end(a, sr) for a in audio.cpu().numpy()])
         error = ends - seconds                                   # > 0: the sound runs on
         errors.append(error)
@@ -469,10 +474,12 @@ def bench_timing(setup):
     cfg = model.cfg
     every = QUICK_TIMING_EVERY_S if setup["quick"] else TIMING_EVERY_S
     durations = timing_durations(cfg.window / cfg.sample_rate, every)
-    rows = timing_rows(model, durations, setup["seeds"], setup["eval_steps"], setup["dtype"])
+    rows = timing_rows(model, durations, setup["seeds"], setup["eval_steps"], setup["dtype"],
+                       setup["cfg_scale"])
     yield table("timing: §6.3 timing accuracy", machine(setup["device"], setup["dtype"]), rows,
                 f"checkpoint {setup['ckpt']} (size {cfg.size}), {setup['seeds']} seed(s) per "
-                f"duration, {setup['eval_steps']} dpmpp-3m steps, CFG {CFG_SCALE:g}, trim=False; "
+                f"duration, {setup['eval_steps']} dpmpp-3m steps, CFG {setup['cfg_scale']:g}, "
+                f"trim=False; "
                 f"prompts: {', '.join(adherence_prompt(s) for s in TIMING_SOUNDS)}",
                 f"audible end: end of the last {FRAME_SECONDS * 1000:g} ms frame whose RMS over "
                 f"both channels is above max(loudest frame {SILENCE_DB:+g} dB, "
@@ -516,6 +523,23 @@ def measured_orders(errors, steps_list):
             for e0, e1, n0, n1 in zip(errors, errors[1:], steps_list, steps_list[1:])]
 
 
+def model_sampler_rows(model, steps_list, reference_steps, dtype, cfg_scale, seconds):
+    """Each sampler at few steps against DPM-Solver++(3M) at `reference_steps`, same prompt and
+    noise: relative RMS difference of the audio (what a listener gets)."""
+    run = lambda sampler, steps: sa.generate(
+        model, [adherence_prompt("rain")], seconds_total=seconds, steps=steps,
+        cfg_scale=cfg_scale, sampler=sampler, seed=0, dtype=dtype).cpu()
+    reference = run("dpmpp-3m", reference_steps)
+    rows = []
+    for steps in tqdm(steps_list, desc="samplers on the model", leave=False):
+        row = {"steps": steps}
+        for name in SAMPLER_NAMES:
+            row[f"{name} difference"] = float((run(name, steps) - reference).norm()
+                                              / reference.norm())
+        rows.append(row)
+    return rows
+
+
 def bench_samplers(setup):
     rows = [{"steps": n} for n in SAMPLER_STEPS]
     at_zero = {}
@@ -538,6 +562,64 @@ def bench_samplers(setup):
                 f"x(0) by 1 - s / sqrt(s^2 + sigma_min^2) = {floor:.2e} at any step count; "
                 f"measured error at 0 after {SAMPLER_STEPS[-1]} steps: "
                 + ", ".join(f"{k} {v:.2e}" for k, v in at_zero.items()))
+    model = setup["ckpt_model"]
+    if setup["ckpt_given"] and model is not None:
+        steps_list = MODEL_SAMPLER_STEPS[:3] if setup["quick"] else MODEL_SAMPLER_STEPS
+        reference = 2 * steps_list[-1]
+        seconds = min(ADHERENCE_SECONDS, model.cfg.window / model.cfg.sample_rate)
+        yield table("samplers: on the model, against a long run", machine(setup["device"],
+                                                                          setup["dtype"]),
+                    model_sampler_rows(model, steps_list, reference, setup["dtype"],
+                                       setup["cfg_scale"], seconds),
+                    f"checkpoint {setup['ckpt']}; prompt {adherence_prompt('rain')!r}, "
+                    f"{seconds:g} s, seed 0, CFG {setup['cfg_scale']:g}; relative RMS difference "
+                    f"of the audio from dpmpp-3m at {reference} steps")
+
+
+# -------------------------------------------------------------------------------------------------
+# vae: how well the autoencoder reconstructs clips it never saw, at what compression.
+# -------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def vae_rows(vae, sounds, clips, sample_rate, seconds):
+    """Reconstruction of held-out sound-world clips (posterior mean, no sampling) per sound."""
+    rows = []
+    for sound in tqdm(sounds, desc="vae", leave=False):
+        x = torch.stack([real_clip(sound, REAL_SEED + 7 * k, sample_rate, seconds)
+                         for k in range(clips)])                               # (K, 2, N)
+        x_hat = vae.decode(vae.encode(x)[0])[..., :x.shape[-1]]
+        noise = (x_hat - x).pow(2).sum((1, 2)) / x.pow(2).sum((1, 2))
+        rows.append({"sound": sound,
+                     "STFT loss": float(train.stereo_loss(x_hat, x, sample_rate)),
+                     "SNR dB": float((-10 * noise.log10()).mean()),
+                     "log-spectral distance dB": float(np.mean(
+                         [log_spectral_distance(a, b) for a, b in zip(x_hat.numpy(), x.numpy())]))})
+    rows.append({"sound": "mean", **{k: float(np.mean([r[k] for r in rows]))
+                                     for k in ("STFT loss", "SNR dB", "log-spectral distance dB")}})
+    return rows
+
+
+def bench_vae(setup):
+    model, where = setup["ckpt_model"], machine(setup["device"], torch.float32)
+    if model is None:
+        yield table("vae: reconstruction", where, [], f"skipped: no checkpoint at {setup['ckpt']}")
+        return
+    cfg, vae = model.cfg, model.vae.float()
+    sounds = ADHERENCE_SOUNDS[:QUICK_SOUNDS] if setup["quick"] else ADHERENCE_SOUNDS
+    clips = 2 if setup["quick"] else REAL_CLIPS
+    values_in = cfg.vae.channels * vae.hop
+    yield table("vae: reconstruction of unseen clips", where,
+                vae_rows(vae.cpu() if setup["device"].type == "cpu" else vae, sounds, clips,
+                         cfg.sample_rate, VAE_SECONDS),
+                f"checkpoint {setup['ckpt']} (size {cfg.size}, activation {cfg.vae.activation}, "
+                f"strides {cfg.vae.strides}); {clips} sound-world clips of {VAE_SECONDS:g} s per "
+                "sound, never seen in training, encoded to the posterior mean and decoded",
+                f"compression: {values_in} samples ({cfg.vae.channels} channels x hop {vae.hop}) "
+                f"-> {cfg.vae.latent_dim} latent values per frame, "
+                f"{values_in / cfg.vae.latent_dim:g}x; "
+                f"latent rate {cfg.sample_rate / vae.hop:.1f} frames/s",
+                "STFT loss: train.py's A-weighted multi-resolution loss on mid/side and L/R (the "
+                "training objective); SNR: waveform signal-to-error ratio (phase-sensitive, low "
+                "for noise even when it sounds right); log-spectral distance: average spectra")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -644,12 +726,12 @@ def clap_summary(scores, labels):
             "top-1 accuracy": float((scores.argmax(1) == labels).mean())}
 
 
-def generate_clips(model, sounds, seeds, seconds, steps, dtype):
+def generate_clips(model, sounds, seeds, seconds, steps, dtype, cfg_scale=CFG_SCALE):
     """One clip per sound and seed (batch 1, so seed k is the same noise for every prompt).
     -> (len(sounds) * seeds, 2, N), sound-major."""
     jobs = [(s, k) for s in sounds for k in range(seeds)]
     return torch.cat([sa.generate(model, [adherence_prompt(s)], seconds_total=seconds,
-                                  steps=steps, cfg_scale=CFG_SCALE, seed=k, dtype=dtype).cpu()
+                                  steps=steps, cfg_scale=cfg_scale, seed=k, dtype=dtype).cpu()
                       for s, k in tqdm(jobs, desc="adherence", leave=False)])
 
 
@@ -697,12 +779,13 @@ def bench_adherence(setup):
     sounds = ADHERENCE_SOUNDS[:QUICK_SOUNDS] if setup["quick"] else ADHERENCE_SOUNDS
     prompts, seeds = [adherence_prompt(s) for s in sounds], max(2, setup["seeds"])
     seconds = min(ADHERENCE_SECONDS, cfg.window / cfg.sample_rate)
-    generated = generate_clips(model, sounds, seeds, seconds, setup["eval_steps"], setup["dtype"])
+    generated = generate_clips(model, sounds, seeds, seconds, setup["eval_steps"], setup["dtype"],
+                               setup["cfg_scale"])
     generated = generated.view(len(sounds), seeds, *generated.shape[1:])   # (sounds, seeds, 2, N)
     real = real_set(sounds, 0, REAL_CLIPS, cfg.sample_rate, seconds)
     real_b = real_set(sounds, REAL_CLIPS, seeds, cfg.sample_rate, seconds)   # as many as generated
     setting = (f"checkpoint {setup['ckpt']} (size {cfg.size}); {seconds:.1f} s, {seeds} seeds per "
-               f"prompt, {setup['eval_steps']} dpmpp-3m steps, CFG {CFG_SCALE:g}; real: "
+               f"prompt, {setup['eval_steps']} dpmpp-3m steps, CFG {setup['cfg_scale']:g}; real: "
                f"{REAL_CLIPS} sound-world clips per sound")
     text = clap_text(model, prompts)
     gen_emb, real_emb, real_b_emb = (clap_audio(model, clips.flatten(0, 1))
@@ -736,7 +819,8 @@ def bench_adherence(setup):
 # -------------------------------------------------------------------------------------------------
 # Command line.
 # -------------------------------------------------------------------------------------------------
-BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "timing": bench_timing,
+BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "vae": bench_vae,
+           "timing": bench_timing,
            "samplers": bench_samplers, "adherence": bench_adherence}
 
 
@@ -762,6 +846,8 @@ def parse_args(argv):
         help=f"sampler steps for speed (default {PAPER_STEPS}, the paper)")
     add("--eval-steps", type=int, help="sampler steps for timing and adherence "
         f"(default {PAPER_STEPS}; --quick 25)")
+    add("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance scale for "
+        f"timing, adherence and the model part of samplers (default {CFG_SCALE:g}, the paper)")
     add("--repeats", type=int, help="timed runs per speed and throughput figure, after a "
         "warm-up; the median is reported (default 3; --quick 1)")
     add("--seeds", type=int, help="seeds per duration for timing and per prompt for adherence, "
@@ -789,6 +875,10 @@ def check_args(args):
         raise BenchError(f"checkpoint {args.ckpt} not found; train one with train.py or leave "
                          "out --ckpt")
     folder = Path(args.out).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass                                             # reported just below
     if not (folder.is_dir() and os.access(folder, os.W_OK)):
         raise BenchError(f"--out {args.out}: cannot write to folder {folder}; choose another --out")
     return [s for s in SECTIONS if s in only]
@@ -811,7 +901,7 @@ def prepare(args, sections):
     ckpt_model = None
     try:
         device = sa.pick_device(args.device)
-        if ckpt.is_file() and (given or {"timing", "adherence"} & set(sections)):
+        if ckpt.is_file() and (given or {"vae", "timing", "adherence"} & set(sections)):
             # A size asked for must match a checkpoint given; the default one is only a fallback.
             ckpt_model = sa.load_checkpoint(ckpt, size=args.size if given else None,
                                             device=device)[0]
@@ -829,7 +919,8 @@ def prepare(args, sections):
     return {"device": device, "dtype": pick_dtype(args.dtype, device), "size": size,
             "ckpt": ckpt, "ckpt_given": given, "ckpt_model": ckpt_model,
             "speed_model": speed_model, "quick": args.quick, "steps": args.steps,
-            "eval_steps": args.eval_steps, "repeats": args.repeats, "seeds": args.seeds}
+            "eval_steps": args.eval_steps, "repeats": args.repeats, "seeds": args.seeds,
+            "cfg_scale": args.cfg_scale}
 
 
 def run(args):

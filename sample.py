@@ -55,8 +55,9 @@ def parse_args(argv):
     add("--steps", type=int, default=100, help="sampler steps (default 100, the paper)")
     add("--cfg-scale", type=float, default=6.0,
         help="classifier-free guidance scale (default 6, the paper); 1 turns guidance off")
-    add("--sampler", choices=["dpmpp-2m", "dpmpp-3m"], default="dpmpp-3m",
-        help="DPM-Solver++ multistep of order 2 or 3 (default dpmpp-3m)")
+    add("--sampler", choices=["dpmpp-2m", "dpmpp-3m", "euler"], default="dpmpp-3m",
+        help="DPM-Solver++ multistep of order 2 or 3 (default dpmpp-3m), or Euler, the "
+        "first-order baseline")
     add("--seed", type=int, help="seed of sample 0; sample i uses seed + i "
         "(default: random, printed and put in the file name)")
     add("--n", type=int, default=1, help="number of samples, made as one batch (default 1)")

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shlex
 import struct
 import zlib
 from dataclasses import replace
@@ -1593,3 +1595,50 @@ def test_bench_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
     assert bench.main(["--device", "cuda", "--only", "samplers",
                        "--out", str(tmp_path / "b.json")]) == 2
     assert capsys.readouterr().err.startswith("error: --device cuda but no CUDA GPU")
+
+
+# ================================================================================== exercises
+# Every command of the README's exercises runs, at a couple of steps and a 2-second window, and
+# prints the figure its exercise asks about.
+EXERCISE_FIGURES = {1: "abs error s (mean)", 2: "Fréchet distance to real", 3: "dpmpp-3m order",
+                    4: "STFT loss", 5: "top-1 accuracy", 6: "compression"}
+SCRIPTS = {"train.py": train.main, "bench.py": bench.main, "sample.py": sample.main}
+FEWER = {"--steps": "2", "--latent-cache": "2", "--seconds": "2"}
+FASTER = {"train.py": ["--window-seconds", "2", "--batch-size", "2", "--crop", "4096"],
+          "bench.py": ["--eval-steps", "2", "--seeds", "1", "--repeats", "1"], "sample.py": []}
+
+
+def readme_exercises():
+    """{exercise number: [command, ...]} from the bash blocks of the README's Exercises."""
+    text = open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
+    part = text[text.index("## Exercises"):]
+    part = part[:part.index("\n## ", 1)] if "\n## " in part[1:] else part
+    found = {}
+    for number, body in zip(*[iter(re.split(r"^### Exercise (\d+)", part, flags=re.M)[1:])] * 2):
+        blocks = re.findall(r"```bash\n(.*?)```", body, flags=re.S)
+        found[int(number)] = [line for block in blocks for line in block.splitlines()
+                              if line.startswith("python ")]
+    return found
+
+
+def test_readme_has_six_exercises_each_with_commands():
+    exercises = readme_exercises()
+    assert sorted(exercises) == [1, 2, 3, 4, 5, 6]
+    assert all(len(commands) >= 2 for commands in exercises.values())
+
+
+def test_every_exercise_runs_as_written_and_prints_its_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    demo = tmp_path / "checkpoints" / "demo.pt"             # stands in for the trained demo
+    demo.parent.mkdir()
+    torch.manual_seed(0)
+    sa.save_checkpoint(demo, sa.build_model(SHORT), stage="export", step=0)
+    monkeypatch.setattr(bench, "DEMO_CKPT", demo)
+    monkeypatch.setattr(sample, "DEMO_CKPT", demo)
+    for number, commands in readme_exercises().items():
+        for command in commands:
+            _, script, *argv = shlex.split(command)
+            argv = [FEWER.get(before, a) for before, a in zip([None, *argv], argv)]
+            assert SCRIPTS[script]([*argv, *FASTER[script]]) == 0, command
+        out = capsys.readouterr().out
+        assert EXERCISE_FIGURES[number] in out, (number, out[-2000:])
