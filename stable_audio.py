@@ -206,6 +206,7 @@ class VAE(nn.Module):
             *[EncoderBlock(c, s, act) for c, s in zip(enc_widths, cfg.strides)],
             act(enc_widths[-1]), WNConv1d(enc_widths[-1], enc_widths[-1], 3, padding=1),
             nn.Conv1d(enc_widths[-1], 2 * cfg.latent_dim, 1))                # mean and scale
+
         dec_widths = [d // 2 ** i for i in range(len(cfg.strides) + 1)]     # 1536 .. 96
         self.decoder = nn.Sequential(
             WNConv1d(cfg.latent_dim, d, 7, padding=3),
@@ -213,6 +214,30 @@ class VAE(nn.Module):
               for i, s in enumerate(reversed(cfg.strides))],
             act(dec_widths[-1]), WNConv1d(dec_widths[-1], cfg.channels, 7, padding=3),
             nn.Tanh())
+        self.init_weights(cfg.latent_dim)
+
+    @torch.no_grad()
+    def init_weights(self, latent_dim):
+        """Start with the latent audible at the output. With PyTorch's default init, the tiny
+        decoder's output at step 0 was 93% the same for any latent (biases and Snake's sin^2
+        offsets drown it), and CPU training collapsed to one output for every input. So: biases
+        0; the decoder's convs outside its residual units variance-preserving (std 1/sqrt(fan
+        in)), the last at a tenth so the tanh starts unsaturated; the posterior nearly
+        deterministic (std = softplus(-5) ~ 0.007 rather than 0.69)."""
+        inside = {id(m) for unit in self.decoder.modules() if isinstance(unit, ResidualUnit)
+                  for m in unit.modules()}
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+                m.bias.zero_()
+        for m in self.decoder.modules():
+            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) and id(m) not in inside:
+                fan_in = m.in_channels * m.kernel_size[0] // m.stride[0]    # taps per output
+                v = m.parametrizations.weight.original1
+                v.normal_(0, fan_in ** -0.5)
+                m.parametrizations.weight.original0.copy_(         # g = |v|, so w = v
+                    v.norm(dim=tuple(range(1, v.dim())), keepdim=True))
+        self.decoder[-2].parametrizations.weight.original0.mul_(0.1)
+        self.encoder[-1].bias[latent_dim:] = -5.0
 
     def encode(self, audio):
         """Posterior mean and std. Audio is zero-padded on the right to a multiple of the hop."""
@@ -670,9 +695,10 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4):
     if scale == 1:
         return lambda z, t: unet(z, t, context, mask)
 
+    both, both_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])   # once
+
     def v_fn(z, t):
-        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, uncond]),
-                        torch.cat([mask, uncond_mask])).chunk(2)
+        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), both, both_mask).chunk(2)
         v = v_u + scale * (v_c - v_u)
         v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))
         return rescale * v_rescaled + (1 - rescale) * v
