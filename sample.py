@@ -319,6 +319,7 @@ def run(args):
     t2 = time.perf_counter()
     write_results(paths, audio, model.cfg.sample_rate, seed)
     seconds = audio.shape[0] * audio.shape[-1] / model.cfg.sample_rate
+    # bench.py reads this line (TIME_LINE): keep the two figures' wording if it changes.
     print(f"time: loading {t1 - t0:.1f} s + sampling and decoding {t2 - t1:.1f} s = "
           f"{t2 - t0:.1f} s; {seconds:g} s of audio, real-time factor {seconds / (t2 - t1):.2f} "
           f"(seconds of audio per second)")
