@@ -395,12 +395,16 @@ def bench_throughput(setup):
 # timing (§6.3): where does the untrimmed output stop being audible?
 # -------------------------------------------------------------------------------------------------
 def frame_levels_db(audio, sample_rate, frame_seconds):
-    """RMS level in dBFS of consecutive frames over both channels. (frames,)"""
+    """RMS level in dBFS of consecutive frames over both channels, each frame's mean removed.
+    (frames,)"""
     x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
     n = max(1, round(frame_seconds * sample_rate))
-    x = np.pad(x, ((0, 0), (0, -x.shape[1] % n)))
+    x = np.pad(x, ((0, 0), (0, -x.shape[1] % n))).reshape(x.shape[0], -1, n)
+    # A constant offset is inaudible, and the VAE's loss is blind to it (A-weighting is 0 at
+    # 0 Hz): a small VAE decodes silence as a DC offset, which must not count as sound.
+    x = x - x.mean(-1, keepdims=True)
     # Power over both channels, not of their sum: opposite-phase channels would cancel in a mix.
-    power = np.square(x).reshape(x.shape[0], -1, n).mean((0, 2))
+    power = np.square(x).mean((0, 2))
     return 10 * np.log10(power + 1e-20)
 
 

@@ -278,7 +278,11 @@ def sample_batch(model, args, seed, dtype, init=None):
 
 
 def write_results(paths, audio, sample_rate, seed):
-    """Peak-limit and write each sample and its spectrogram; flag near-silent ones."""
+    """Remove the DC offset, peak-limit and write each sample and its spectrogram; flag
+    near-silent ones."""
+    # The VAE's A-weighted loss is blind to 0 Hz, so a small VAE decodes silence as a constant
+    # offset: inaudible, but it wastes headroom and clicks where playback starts and stops.
+    audio = audio - audio.mean(-1, keepdims=True)
     for i, path in enumerate(paths):
         peak = float(np.abs(audio[i]).max())
         clip, scaled = limit_peak(audio[i])

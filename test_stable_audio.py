@@ -1266,6 +1266,16 @@ def test_uses_ema_weights_when_saved_and_warns_on_silence(tmp_path, capsys):
     assert np.abs(sf.read(tmp_path / "raw.wav")[0]).max() > 1e-3
 
 
+def test_a_constant_offset_is_removed_before_writing(tmp_path, capsys):
+    model = silence_decoder(sa.build_model(CFG))
+    with torch.no_grad():
+        model.vae.decoder[-2].bias.fill_(0.2)               # every sample tanh(0.2): pure DC
+    sa.save_checkpoint(tmp_path / "dc.pt", model)
+    assert run_sample(tmp_path / "dc.pt", tmp_path / "dc.wav") == 0
+    assert np.abs(sf.read(tmp_path / "dc.wav")[0]).max() == 0
+    assert "near-silent" in capsys.readouterr().err
+
+
 def test_half_precision_off_cuda_falls_back_to_float32(ckpt, tmp_path, capsys):
     assert run_sample(ckpt, tmp_path / "a.wav", "--device", "cpu", "--dtype", "bfloat16") == 0
     assert "float32" in capsys.readouterr().out
@@ -1439,6 +1449,12 @@ def test_audible_end_of_a_decaying_tone_is_where_it_falls_40_db_under_its_peak()
     audio = 0.5 * np.exp(-np.clip(t - 1, 0, None) / 0.2) * np.sin(2 * np.pi * 440 * t)
     expected = 1 + 0.2 * math.log(10 ** (40 / 20))          # amplitude 40 dB down: 1.92 s
     assert bench.audible_end(audio, BENCH_SR, threshold_db=-40) == pytest.approx(expected, abs=FRAME)
+
+
+def test_audible_end_ignores_a_constant_offset():
+    noise = 0.3 * np.random.default_rng(0).standard_normal((2, BENCH_SR))
+    audio = np.concatenate([noise, np.zeros((2, 2 * BENCH_SR))], axis=1) - 0.05   # DC throughout
+    assert bench.audible_end(audio, BENCH_SR) == pytest.approx(1.0, abs=FRAME)
 
 
 def test_audible_end_ignores_hiss_under_the_absolute_floor():
