@@ -54,12 +54,10 @@ SECTIONS = ("speed", "throughput", "vae", "timing", "samplers", "adherence")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
 CFG_SCALE = 6.0                             # §4.4, generate's default
-DECODE_CHUNK = 128                          # latent frames per VAE decode, generate's default
 
 # speed
 SPEED_SECONDS = (10, 30)                    # and the whole window
 SPEED_PROMPT = "ambient rain"
-WARMUP_STEPS = 2                            # a warm-up only has to run every kernel once
 PAPER_STEPS = 100
 H100_TARGET_S = 4.0          # 95 s, 100 steps, CFG 6, batch 1, bf16 (the paper: 8 s on an A100)
 CLI_SECONDS = 30
@@ -220,7 +218,8 @@ def speed_rows(model, steps, dtype, repeats):
     cfg = model.cfg
     window = cfg.window / cfg.sample_rate
     durations = [s for s in SPEED_SECONDS if s < window] + [window]
-    time_generate(model, durations[0], WARMUP_STEPS, dtype)          # warm-up: not measured
+    # A whole run as warm-up: on an H100 a short one left the first timed runs 1.5x slower.
+    time_generate(model, durations[-1], steps, dtype)
     rows = []
     for seconds in tqdm(durations, desc="speed", leave=False):
         runs = [time_generate(model, seconds, steps, dtype) for _ in range(repeats)]
@@ -307,17 +306,17 @@ def throughput_rows(size, device, dtype, repeats):
     cfg, unet, vae = build_parts(size, device)
     unet.eval()
     vae.eval()
-    frames = cfg.window // vae.hop
-    autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+    unet.to(dtype)                         # weights in the run's precision, as sample.py does
+    frames, chunk = cfg.window // vae.hop, sa.default_decode_chunk(device)
     rows = []
     for L in tqdm([frames // d for d in LATENT_DIVISORS], desc=f"throughput {size}", leave=False):
         x, t, context, mask = random_inputs(cfg, 2, L, device)
         reset_peak_memory(device)
-        with autocast:
-            unet_s = median_seconds(lambda: unet(x, t, context, mask), device, repeats)
+        unet_s = median_seconds(lambda: unet(x.to(dtype), t, context.to(dtype), mask), device,
+                                repeats)
         unet_gib = peak_memory_gib(device)
         reset_peak_memory(device)          # generate decodes in float32, chunk by chunk
-        decode_s = median_seconds(lambda: vae.decode(x[:1], chunk=DECODE_CHUNK), device, repeats)
+        decode_s = median_seconds(lambda: vae.decode(x[:1], chunk=chunk), device, repeats)
         rows.append({"size": size, "latent frames": L,
                      "audio s": round(L * vae.hop / cfg.sample_rate, 1),
                      "U-Net forward s (B=2)": unet_s, "U-Net peak GiB": unet_gib,
@@ -377,8 +376,9 @@ def bench_throughput(setup):
               "CPU memory is the whole process's peak resident set so far (ru_maxrss): it only "
               "grows")
     yield table("throughput: U-Net forward and VAE decode", where, rows,
-                f"random weights; median of {setup['repeats']} after a warm-up; the decode runs "
-                f"in float32 in chunks of {DECODE_CHUNK} frames, as generate does; {memory}")
+                f"random weights, the U-Net's in {str(dtype).removeprefix('torch.')}; median of "
+                f"{setup['repeats']} after a warm-up; the decode runs in float32 in chunks of "
+                f"{sa.default_decode_chunk(device)} frames, as generate does; {memory}")
     if device.type != "cuda":
         yield table("throughput: training batch", where, [], "skipped: CUDA only")
         return
@@ -838,7 +838,7 @@ def parse_args(argv):
         "the --ckpt's size if given, else full on cuda and tiny elsewhere)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
-    add("--dtype", choices=["auto", *DTYPES], default="auto", help="autocast precision "
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="the U-Net's precision "
         "(default auto: bfloat16 on cuda as in the paper, float32 elsewhere)")
     add("--ckpt", help="checkpoint for timing, adherence and the cli run, and for speed when "
         "given (default checkpoints/demo.pt beside this script; those parts are skipped if "
@@ -920,7 +920,10 @@ def prepare(args, sections):
         else:
             with torch.device(device):
                 speed_model = sa.build_model(size).eval()
-    return {"device": device, "dtype": pick_dtype(args.dtype, device), "size": size,
+    dtype = pick_dtype(args.dtype, device)
+    for model in {id(m): m for m in (ckpt_model, speed_model) if m is not None}.values():
+        model.unet.to(dtype)               # half-precision weights, as sample.py --dtype uses
+    return {"device": device, "dtype": dtype, "size": size,
             "ckpt": ckpt, "ckpt_given": given, "ckpt_model": ckpt_model,
             "speed_model": speed_model, "quick": args.quick, "steps": args.steps,
             "eval_steps": args.eval_steps, "repeats": args.repeats, "seeds": args.seeds,

@@ -76,11 +76,11 @@ def parse_args(argv):
         help="checkpoint (default: the bundled demo model, checkpoints/demo.pt by this script)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
-    add("--dtype", choices=DTYPES, default="float32", help="autocast precision (default float32);"
-        " bfloat16 and float16 need cuda and fall back to float32 elsewhere, with a note")
+    add("--dtype", choices=DTYPES, default="float32", help="the U-Net's precision (default "
+        "float32); bfloat16 and float16 need cuda and fall back to float32 elsewhere, with a note")
     add("--no-ema", action="store_true", help="use the raw weights, not the EMA ones (if saved)")
-    add("--decode-chunk", type=int, default=128, help="latent frames the VAE decodes at a time, "
-        f"which bounds memory; more than {sa.DECODE_OVERLAP} (default 128)")
+    add("--decode-chunk", type=int, default=None, help="latent frames the VAE decodes at a time, "
+        f"which bounds memory; more than {sa.DECODE_OVERLAP} (default 128 on a CPU, 512 on a GPU)")
     add("--no-trim", action="store_true", help="keep the whole window: the silent tail too")
     add("--force", action="store_true", help="overwrite existing files")
     return p.parse_args(argv)
@@ -106,8 +106,9 @@ def check_args(args):
         (args.n < 1, f"--n must be at least 1, got {args.n}"),
         (args.seed is not None and not 0 <= args.seed < 2 ** 63,
          f"--seed must be in [0, 2^63), got {args.seed}; leave it out for a random one"),
-        (args.decode_chunk <= sa.DECODE_OVERLAP, f"--decode-chunk must be more than "
-         f"{sa.DECODE_OVERLAP} latent frames (the chunks' overlap), got {args.decode_chunk}"),
+        (args.decode_chunk is not None and args.decode_chunk <= sa.DECODE_OVERLAP,
+         f"--decode-chunk must be more than {sa.DECODE_OVERLAP} latent frames (the chunks' "
+         f"overlap), got {args.decode_chunk}"),
     ]
     for bad, message in problems:
         if bad:
@@ -313,6 +314,8 @@ def run(args):
     prepare_outputs(paths, args.force)
     t0 = time.perf_counter()
     model, init = load_model(args, device)
+    if dtype != torch.float32:       # half-precision weights: half the memory, no per-step casts
+        model.unet.to(dtype)
     if args.negative is not None and args.cfg_scale == 1:
         print("note: --negative has no effect at --cfg-scale 1 (guidance is off)")
     seeds = f"seed {seed}" if args.n == 1 else f"seeds {seed}..{seed + args.n - 1}"

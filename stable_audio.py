@@ -449,19 +449,40 @@ class TimeEmbedding(nn.Module):
         self.linear = nn.Sequential(nn.Linear(2 * frequencies + 1, features), nn.GELU())
 
     def forward(self, t):
-        t = t.float()[:, None]                                     # features kept in float32
-        angles = 2 * math.pi * t * self.w
-        return self.linear(torch.cat([t, angles.sin(), angles.cos()], dim=-1))   # (B, M)
+        t = t.float()[:, None]                                     # angles in float32
+        angles = 2 * math.pi * t * self.w.float()
+        features = torch.cat([t, angles.sin(), angles.cos()], dim=-1)
+        return self.linear(features.to(self.linear[0].weight.dtype))   # (B, M)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, with the statistics from var_mean on a GPU.
+
+    PyTorch's CUDA group norm reduces each (sample, group) in one thread block: B x 16 blocks
+    for 132 multiprocessors. Profiled on an H100, that kernel was a third of a full-size U-Net
+    forward (0.2 ms a call at 1024 x 4096). var_mean spreads the reduction over the whole card,
+    and the normalisation folds into one per-channel multiply-add. CPUs keep the fused kernel,
+    which is many times faster there."""
+    def forward(self, x):
+        return self.spread(x) if x.is_cuda else super().forward(x)
+
+    def spread(self, x):
+        B, C, L = x.shape
+        G = self.num_groups
+        var, mean = torch.var_mean(x.reshape(B, G, -1), dim=-1, keepdim=True, correction=0)
+        a = torch.rsqrt(var + self.eps) * self.weight.view(G, C // G)    # (B, G, C / G)
+        b = self.bias.view(G, C // G) - mean * a
+        return torch.addcmul(b.reshape(B, C, 1), x, a.reshape(B, C, 1))   # x a + b per channel
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, then GroupNorm -> FiLM(t) -> SiLU -> conv, plus a skip."""
     def __init__(self, c_in, c_out, mapping_features, groups):
         super().__init__()
-        self.block1 = nn.Sequential(nn.GroupNorm(groups, c_in), nn.SiLU(),
+        self.block1 = nn.Sequential(GroupNorm(groups, c_in), nn.SiLU(),
                                     nn.Conv1d(c_in, c_out, 3, padding=1))
         self.to_film = nn.Sequential(nn.SiLU(), nn.Linear(mapping_features, 2 * c_out))
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.norm2 = GroupNorm(groups, c_out)
         self.block2 = nn.Sequential(nn.SiLU(), nn.Conv1d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.checkpoint = False
@@ -503,7 +524,7 @@ class Transformer1d(nn.Module):
     """GroupNorm -> 1x1 conv -> transformer blocks over the L frames -> 1x1 conv."""
     def __init__(self, features, blocks, heads, context_features):
         super().__init__()
-        self.to_in = nn.Sequential(nn.GroupNorm(32, features, eps=1e-6),
+        self.to_in = nn.Sequential(GroupNorm(32, features, eps=1e-6),
                                    nn.Conv1d(features, features, 1))
         self.blocks = nn.ModuleList(TransformerBlock(features, heads, context_features)
                                     for _ in range(blocks))
@@ -818,17 +839,25 @@ def inpaint_mask(frames, gap, frame_rate, ramp=4):
     return (1 - depth / (ramp + 1)).clamp(min=0)
 
 
+def default_decode_chunk(device):
+    """128 latent frames keep a CPU's memory low; on an H100, 512-frame chunks decode 95 s in
+    0.20 s against 0.29 s at 128."""
+    return 128 if device.type == "cpu" else 512
+
+
 @torch.inference_mode()
 def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
              negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03, sigma_max=80.0,
              init_audio=None, init_strength=1.0, inpaint=None,
-             trim=True, decode_chunk=128, dtype=torch.float32, callback=None, timings=None):
+             trim=True, decode_chunk=None, dtype=torch.float32, callback=None, timings=None):
     """Audio (B, 2, N) for a list of prompts; N = seconds_total * sample_rate unless trim=False.
 
     init_audio (2, N) or (B, 2, N) at the model's rate starts from that clip instead of noise:
     `init_strength` in (0, 1] picks how much of the schedule is run, `inpaint` = (start, end)
     seconds regenerates only that gap. A dict passed as `timings` receives the seconds spent on
-    "text", "sampling" and "decoding"."""
+    "text", "sampling" and "decoding". `dtype` bf16/fp16 runs under autocast, or, when the U-Net's
+    weights are already in that precision (`model.unet.to(dtype)`), runs the U-Net as it is.
+    `decode_chunk` latent frames are decoded at a time (default: 128 on a CPU, 512 on a GPU)."""
     cfg, device = model.cfg, next(model.parameters()).device
     window_seconds = cfg.window / cfg.sample_rate
     if not 0 < seconds_total <= window_seconds:
@@ -849,6 +878,13 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     L = model.latent_frames
     autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
     clock = Stopwatch(device, timings)
+    unet, half = model.unet, model.unet.null_context.dtype
+    if half != torch.float32:
+        # Weights already in half precision run as they are. Autocast would keep every norm, and
+        # the casts around it, in float32: a quarter of a full-size forward on an H100.
+        def unet(z, t, context, mask):
+            with torch.autocast(device.type, enabled=False):
+                return model.unet(z.to(half), t, context.to(half), mask).float()
     with autocast:
         context, mask = model.condition(prompts, [start] * B, [total] * B)
         if negative_prompt is None:
@@ -857,8 +893,7 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         else:
             uncond, uncond_mask = model.condition([negative_prompt] * B, [start] * B, [total] * B)
         clock.lap("text")
-        denoiser = v_to_denoiser(guided_v(model.unet, context, mask, uncond, uncond_mask,
-                                          cfg_scale))
+        denoiser = v_to_denoiser(guided_v(unet, context, mask, uncond, uncond_mask, cfg_scale))
         sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
         eps = torch.stack([torch.randn(cfg.vae.latent_dim, L,
                                        generator=torch.Generator().manual_seed(seed + i))
@@ -884,8 +919,8 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     N = round(seconds_total * cfg.sample_rate)
     if trim:         # decode only what is kept, plus enough frames to cover the receptive field
         z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
-    audio = model.vae.decode(z.float(), chunk=decode_chunk)      # decoded in float32 (USERS row 4)
-    check_finite(audio, "audio")
+    audio = model.vae.decode(z.float(), chunk=decode_chunk or default_decode_chunk(device))
+    check_finite(audio, "audio")                                 # decoded in float32 (USERS row 4)
     clock.lap("decoding")
     return audio[..., :N] if trim else audio
 

@@ -808,6 +808,39 @@ def make_data(args, cfg):
     return Overfit(data) if args.overfit else data
 
 
+class Batches(torch.utils.data.Dataset):
+    """Batch k is data.batch(B, first + k, window): the batches a run in one process sees."""
+    def __init__(self, data, batch_size, first, last, window):
+        self.data, self.batch_size, self.first, self.last = data, batch_size, first, last
+        self.window = window
+
+    def __len__(self):
+        return self.last - self.first
+
+    def __getitem__(self, k):
+        return self.data.batch(self.batch_size, self.first + k, self.window)
+
+
+class Prefetch:
+    """--workers N: N processes make the coming batches while the model trains (torch's
+    DataLoader). The sound world is synthesised on the CPU, which a GPU would otherwise wait for;
+    batches stay the same as in one process, since batch k depends only on (seed, k)."""
+    def __init__(self, data, args, first, window=None):
+        batches = Batches(data, args.batch_size, first, args.steps, window)
+        self.batches = iter(torch.utils.data.DataLoader(
+            batches, batch_size=None, num_workers=args.workers, prefetch_factor=4))
+        self.next = first
+
+    def batch(self, batch_size, step, window=None):
+        assert step == self.next, "Prefetch serves the steps in order"
+        self.next += 1
+        return next(self.batches)
+
+
+def prefetch(data, args, first, window=None):
+    return Prefetch(data, args, first, window) if args.workers else data
+
+
 def clip_and_step(optimizer, params, max_norm):
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
@@ -823,13 +856,20 @@ def train_vae(args):
     if state:
         disc.load_state_dict(state["discriminator"])
     vae.encoder.requires_grad_(not args.freeze_encoder)   # phase 2: fine-tune the decoder only
+    if args.freeze_encoder and state:
+        # The diffusion stage encodes with the EMA weights; phase 2 freezes exactly those, so the
+        # latents a diffusion model was trained on stay the same while the decoder improves.
+        ema = state["ema"]
+        vae.encoder.load_state_dict({k[len("vae.encoder."):]: v for k, v in ema.items()
+                                     if k.startswith("vae.encoder.")})
     # AdamW skips parameters without gradients, so the optimizer state keeps one layout across
     # both phases and a phase-1 checkpoint resumes into phase 2.
     opt_g = torch.optim.AdamW(vae.parameters(), args.lr, betas=(0.8, 0.99))
     opt_d = torch.optim.AdamW(disc.parameters(), args.lr, betas=(0.8, 0.99))
     trainer = Trainer(args, model, [opt_g, opt_d], path, state,
                       extra=lambda: {"discriminator": disc.state_dict()})
-    data, crop = make_data(args, cfg), args.crop or 65536
+    crop = args.crop or 65536
+    data = prefetch(make_data(args, cfg), args, trainer.first_step, window=crop)
 
     def step(i):
         x = data.batch(args.batch_size, i, window=crop)["audio"].to(device)   # (B, 2, N)
@@ -865,10 +905,11 @@ def train_clap(args):
     clap = model.clap
     opt = torch.optim.AdamW(clap.parameters(), args.lr)
     trainer = Trainer(args, model, [opt], path, state)
-    data, crop = make_data(args, cfg), args.crop or 10 * cfg.sample_rate
+    crop = min(args.crop or 10 * cfg.sample_rate, cfg.window)
+    data = prefetch(make_data(args, cfg), args, trainer.first_step, window=crop)
 
     def step(i):
-        batch = data.batch(args.batch_size, i, window=min(crop, cfg.window))
+        batch = data.batch(args.batch_size, i, window=crop)
         tokens, mask = clap.tokenize(batch["prompts"])
         with autocast(device, args.dtype):
             loss = clap.loss(clap.embed_text(tokens, mask),
@@ -897,6 +938,18 @@ def load_part(model, part, path):
     getattr(model, part).load_state_dict(getattr(other, part).state_dict())
 
 
+class Windows(torch.utils.data.Dataset):
+    """Items 0 … n-1 of the data at a window, for the latent cache (made by --workers)."""
+    def __init__(self, data, window, n):
+        self.data, self.window, self.n = data, window, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return self.data.item(index, self.window)
+
+
 class LatentCache:
     """Items 0 … n-1 of the data, encoded once by the frozen VAE: posterior mean and std per
     window, with prompt and timing. Each step draws a batch from them and samples z afresh.
@@ -914,8 +967,10 @@ class LatentCache:
             print(f"diffusion: using {n} cached latents from {path}")
         else:
             items = []
-            for index in tqdm(range(n), desc="encoding latents", dynamic_ncols=True):
-                audio, prompt, start, total = data.item(index, model.cfg.window)
+            windows = torch.utils.data.DataLoader(Windows(data, model.cfg.window, n),
+                                                  batch_size=None, num_workers=args.workers)
+            for audio, prompt, start, total in tqdm(windows, desc="encoding latents", total=n,
+                                                    dynamic_ncols=True):
                 with torch.no_grad():
                     mean, std = model.vae.encode(audio[None].to(device).float())
                 items.append((mean[0].cpu(), std[0].cpu(), prompt, start, total))
@@ -961,6 +1016,8 @@ def train_diffusion(args):
     data = make_data(args, cfg)
     if args.latent_cache:
         data = LatentCache(model, data, args.latent_cache, device, args)
+    else:
+        data = prefetch(data, args, trainer.first_step)
 
     def step(i):
         batch = data.batch(args.batch_size, i)
@@ -1047,6 +1104,8 @@ def parse_args(argv):
     p.add_argument("--latent-cache", type=int, default=0, metavar="N", help="diffusion: encode "
                    "the first N windows once and train on them (default 0: encode every batch "
                    "afresh); much faster on a CPU")
+    p.add_argument("--workers", type=int, default=0, help="processes that make batches ahead "
+                   "of training (default 0: in this process); a GPU needs several to be kept busy")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="diffusion: recompute activations in the backward pass to save memory")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -1059,6 +1118,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda, then mps, then cpu")
     args = p.parse_args(argv)
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
     for name in ("steps", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
