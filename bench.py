@@ -399,7 +399,9 @@ def frame_levels_db(audio, sample_rate, frame_seconds):
     (frames,)"""
     x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
     n = max(1, round(frame_seconds * sample_rate))
-    x = np.pad(x, ((0, 0), (0, -x.shape[1] % n))).reshape(x.shape[0], -1, n)
+    # The last partial frame is filled with its own last sample: zeros after a DC offset would
+    # be a step, and every 47.6 s window (not a whole number of frames) would end "audible".
+    x = np.pad(x, ((0, 0), (0, -x.shape[1] % n)), mode="edge").reshape(x.shape[0], -1, n)
     # A constant offset is inaudible, and the VAE's loss is blind to it (A-weighting is 0 at
     # 0 Hz): a small VAE decodes silence as a DC offset, which must not count as sound.
     x = x - x.mean(-1, keepdims=True)

@@ -119,9 +119,13 @@ SIZES = {
         vae=VAEConfig(encoder_width=16, decoder_width=128),
         clap=CLAPConfig(text_width=64, text_layers=3, text_heads=4, audio_width=64,
                         audio_layers=2, audio_heads=4, embed_dim=64),
+        # Downsampling 1, 4, 4, 8, not 1, 2, 2, 4: the U-Net has no positional encoding, so it
+        # can tell where a frame is only from the zero padding at the window's edges. At 16
+        # bottleneck frames every frame sees both edges; at the paper's 2048 / 16 = 128, 105 of
+        # them have an identical twin, and the middle of the window cannot tell 10 s from 40 s.
         # No attention at the first level (2048 frames): it was 44% of a CPU forward pass.
-        unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(0, 1, 1, 1, 1), heads=4,
-                        mapping_features=128)),
+        unet=UNetConfig(widths=(64, 64, 64, 96, 96), factors=(1, 4, 4, 8),
+                        attentions=(0, 1, 1, 1, 1), heads=4, mapping_features=128)),
 }
 
 
@@ -341,7 +345,8 @@ def mel_filterbank(n_fft, n_mels, sample_rate):
 
 
 def sinusoids(S, C):
-    """Fixed sinusoidal positions (S, C) for the audio tower, which sees clips of any length."""
+    """Sinusoids of the positions 0 .. S-1 (S, C): the audio tower's fixed positions, and the
+    timing tables' starting values."""
     freqs = torch.exp(-math.log(10000) * torch.arange(C // 2) / (C // 2))
     angles = torch.arange(S)[:, None] * freqs
     return torch.cat([angles.sin(), angles.cos()], dim=1)
@@ -422,11 +427,17 @@ class CLAP(nn.Module):
 # window makes the model end the content at 30 s and fill the rest with silence.
 # -------------------------------------------------------------------------------------------------
 class TimingEmbedding(nn.Module):
+    """Two learned tables, one row per whole second. They start as sinusoids of the second (not
+    N(0, 1) noise), so that neighbouring seconds start close and a second that training never
+    drew is not a random vector; the paper fixes only that the embeddings are learned."""
     def __init__(self, cfg: TimingConfig, features):
         super().__init__()
         self.max_seconds = cfg.max_seconds
         self.start = nn.Embedding(cfg.max_seconds + 1, features)
         self.total = nn.Embedding(cfg.max_seconds + 1, features)
+        with torch.no_grad():
+            for table in (self.start, self.total):
+                table.weight.copy_(sinusoids(cfg.max_seconds + 1, features))
 
     def forward(self, seconds_start, seconds_total):
         """Seconds (B,) -> two tokens (B, 2, C); fractions of a second are dropped."""
@@ -614,7 +625,8 @@ class UNet(nn.Module):
                 m.checkpoint = on
 
     def forward(self, x, t, context, mask):
-        """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L)."""
+        """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L);
+        L a multiple of self.downsampling."""
         mapping = self.to_mapping(self.to_time(t))                   # (B, M)
         x = self.to_in(x, mapping)                                   # (B, 1024, L)
         outer, skips = x, []
@@ -916,13 +928,16 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         z = SAMPLERS[sampler](denoiser, x, sigmas, callback)
     clock.lap("sampling")
     check_finite(z, "latent")
-    N = round(seconds_total * cfg.sample_rate)
-    if trim:         # decode only what is kept, plus enough frames to cover the receptive field
-        z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
-    audio = model.vae.decode(z.float(), chunk=decode_chunk or default_decode_chunk(device))
+    N = round(seconds_total * cfg.sample_rate) if trim else cfg.window
+    # Decode only what is kept, plus DECODE_OVERLAP frames to cover the receptive field. Past the
+    # window's end the last frame is repeated: the decoder's own right edge leaves a tick there
+    # (-67 dBFS from an all-silent latent with the demo VAE), which this keeps outside the window.
+    z = F.pad(z.float(), (0, DECODE_OVERLAP), mode="replicate")
+    z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
+    audio = model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(device))
     check_finite(audio, "audio")                                 # decoded in float32 (USERS row 4)
     clock.lap("decoding")
-    return audio[..., :N] if trim else audio
+    return audio[..., :N]
 
 
 def check_finite(x, what):

@@ -36,12 +36,12 @@ def model():
 def test_sizes_share_the_algorithm_and_differ_in_width():
     full, tiny = sa.SIZES["full"], sa.SIZES["tiny"]
     assert math.prod(full.vae.strides) == math.prod(tiny.vae.strides) == 1024
-    assert full.unet.factors == tiny.unet.factors == (1, 2, 2, 4)
+    assert full.unet.factors == (1, 2, 2, 4) and len(tiny.unet.factors) == 4   # 4 levels each
     assert tiny.unet.widths[0] < full.unet.widths[0]
 
 
 def test_build_model_rejects_window_not_divisible_by_vae_and_unet_strides():
-    with pytest.raises(ValueError, match="multiple of 16384"):
+    with pytest.raises(ValueError, match="multiple of 131072"):
         sa.build_model(replace(sa.SIZES["tiny"], window=2 ** 17 + 1024))
     with pytest.raises(ValueError, match="unknown size"):
         sa.build_model("huge")
@@ -180,12 +180,25 @@ def test_timing_embeddings_differ_for_different_seconds(model):
     torch.testing.assert_close(tokens[0, 1], tokens[2, 1])   # same total, same token
 
 
+def test_timing_tables_start_as_sinusoids_of_the_second():
+    """Row s of each table is [sin(s w_i), cos(s w_i)], w_i = 10000^(-i / (C / 2)): neighbouring
+    seconds start closer than distant ones."""
+    timing = sa.TimingEmbedding(sa.TimingConfig(), 64)
+    s, i = torch.arange(513.0)[:, None], torch.arange(32.0)
+    w = 10000.0 ** (-i / 32)
+    expected = torch.cat([torch.sin(s * w), torch.cos(s * w)], 1)
+    for table in (timing.start, timing.total):
+        torch.testing.assert_close(table.weight, expected, rtol=0, atol=1e-4)
+    e = timing(torch.zeros(3), torch.tensor([20.0, 21.0, 40.0]))[:, 1]            # (3, C)
+    assert (e[0] - e[1]).norm() < (e[0] - e[2]).norm()
+
+
 def test_context_is_text_plus_two_timing_tokens_and_the_mask_hides_padding(model):
     context, mask = model.condition(["rain"], [0], [30])
     S = model.cfg.clap.text_len
     assert context.shape == (1, S + 2, model.cfg.clap.text_width)
     assert mask[0].tolist() == [True] * 6 + [False] * (S - 6) + [True, True]  # BOS rain EOS
-    z, t = torch.randn(1, 64, 32), torch.tensor([0.3])
+    z, t = torch.randn(1, 64, 128), torch.tensor([0.3])
     noisy = context.clone()
     noisy[~mask] = 100 * torch.randn(int((~mask).sum()), context.shape[-1])
     with torch.no_grad():
@@ -202,7 +215,7 @@ def test_without_timing_the_context_is_the_text_alone_and_ignores_seconds():
 
 
 # ---------------------------------------------------------------------------------- U-Net
-@pytest.mark.parametrize("L", [16, 48, 128])
+@pytest.mark.parametrize("L", [128, 384])       # multiples of tiny's downsampling, 128
 def test_unet_output_shape_equals_input_shape(model, L):
     context, mask = model.condition(["wind", "fire"], [0, 3], [10, 20])
     x = torch.randn(2, 64, L)
@@ -237,6 +250,31 @@ def test_generate_with_half_precision_unet_weights_matches_float32():
     assert (half - ref).norm() / ref.norm() < 0.1     # measured 0.036; another seed: 0.85
 
 
+def bottleneck_twins(cfg):
+    """Bottleneck frames of a U-Net fed a constant latent whose features equal another frame's:
+    a frame with a twin cannot know where in the window it is (nothing but the zero padding at
+    the edges tells frames apart; there is no positional encoding)."""
+    torch.manual_seed(0)
+    model = sa.build_model(cfg).eval()
+    seen = {}
+    model.unet.mid2.register_forward_hook(lambda module, inputs, out: seen.update(h=out[0]))
+    context = torch.randn(1, cfg.context_len, cfg.clap.text_width)
+    with torch.no_grad():
+        model.unet(torch.full((1, 64, model.latent_frames), 0.3), torch.tensor([0.5]), context,
+                   torch.ones(1, cfg.context_len, dtype=torch.bool))
+    h = seen["h"]                                                    # (C, L / downsampling)
+    d = (h[:, :, None] - h[:, None, :]).abs().amax(0) / h.abs().max()
+    return h.shape[-1], int(((d + torch.eye(len(d))).min(1).values < 1e-6).sum())
+
+
+def test_tiny_unet_bottleneck_tells_every_frame_of_its_window_apart():
+    tiny = sa.SIZES["tiny"]
+    assert bottleneck_twins(tiny) == (16, 0)
+    # The paper's downsampling at the same 2048-frame window: most frames are blind to position.
+    frames, twins = bottleneck_twins(replace(tiny, unet=replace(tiny.unet, factors=(1, 2, 2, 4))))
+    assert frames == 128 and twins > 64
+
+
 def test_sdpa_attention_equals_a_plain_softmax_reference():
     torch.manual_seed(1)
     attn = sa.Attention(32, heads=4, context_features=24)
@@ -252,7 +290,7 @@ def test_sdpa_attention_equals_a_plain_softmax_reference():
 
 def test_gradient_checkpointing_gives_the_same_gradients(model):
     context, mask = model.condition(["rain"], [0], [10])
-    z, t = torch.randn(2, 64, 32), torch.rand(2)
+    z, t = torch.randn(2, 64, 128), torch.rand(2)
     grads = []
     for on in (False, True):
         model.unet.set_checkpointing(on)
@@ -395,7 +433,7 @@ def test_v_denoiser_recovers_x0_from_the_true_v():
 def test_cfg_with_scale_one_equals_the_conditional_prediction(model):
     context, mask = model.condition(["rain"], [0], [10])
     null = model.unet.null_context[None]
-    z, t = torch.randn(1, 64, 16), torch.tensor([0.4])
+    z, t = torch.randn(1, 64, 128), torch.tensor([0.4])
     with torch.no_grad():
         guided = sa.guided_v(model.unet, context, mask, null, torch.ones(1, 130, dtype=bool), 1.0)
         torch.testing.assert_close(guided(z, t), model.unet(z, t, context, mask))
@@ -404,7 +442,7 @@ def test_cfg_with_scale_one_equals_the_conditional_prediction(model):
 def test_cfg_is_one_batched_forward_and_follows_the_guidance_formula(model):
     context, mask = model.condition(["rain"], [0], [10])
     null, null_mask = model.unet.null_context[None], torch.ones(1, 130, dtype=torch.bool)
-    z, t, calls = torch.randn(1, 64, 16), torch.tensor([0.4]), []
+    z, t, calls = torch.randn(1, 64, 128), torch.tensor([0.4]), []
     unet = lambda *args: calls.append(args[0].shape[0]) or model.unet(*args)
     with torch.no_grad():
         guided = sa.guided_v(unet, context, mask, null, null_mask, 6.0, rescale=0.0)(z, t)
@@ -459,7 +497,7 @@ def final_latent(model, monkeypatch, **kwargs):
     seen, decode = [], model.vae.decode
     monkeypatch.setattr(model.vae, "decode", lambda z, **kw: seen.append(z) or decode(z, **kw))
     sa.generate(model, ["rain"], seconds_total=2, steps=4, seed=3, trim=False, **kwargs)
-    return seen[0]
+    return seen[0][..., :model.latent_frames]        # generate repeats the last frame past the end
 
 
 def encoded(model, audio):
@@ -1021,7 +1059,7 @@ def fixed_loss(model, batch):
 
 
 def test_diffusion_stage_overfits_one_batch(parts):
-    assert run_train("diffusion", "--steps", 40, "--out", parts, *DIFFUSION, "--overfit",
+    assert run_train("diffusion", "--steps", 60, "--out", parts, *DIFFUSION, "--overfit",
                      "--lr", 2e-3) == 0
     trained, ckpt = sa.load_checkpoint(parts / "diffusion.pt", ema=False)
     torch.manual_seed(0)                                     # train.py's initialisation
@@ -1029,7 +1067,7 @@ def test_diffusion_stage_overfits_one_batch(parts):
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items()
                            if k.startswith(("vae.", "clap."))}, strict=False)
     batch = train.ToyData(trained.cfg.window, SR, seed=0).batch(2, 0)
-    assert ckpt["step"] == 40
+    assert ckpt["step"] == 60
     before, after = fixed_loss(fresh.eval(), batch), fixed_loss(trained.eval(), batch)
     assert after < 0.85 * before, (before, after)     # same (t, eps) draws for both
 
@@ -1502,9 +1540,10 @@ def test_audible_end_of_a_decaying_tone_is_where_it_falls_40_db_under_its_peak()
     assert bench.audible_end(audio, BENCH_SR, threshold_db=-40) == pytest.approx(expected, abs=FRAME)
 
 
-def test_audible_end_ignores_a_constant_offset():
+@pytest.mark.parametrize("extra", [0, 123])        # 123: the last frame is a partial one
+def test_audible_end_ignores_a_constant_offset(extra):
     noise = 0.3 * np.random.default_rng(0).standard_normal((2, BENCH_SR))
-    audio = np.concatenate([noise, np.zeros((2, 2 * BENCH_SR))], axis=1) - 0.05   # DC throughout
+    audio = np.concatenate([noise, np.zeros((2, 2 * BENCH_SR + extra))], axis=1) - 0.05   # DC
     assert bench.audible_end(audio, BENCH_SR) == pytest.approx(1.0, abs=FRAME)
 
 
