@@ -598,9 +598,12 @@ def vae_rows(vae, sounds, clips, sample_rate, seconds):
                      "STFT loss": float(train.stereo_loss(x_hat, x, sample_rate)),
                      "SNR dB": float((-10 * noise.log10()).mean()),
                      "log-spectral distance dB": float(np.mean(
-                         [log_spectral_distance(a, b) for a, b in zip(x_hat.numpy(), x.numpy())]))})
-    rows.append({"sound": "mean", **{k: float(np.mean([r[k] for r in rows]))
-                                     for k in ("STFT loss", "SNR dB", "log-spectral distance dB")}})
+                         [log_spectral_distance(a, b) for a, b in zip(x_hat.numpy(), x.numpy())])),
+                     # Notes the VAE cannot keep, no diffusion model on its latents can play.
+                     "tonality real": float(np.mean([tonality(a) for a in x.numpy()])),
+                     "tonality decoded": float(np.mean([tonality(a) for a in x_hat.numpy()]))})
+    rows.append({"sound": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]
+                                     if k != "sound"}})
     return rows
 
 
@@ -625,7 +628,8 @@ def bench_vae(setup):
                 f"latent rate {cfg.sample_rate / vae.hop:.1f} frames/s",
                 "STFT loss: train.py's A-weighted multi-resolution loss on mid/side and L/R (the "
                 "training objective); SNR: waveform signal-to-error ratio (phase-sensitive, low "
-                "for noise even when it sounds right); log-spectral distance: average spectra")
+                "for noise even when it sounds right); log-spectral distance: average spectra; "
+                "tonality: share of power in spectral peaks, as in the adherence section")
 
 
 # -------------------------------------------------------------------------------------------------

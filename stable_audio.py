@@ -119,13 +119,9 @@ SIZES = {
         vae=VAEConfig(encoder_width=16, decoder_width=128),
         clap=CLAPConfig(text_width=64, text_layers=3, text_heads=4, audio_width=64,
                         audio_layers=2, audio_heads=4, embed_dim=64),
-        # Downsampling 1, 4, 4, 8, not 1, 2, 2, 4: the U-Net has no positional encoding, so it
-        # can tell where a frame is only from the zero padding at the window's edges. At 16
-        # bottleneck frames every frame sees both edges; at the paper's 2048 / 16 = 128, 105 of
-        # them have an identical twin, and the middle of the window cannot tell 10 s from 40 s.
         # No attention at the first level (2048 frames): it was 44% of a CPU forward pass.
-        unet=UNetConfig(widths=(64, 64, 64, 96, 96), factors=(1, 4, 4, 8),
-                        attentions=(0, 1, 1, 1, 1), heads=4, mapping_features=128)),
+        unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(0, 1, 1, 1, 1), heads=4,
+                        mapping_features=128)),
 }
 
 
@@ -345,8 +341,7 @@ def mel_filterbank(n_fft, n_mels, sample_rate):
 
 
 def sinusoids(S, C):
-    """Sinusoids of the positions 0 .. S-1 (S, C): the audio tower's fixed positions, and the
-    timing tables' starting values."""
+    """Fixed sinusoidal positions (S, C) for the audio tower, which sees clips of any length."""
     freqs = torch.exp(-math.log(10000) * torch.arange(C // 2) / (C // 2))
     angles = torch.arange(S)[:, None] * freqs
     return torch.cat([angles.sin(), angles.cos()], dim=1)
@@ -427,17 +422,11 @@ class CLAP(nn.Module):
 # window makes the model end the content at 30 s and fill the rest with silence.
 # -------------------------------------------------------------------------------------------------
 class TimingEmbedding(nn.Module):
-    """Two learned tables, one row per whole second. They start as sinusoids of the second (not
-    N(0, 1) noise), so that neighbouring seconds start close and a second that training never
-    drew is not a random vector; the paper fixes only that the embeddings are learned."""
     def __init__(self, cfg: TimingConfig, features):
         super().__init__()
         self.max_seconds = cfg.max_seconds
         self.start = nn.Embedding(cfg.max_seconds + 1, features)
         self.total = nn.Embedding(cfg.max_seconds + 1, features)
-        with torch.no_grad():
-            for table in (self.start, self.total):
-                table.weight.copy_(sinusoids(cfg.max_seconds + 1, features))
 
     def forward(self, seconds_start, seconds_total):
         """Seconds (B,) -> two tokens (B, 2, C); fractions of a second are dropped."""
@@ -451,6 +440,8 @@ class TimingEmbedding(nn.Module):
 # transformer blocks (self-attention, cross-attention to text + timing, feed-forward; 1, 3, 3, 3
 # per level, 3 in the bottleneck, 16 heads). The noise level t enters every residual block by FiLM
 # (a per-channel scale and shift). Full size: 907 M parameters. It predicts v (§4.4).
+# There is no positional encoding: a frame knows where it is only through the zero padding at the
+# window's edges, as far as the convolutions carry it (which ending at seconds_total needs).
 # -------------------------------------------------------------------------------------------------
 class TimeEmbedding(nn.Module):
     """t in [0, 1] -> [t, sin(2 pi w t), cos(2 pi w t)] with 128 learned w ~ N(0, 1) -> Linear."""

@@ -36,12 +36,12 @@ def model():
 def test_sizes_share_the_algorithm_and_differ_in_width():
     full, tiny = sa.SIZES["full"], sa.SIZES["tiny"]
     assert math.prod(full.vae.strides) == math.prod(tiny.vae.strides) == 1024
-    assert full.unet.factors == (1, 2, 2, 4) and len(tiny.unet.factors) == 4   # 4 levels each
+    assert full.unet.factors == tiny.unet.factors == (1, 2, 2, 4)
     assert tiny.unet.widths[0] < full.unet.widths[0]
 
 
 def test_build_model_rejects_window_not_divisible_by_vae_and_unet_strides():
-    with pytest.raises(ValueError, match="multiple of 131072"):
+    with pytest.raises(ValueError, match="multiple of 16384"):
         sa.build_model(replace(sa.SIZES["tiny"], window=2 ** 17 + 1024))
     with pytest.raises(ValueError, match="unknown size"):
         sa.build_model("huge")
@@ -180,19 +180,6 @@ def test_timing_embeddings_differ_for_different_seconds(model):
     torch.testing.assert_close(tokens[0, 1], tokens[2, 1])   # same total, same token
 
 
-def test_timing_tables_start_as_sinusoids_of_the_second():
-    """Row s of each table is [sin(s w_i), cos(s w_i)], w_i = 10000^(-i / (C / 2)): neighbouring
-    seconds start closer than distant ones."""
-    timing = sa.TimingEmbedding(sa.TimingConfig(), 64)
-    s, i = torch.arange(513.0)[:, None], torch.arange(32.0)
-    w = 10000.0 ** (-i / 32)
-    expected = torch.cat([torch.sin(s * w), torch.cos(s * w)], 1)
-    for table in (timing.start, timing.total):
-        torch.testing.assert_close(table.weight, expected, rtol=0, atol=1e-4)
-    e = timing(torch.zeros(3), torch.tensor([20.0, 21.0, 40.0]))[:, 1]            # (3, C)
-    assert (e[0] - e[1]).norm() < (e[0] - e[2]).norm()
-
-
 def test_context_is_text_plus_two_timing_tokens_and_the_mask_hides_padding(model):
     context, mask = model.condition(["rain"], [0], [30])
     S = model.cfg.clap.text_len
@@ -215,7 +202,7 @@ def test_without_timing_the_context_is_the_text_alone_and_ignores_seconds():
 
 
 # ---------------------------------------------------------------------------------- U-Net
-@pytest.mark.parametrize("L", [128, 384])       # multiples of tiny's downsampling, 128
+@pytest.mark.parametrize("L", [16, 48, 128])
 def test_unet_output_shape_equals_input_shape(model, L):
     context, mask = model.condition(["wind", "fire"], [0, 3], [10, 20])
     x = torch.randn(2, 64, L)
@@ -267,12 +254,12 @@ def bottleneck_twins(cfg):
     return h.shape[-1], int(((d + torch.eye(len(d))).min(1).values < 1e-6).sum())
 
 
-def test_tiny_unet_bottleneck_tells_every_frame_of_its_window_apart():
-    tiny = sa.SIZES["tiny"]
-    assert bottleneck_twins(tiny) == (16, 0)
-    # The paper's downsampling at the same 2048-frame window: most frames are blind to position.
-    frames, twins = bottleneck_twins(replace(tiny, unet=replace(tiny.unet, factors=(1, 2, 2, 4))))
-    assert frames == 128 and twins > 64
+def test_the_papers_downsampling_leaves_the_middle_of_a_long_window_blind_to_position():
+    tiny = sa.SIZES["tiny"]                    # the paper's factors 1, 2, 2, 4 at 2048 frames
+    frames, twins = bottleneck_twins(tiny)
+    assert frames == 128 and twins > 64        # measured: 105 of 128
+    # Downsampling 1, 4, 4, 8 leaves 16 bottleneck frames, each of which sees both edges.
+    assert bottleneck_twins(replace(tiny, unet=replace(tiny.unet, factors=(1, 4, 4, 8)))) == (16, 0)
 
 
 def test_sdpa_attention_equals_a_plain_softmax_reference():
@@ -1059,7 +1046,7 @@ def fixed_loss(model, batch):
 
 
 def test_diffusion_stage_overfits_one_batch(parts):
-    assert run_train("diffusion", "--steps", 60, "--out", parts, *DIFFUSION, "--overfit",
+    assert run_train("diffusion", "--steps", 40, "--out", parts, *DIFFUSION, "--overfit",
                      "--lr", 2e-3) == 0
     trained, ckpt = sa.load_checkpoint(parts / "diffusion.pt", ema=False)
     torch.manual_seed(0)                                     # train.py's initialisation
@@ -1067,7 +1054,7 @@ def test_diffusion_stage_overfits_one_batch(parts):
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items()
                            if k.startswith(("vae.", "clap."))}, strict=False)
     batch = train.ToyData(trained.cfg.window, SR, seed=0).batch(2, 0)
-    assert ckpt["step"] == 60
+    assert ckpt["step"] == 40
     before, after = fixed_loss(fresh.eval(), batch), fixed_loss(trained.eval(), batch)
     assert after < 0.85 * before, (before, after)     # same (t, eps) draws for both
 
