@@ -185,7 +185,7 @@ def test_context_is_text_plus_two_timing_tokens_and_the_mask_hides_padding(model
     S = model.cfg.clap.text_len
     assert context.shape == (1, S + 2, model.cfg.clap.text_width)
     assert mask[0].tolist() == [True] * 6 + [False] * (S - 6) + [True, True]  # BOS rain EOS
-    z, t = torch.randn(1, 64, 128), torch.tensor([0.3])
+    z, t = torch.randn(1, 64, 32), torch.tensor([0.3])
     noisy = context.clone()
     noisy[~mask] = 100 * torch.randn(int((~mask).sum()), context.shape[-1])
     with torch.no_grad():
@@ -277,7 +277,7 @@ def test_sdpa_attention_equals_a_plain_softmax_reference():
 
 def test_gradient_checkpointing_gives_the_same_gradients(model):
     context, mask = model.condition(["rain"], [0], [10])
-    z, t = torch.randn(2, 64, 128), torch.rand(2)
+    z, t = torch.randn(2, 64, 32), torch.rand(2)
     grads = []
     for on in (False, True):
         model.unet.set_checkpointing(on)
@@ -420,7 +420,7 @@ def test_v_denoiser_recovers_x0_from_the_true_v():
 def test_cfg_with_scale_one_equals_the_conditional_prediction(model):
     context, mask = model.condition(["rain"], [0], [10])
     null = model.unet.null_context[None]
-    z, t = torch.randn(1, 64, 128), torch.tensor([0.4])
+    z, t = torch.randn(1, 64, 16), torch.tensor([0.4])
     with torch.no_grad():
         guided = sa.guided_v(model.unet, context, mask, null, torch.ones(1, 130, dtype=bool), 1.0)
         torch.testing.assert_close(guided(z, t), model.unet(z, t, context, mask))
@@ -429,7 +429,7 @@ def test_cfg_with_scale_one_equals_the_conditional_prediction(model):
 def test_cfg_is_one_batched_forward_and_follows_the_guidance_formula(model):
     context, mask = model.condition(["rain"], [0], [10])
     null, null_mask = model.unet.null_context[None], torch.ones(1, 130, dtype=torch.bool)
-    z, t, calls = torch.randn(1, 64, 128), torch.tensor([0.4]), []
+    z, t, calls = torch.randn(1, 64, 16), torch.tensor([0.4]), []
     unet = lambda *args: calls.append(args[0].shape[0]) or model.unet(*args)
     with torch.no_grad():
         guided = sa.guided_v(unet, context, mask, null, null_mask, 6.0, rescale=0.0)(z, t)
