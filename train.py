@@ -855,6 +855,8 @@ def train_vae(args):
     disc = Discriminator(cfg.vae.channels, DISC_FILTERS.get(cfg.size, 32)).to(device)
     if state:
         disc.load_state_dict(state["discriminator"])
+    elif args.init:            # e.g. phase 2 on the demo's VAE: --init checkpoints/demo.pt
+        load_part(model, "vae", args.init)
     vae.encoder.requires_grad_(not args.freeze_encoder)   # phase 2: fine-tune the decoder only
     if args.freeze_encoder and state:
         # The diffusion stage encodes with the EMA weights; phase 2 freezes exactly those, so the
@@ -1046,20 +1048,29 @@ STAGES = {"vae": train_vae, "clap": train_clap, "diffusion": train_diffusion}
 
 
 def export(args):
-    """OUT/diffusion.pt -> --to: the EMA weights and config alone, what sample.py needs (no
-    optimizer state, no raw weights; about a third of the size)."""
-    source = os.path.join(args.out, "diffusion.pt")
+    """OUT/diffusion.pt (or --from) -> --to: the EMA weights and config alone, what sample.py
+    needs (no optimizer state, no raw weights; about a third of the size). --vae swaps in a
+    decoder trained further by phase 2, whose encoder must be the one the U-Net learned on."""
+    source = args.source or os.path.join(args.out, "diffusion.pt")
     if args.to is None:
         raise TrainingError("export needs --to PATH, e.g. --to checkpoints/demo.pt")
     if os.path.exists(args.to) and not args.force:
         raise TrainingError(f"{args.to} exists; pass --force to overwrite it")
     model, ckpt = sa.load_checkpoint(source, ema=True)
-    if ckpt.get("stage") != "diffusion":
+    if ckpt.get("stage") not in ("diffusion", "export"):
         raise TrainingError(f"{source} is a {ckpt.get('stage')} checkpoint; export takes the "
                             f"diffusion stage's, which holds all three parts")
+    weights = ckpt.get("weights", f"EMA weights of {source} at step {ckpt['step']}")
+    if args.vae:
+        encoder = {k: v.clone() for k, v in model.vae.encoder.state_dict().items()}
+        load_part(model, "vae", args.vae)
+        if any(not torch.equal(v, encoder[k]) for k, v in model.vae.encoder.state_dict().items()):
+            raise TrainingError(f"{args.vae} has another encoder than {source}: the U-Net was "
+                                f"trained on that encoder's latents. Train the decoder alone "
+                                f"(train.py vae --init {source} --freeze-encoder)")
+        weights += f"; VAE: EMA weights of {args.vae}"
     os.makedirs(os.path.dirname(os.path.abspath(args.to)), exist_ok=True)
-    sa.save_checkpoint(args.to, model, stage="export", step=ckpt["step"],
-                       weights=f"EMA weights of {source} at step {ckpt['step']}")
+    sa.save_checkpoint(args.to, model, stage="export", step=ckpt["step"], weights=weights)
     print(f"export: wrote {args.to} ({os.path.getsize(args.to) / 2 ** 20:.1f} MiB) from {source}")
 
 
@@ -1075,6 +1086,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="output folder (default runs/SIZE)")
     p.add_argument("--to", default=None, help="export: the checkpoint to write, e.g. "
                    "checkpoints/demo.pt")
+    p.add_argument("--from", dest="source", default=None, metavar="CKPT", help="export: the "
+                   "diffusion or exported checkpoint to read (default OUT/diffusion.pt)")
     p.add_argument("--resume", action="store_true", help="continue OUT/STAGE.pt from its step")
     p.add_argument("--force", action="store_true", help="start over even if OUT/STAGE.pt exists")
     p.add_argument("--batch-size", type=int, default=None,
@@ -1087,6 +1100,9 @@ def parse_args(argv):
                    "window (rounded up to a multiple of 16384 samples)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="vae phase 2 (§4.2): train the decoder only, e.g. with --resume")
+    p.add_argument("--init", default=None, metavar="CKPT", help="vae: start from the (EMA) VAE "
+                   "of CKPT instead of random weights, e.g. checkpoints/demo.pt with "
+                   "--freeze-encoder to train the demo's decoder further (a fresh run only)")
     p.add_argument("--disc-start", type=int, default=0, help="vae: train the discriminator and "
                    "use its losses from this step on (default 0, as in the paper); before it, "
                    "reconstruction + KL only, much faster on a CPU")
@@ -1099,7 +1115,8 @@ def parse_args(argv):
                    "that conditions the U-Net (default -2, the next-to-last, §3.2; -1 the last)")
     p.add_argument("--no-timing", action="store_true", help="diffusion: drop the two timing "
                    "tokens from the context (an ablation; the paper conditions on them)")
-    p.add_argument("--vae", default=None, help="diffusion: VAE checkpoint (default OUT/vae.pt)")
+    p.add_argument("--vae", default=None, help="diffusion: VAE checkpoint (default OUT/vae.pt); "
+                   "export: a phase-2 VAE (same encoder) whose decoder replaces the source's")
     p.add_argument("--clap", default=None, help="diffusion: CLAP checkpoint (default OUT/clap.pt)")
     p.add_argument("--latent-cache", type=int, default=0, metavar="N", help="diffusion: encode "
                    "the first N windows once and train on them (default 0: encode every batch "
@@ -1120,6 +1137,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
+    if args.init and (args.stage not in ("vae", "all") or args.resume):
+        p.error("--init starts a fresh vae run; it cannot go with another stage or --resume")
     for name in ("steps", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
