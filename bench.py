@@ -422,6 +422,14 @@ def audible_end(audio, sample_rate, threshold_db=SILENCE_DB, floor_dbfs=SILENCE_
     return min((loud[-1] + 1) * max(1, round(frame_seconds * sample_rate)), n) / sample_rate
 
 
+def level_drop_db(audio, sample_rate, seconds, frame_seconds=FRAME_SECONDS):
+    """Mean frame level (dB) after `seconds` minus the mean level before it: how much quieter
+    the window gets past the requested end, a graded view of what audible_end sees as yes or no."""
+    levels = frame_levels_db(audio, sample_rate, frame_seconds)
+    k = round(seconds / frame_seconds)
+    return float(levels[k:].mean() - levels[:k].mean())
+
+
 def timing_durations(window_seconds, every):
     """Whole seconds every `every` s below the window (every 1 s when the window is short)."""
     every = every if window_seconds > 2 * every else 1
@@ -447,7 +455,7 @@ def adherence_prompt(sound):
 def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
     """Detected audible end of untrimmed outputs per requested duration, against a real clip."""
     sr, window = model.cfg.sample_rate, model.cfg.window
-    rows, errors = [], []
+    rows, errors, drops = [], [], []
     for i, seconds in enumerate(tqdm(durations, desc="timing", leave=False)):
         sounds = [TIMING_SOUNDS[(i + j) % len(TIMING_SOUNDS)] for j in range(seeds)]
         audio = sa.generate(model, [adherence_prompt(s) for s in sounds], seconds_total=seconds,
@@ -455,6 +463,8 @@ def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
         ends = np.array([audible_end(a, sr) for a in audio.cpu().numpy()])
         error = ends - seconds                                   # > 0: the sound runs on
         errors.append(error)
+        drop = [level_drop_db(a, sr, seconds) for a in audio.cpu().numpy()]
+        drops += drop
         # The detector on a real clip of that length, padded with silence to the window.
         real = np.pad(real_clip(sounds[0], REAL_SEED + i, sr, seconds).numpy(),
                       ((0, 0), (0, window - round(seconds * sr))))
@@ -462,11 +472,13 @@ def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
                      "error s (mean)": float(error.mean()),
                      "abs error s (mean)": float(np.abs(error).mean()),
                      "within 1 s": float((np.abs(error) <= 1).mean()),
+                     "after the end, dB": float(np.mean(drop)),
                      "detector on a real clip: error s": audible_end(real, sr) - seconds})
     errors = np.abs(np.concatenate(errors))
     rows.append({"requested s": "all", "detected s (mean)": None, "error s (mean)": None,
                  "abs error s (mean)": float(errors.mean()),
                  "within 1 s": float((errors <= 1).mean()),
+                 "after the end, dB": float(np.mean(drops)),
                  "detector on a real clip: error s": None})
     return rows
 
@@ -489,7 +501,8 @@ def bench_timing(setup):
                 f"prompts: {', '.join(adherence_prompt(s) for s in TIMING_SOUNDS)}",
                 f"audible end: end of the last {FRAME_SECONDS * 1000:g} ms frame whose RMS over "
                 f"both channels is above max(loudest frame {SILENCE_DB:+g} dB, "
-                f"{SILENCE_FLOOR_DBFS:g} dBFS); error = detected - requested; the last column "
+                f"{SILENCE_FLOOR_DBFS:g} dBFS); error = detected - requested; after the end: "
+                "mean frame level past the request minus the mean before it; the last column "
                 "runs the detector on a real clip of the requested length padded with silence")
 
 

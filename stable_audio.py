@@ -79,6 +79,8 @@ class UNetConfig:
     heads: int = 16
     mapping_features: int = 1024         # width of the noise-level embedding fed to FiLM
     resnet_groups: int = 16
+    # Not in the paper (see "Where the end is" in the U-Net section); `tiny` turns it on.
+    padding_mask: bool = False           # the requested extent as one more input channel
 
 
 @dataclass
@@ -86,6 +88,7 @@ class ModelConfig:
     size: str = "full"
     sample_rate: int = 44100
     window: int = 2 ** 22                # samples: 95.1 s, 4096 latent frames
+    latent_scale: float = 1.0            # diffusion runs on z * latent_scale (released: 1.0)
     vae: VAEConfig = field(default_factory=VAEConfig)
     clap: CLAPConfig = field(default_factory=CLAPConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
@@ -120,8 +123,10 @@ SIZES = {
         clap=CLAPConfig(text_width=64, text_layers=3, text_heads=4, audio_width=64,
                         audio_layers=2, audio_heads=4, embed_dim=64),
         # No attention at the first level (2048 frames): it was 44% of a CPU forward pass.
+        # The padding mask as an input: on the timing tokens alone, CPU-sized runs never learned
+        # to end on time (measured in the README's demo section); train.py --paper-timing drops it.
         unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(0, 1, 1, 1, 1), heads=4,
-                        mapping_features=128)),
+                        mapping_features=128, padding_mask=True)),
 }
 
 
@@ -427,6 +432,11 @@ class TimingEmbedding(nn.Module):
         self.max_seconds = cfg.max_seconds
         self.start = nn.Embedding(cfg.max_seconds + 1, features)
         self.total = nn.Embedding(cfg.max_seconds + 1, features)
+        # The tables start as sinusoids of the second (the released tables start from N(0, 1);
+        # the paper does not say): neighbouring seconds start close, so what a batch teaches
+        # about 20 s carries over to 21 s before each row has been trained on its own.
+        for table in (self.start, self.total):
+            table.weight.data.copy_(sinusoids(cfg.max_seconds + 1, features))
 
     def forward(self, seconds_start, seconds_total):
         """Seconds (B,) -> two tokens (B, 2, C); fractions of a second are dropped."""
@@ -440,8 +450,13 @@ class TimingEmbedding(nn.Module):
 # transformer blocks (self-attention, cross-attention to text + timing, feed-forward; 1, 3, 3, 3
 # per level, 3 in the bottleneck, 16 heads). The noise level t enters every residual block by FiLM
 # (a per-channel scale and shift). Full size: 907 M parameters. It predicts v (§4.4).
-# There is no positional encoding: a frame knows where it is only through the zero padding at the
-# window's edges, as far as the convolutions carry it (which ending at seconds_total needs).
+# Where the end is: the paper's U-Net has no positional encoding, so a frame knows its place only
+# through the zero padding at the window's edges, as far as the convolutions carry it, and the
+# timing tokens reach it only through cross-attention; from these it must learn which frames lie
+# past seconds_total. Not in the paper, and on in `tiny`: the padding mask that the released data
+# pipeline computes (1 up to seconds_total - seconds_start, 0 on the silence after) joins the
+# noisy latent as one more input channel, the way Stable Audio Open feeds its inpainting mask.
+# The tokens stay; the mask tells every frame whether it is inside the requested length.
 # -------------------------------------------------------------------------------------------------
 class TimeEmbedding(nn.Module):
     """t in [0, 1] -> [t, sin(2 pi w t), cos(2 pi w t)] with 128 learned w ~ N(0, 1) -> Linear."""
@@ -593,7 +608,8 @@ class UNet(nn.Module):
         self.to_mapping = nn.Sequential(nn.Linear(M, M), nn.GELU(), nn.Linear(M, M), nn.GELU())
         # §4.4: the learned "null" context that replaces text and timing for guidance.
         self.null_context = nn.Parameter(torch.randn(context_len, context_features))
-        self.to_in = ResnetBlock(io_channels, ch[0], M, groups=1)
+        self.padding_mask = cfg.padding_mask
+        self.to_in = ResnetBlock(io_channels + cfg.padding_mask, ch[0], M, groups=1)
         levels = range(len(cfg.factors))
         self.down = nn.ModuleList(DownLevel(ch[i], ch[i + 1], cfg.factors[i], cfg.attentions[i],
                                             cfg, context_features) for i in levels)
@@ -615,10 +631,16 @@ class UNet(nn.Module):
             if isinstance(m, (ResnetBlock, TransformerBlock)):
                 m.checkpoint = on
 
-    def forward(self, x, t, context, mask):
+    def forward(self, x, t, context, mask, length=None):
         """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L);
-        L a multiple of self.downsampling."""
+        L a multiple of self.downsampling. length (B,): latent frames inside the requested
+        extent (StableAudio.content_frames), read only with padding_mask; None: the whole window."""
         mapping = self.to_mapping(self.to_time(t))                   # (B, M)
+        if self.padding_mask:
+            B, _, L = x.shape
+            length = torch.full((B,), L, device=x.device) if length is None else length
+            inside = torch.arange(L, device=x.device) < length.to(x.device)[:, None]   # (B, L)
+            x = torch.cat([x, inside[:, None].to(x.dtype)], dim=1)   # (B, 64 + 1, L)
         x = self.to_in(x, mapping)                                   # (B, 1024, L)
         outer, skips = x, []
         for level in self.down:
@@ -643,6 +665,11 @@ class StableAudio(nn.Module):
     @property
     def latent_frames(self):
         return self.cfg.window // self.vae.hop
+
+    def content_frames(self, seconds_start, seconds_total):
+        """Seconds (B,) -> latent frames (B,) before the silence: (total - start) x frame rate."""
+        seconds = torch.as_tensor(seconds_total) - torch.as_tensor(seconds_start)
+        return (seconds.double() * self.cfg.sample_rate / self.vae.hop).ceil().long()
 
     def condition(self, prompts, seconds_start, seconds_total):
         """Prompts and seconds (B,) -> context (B, S + 2, C) and mask (B, S + 2)."""
@@ -685,8 +712,8 @@ def randn(shape, generator, like):
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)
 
 
-def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1):
-    """v-objective loss for a batch of clean latents z (B, 64, L)."""
+def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, length=None):
+    """v-objective loss for a batch of clean latents z (B, 64, L); length as in UNet.forward."""
     B = z.shape[0]
     t = torch.rand(B, generator=generator).to(z.device)
     eps = randn(z.shape, generator, z)
@@ -696,7 +723,7 @@ def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1):
     drop = (torch.rand(B, generator=generator) < cond_dropout).to(z.device)
     context = torch.where(drop[:, None, None], unet.null_context.to(context.dtype), context)
     mask = mask | drop[:, None]              # the null context is attended in full
-    return F.mse_loss(unet(z_t, t, context, mask).float(), v.float())
+    return F.mse_loss(unet(z_t, t, context, mask, length).float(), v.float())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -711,18 +738,20 @@ def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
     return torch.cat([sigmas, sigmas.new_zeros(1)]).double()
 
 
-def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4):
+def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4, length=None):
     """Classifier-free guidance: v = v_u + scale (v_c - v_u), then the CFG rescale of Lin et al.
 
     Rescaling pulls the guided v's per-frame std over channels back toward the conditional one
     (phi = 0.4, the released default), which keeps large scales from blowing up the signal."""
     if scale == 1:
-        return lambda z, t: unet(z, t, context, mask)
+        return lambda z, t: unet(z, t, context, mask, length)
 
     both, both_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])   # once
+    both_length = None if length is None else torch.cat([length, length])
 
     def v_fn(z, t):
-        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), both, both_mask).chunk(2)
+        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), both, both_mask,
+                        both_length).chunk(2)
         v = v_u + scale * (v_c - v_u)
         v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))
         return rescale * v_rescaled + (1 - rescale) * v
@@ -885,9 +914,9 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     if half != torch.float32:
         # Weights already in half precision run as they are. Autocast would keep every norm, and
         # the casts around it, in float32: a quarter of a full-size forward on an H100.
-        def unet(z, t, context, mask):
+        def unet(z, t, context, mask, length):
             with torch.autocast(device.type, enabled=False):
-                return model.unet(z.to(half), t, context.to(half), mask).float()
+                return model.unet(z.to(half), t, context.to(half), mask, length).float()
     with autocast:
         context, mask = model.condition(prompts, [start] * B, [total] * B)
         if negative_prompt is None:
@@ -896,7 +925,9 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         else:
             uncond, uncond_mask = model.condition([negative_prompt] * B, [start] * B, [total] * B)
         clock.lap("text")
-        denoiser = v_to_denoiser(guided_v(unet, context, mask, uncond, uncond_mask, cfg_scale))
+        length = model.content_frames([start] * B, [total] * B).to(device)
+        denoiser = v_to_denoiser(guided_v(unet, context, mask, uncond, uncond_mask, cfg_scale,
+                                          length=length))
         sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
         eps = torch.stack([torch.randn(cfg.vae.latent_dim, L,
                                        generator=torch.Generator().manual_seed(seed + i))
@@ -905,6 +936,7 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         if init_audio is not None:
             audio = init_audio.to(device, torch.float32).expand(B, cfg.vae.channels, -1)
             z0 = model.vae.encode(F.pad(audio, (0, cfg.window - audio.shape[-1])))[0]
+            z0 = z0 * cfg.latent_scale                                 # (B, 64, L)
             keep = (torch.zeros(L) if inpaint is None else
                     inpaint_mask(L, inpaint, cfg.sample_rate / model.vae.hop)).to(device)
             # §3.4 in the VE form: a clip noised to the schedule's sigma_start is x = z0 + sigma
@@ -923,7 +955,7 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     # Decode only what is kept, plus DECODE_OVERLAP frames to cover the receptive field. Past the
     # window's end the last frame is repeated: the decoder's own right edge leaves a tick there
     # (-67 dBFS from an all-silent latent with the demo VAE), which this keeps outside the window.
-    z = F.pad(z.float(), (0, DECODE_OVERLAP), mode="replicate")
+    z = F.pad(z.float() / cfg.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
     z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
     audio = model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(device))
     check_finite(audio, "audio")                                 # decoded in float32 (USERS row 4)

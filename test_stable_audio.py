@@ -38,6 +38,8 @@ def test_sizes_share_the_algorithm_and_differ_in_width():
     assert math.prod(full.vae.strides) == math.prod(tiny.vae.strides) == 1024
     assert full.unet.factors == tiny.unet.factors == (1, 2, 2, 4)
     assert tiny.unet.widths[0] < full.unet.widths[0]
+    # The one departure: tiny feeds the padding mask to the U-Net; full is the paper's.
+    assert (full.unet.padding_mask, tiny.unet.padding_mask) == (False, True)
 
 
 def test_build_model_rejects_window_not_divisible_by_vae_and_unet_strides():
@@ -255,11 +257,63 @@ def bottleneck_twins(cfg):
 
 
 def test_the_papers_downsampling_leaves_the_middle_of_a_long_window_blind_to_position():
-    tiny = sa.SIZES["tiny"]                    # the paper's factors 1, 2, 2, 4 at 2048 frames
-    frames, twins = bottleneck_twins(tiny)
+    tiny = sa.SIZES["tiny"]
+    paper = replace(tiny, unet=replace(tiny.unet, padding_mask=False))
+    frames, twins = bottleneck_twins(paper)    # the paper's factors 1, 2, 2, 4 at 2048 frames
     assert frames == 128 and twins > 64        # measured: 105 of 128
     # Downsampling 1, 4, 4, 8 leaves 16 bottleneck frames, each of which sees both edges.
-    assert bottleneck_twins(replace(tiny, unet=replace(tiny.unet, factors=(1, 4, 4, 8)))) == (16, 0)
+    assert bottleneck_twins(replace(paper, unet=replace(paper.unet, factors=(1, 4, 4, 8)))) == (16, 0)
+
+
+def test_timing_tables_start_smooth_in_the_second():
+    timing = sa.TimingEmbedding(sa.TimingConfig(), 64)
+    row = F.normalize(timing.total.weight, dim=1)
+    near, far = (row[20] * row[21]).sum(), (row[20] * row[200]).sum()
+    assert near > 0.9 and far < near - 0.2
+    torch.testing.assert_close(timing.start.weight, timing.total.weight)
+
+
+def test_content_frames_are_the_requested_seconds_at_the_latent_rate(model):
+    frames = model.content_frames(torch.tensor([0, 0, 14, 3]), torch.tensor([30, 1, 44, 3]))
+    rate = 44100 / 1024                                   # latent frames per second
+    assert frames.tolist() == [math.ceil(30 * rate), math.ceil(rate), math.ceil(30 * rate), 0]
+
+
+def test_the_padding_mask_tells_the_unet_where_the_request_ends():
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 64, 64), torch.tensor([0.9])
+    for on in (True, False):
+        m = sa.build_model(replace(SHORT, unet=replace(SHORT.unet, padding_mask=on))).eval()
+        context, mask = m.condition(["rain"], [0], [30])
+        with torch.no_grad():
+            out = {n: m.unet(x, t, context, mask, None if n is None else torch.tensor([n]))
+                   for n in (None, 64, 40, 20)}
+        torch.testing.assert_close(out[None], out[64])           # None: the whole window
+        assert (not torch.allclose(out[40], out[20], atol=1e-6)) == on   # ignored when off
+        # The mask is an input, so frames far before both ends barely see the change (the
+        # receptive field of the first level is local); the change is largest past frame 20.
+        if on:
+            change = (out[40] - out[20]).abs().amax(1)[0]
+            assert change[20:40].mean() > 10 * change[:4].mean()
+
+
+def test_generate_gives_the_unet_the_requested_extent(monkeypatch):
+    torch.manual_seed(0)
+    m = sa.build_model(SHORT).eval()
+    seen, forward = [], m.unet.forward
+    monkeypatch.setattr(m.unet, "forward", lambda *a: seen.append(a[4]) or forward(*a))
+    sa.generate(m, ["rain"], seconds_total=1.2, seconds_start=0, steps=2, seed=0)
+    frames = math.ceil(2 * 44100 / 1024)                  # whole seconds: 1.2 s -> total 2 s
+    assert seen and all(s.tolist() == [frames, frames] for s in seen)   # conditional + guided
+
+
+@pytest.mark.parametrize("flags, padding_mask", [([], True), (["--paper-timing"], False),
+                                                 (["--no-timing"], False)])
+def test_train_flags_choose_the_timing_path(flags, padding_mask):
+    cfg = train.model_config(train.parse_args(["diffusion", "--size", "tiny", *flags]))
+    assert cfg.unet.padding_mask == padding_mask
+    assert cfg.timing.enabled == ("--no-timing" not in flags)
+    sa.build_model(replace(cfg, window=2 ** 17))            # a consistent config builds
 
 
 def test_sdpa_attention_equals_a_plain_softmax_reference():
@@ -492,6 +546,26 @@ def encoded(model, audio):
 
 
 CLIP = 0.3 * torch.sin(torch.linspace(0, 2000, 88200)).expand(2, -1)   # 2 s of a 318 Hz tone
+
+
+def test_the_latent_scale_is_applied_for_the_unet_and_undone_for_the_decoder(model, monkeypatch):
+    z0, s = encoded(model, CLIP), 3.7
+    scaled = sa.build_model(replace(model.cfg, latent_scale=s)).eval()
+    scaled.load_state_dict(model.state_dict())
+    # Nothing left to sample: the decoder gets the encoded latent back, unscaled.
+    none_left = final_latent(scaled, monkeypatch, init_audio=CLIP, init_strength=1e-3)[0]
+    torch.testing.assert_close(none_left, z0, rtol=1e-6, atol=1e-6)
+    # One step from sigma: the U-Net sees alpha (s z0 + sigma eps), with the same eps for both.
+    first = []                                  # the U-Net's first input, for each model
+    for m in (model, scaled):
+        unet, seen = m.unet.forward, []
+        monkeypatch.setattr(m.unet, "forward", lambda x, *a, f=unet, seen=seen:
+                            seen.append(x) or f(x, *a))
+        final_latent(m, monkeypatch, init_audio=CLIP, init_strength=0.25)
+        first.append(seen[0][0])
+    sigma = sa.init_sigmas(4, 0.25)[0].item()
+    torch.testing.assert_close(first[1] - first[0], (s - 1) * z0 / math.sqrt(1 + sigma ** 2),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_init_sigmas_start_where_the_strength_points_on_the_schedule():
@@ -1034,6 +1108,28 @@ def parts(tmp_path):
 DIFFUSION = ["--window-seconds", 0.5, "--batch-size", 2, "--save-every", 1]
 
 
+def test_latent_scale_scales_the_training_latents_and_auto_gives_them_unit_variance(parts, capsys):
+    args = ["--steps", 1, "--out", parts, *DIFFUSION, "--latent-cache", 3, "--force"]
+    stds = {}
+    for scale in ("1", "3"):                 # the same seed draws the same batch and noise
+        assert run_train("diffusion", *args, "--latent-scale", scale) == 0
+        assert sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale == float(scale)
+        stds[scale] = log_losses(parts / "diffusion.log", "latent_std")[-1]   # appended
+    assert stds["3"] == pytest.approx(3 * stds["1"], rel=1e-3)
+    assert run_train("diffusion", *args, "--latent-scale", "auto") == 0
+    scale = sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale
+    cache = torch.load(parts / "latents.pt", weights_only=True)
+    z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape,
+                                                   generator=torch.Generator().manual_seed(0))
+    assert scale > 1 and (z * scale).std().item() == pytest.approx(1, rel=0.02)
+    assert run_train("diffusion", *args[:1], 2, *args[2:-1], "--resume") == 0
+    assert sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale == scale   # kept
+    for bad in ("0", "-1", "nan", "big"):
+        with pytest.raises(SystemExit):
+            run_train("diffusion", *args, "--latent-scale", bad)
+        assert "--latent-scale must be" in capsys.readouterr().err
+
+
 def fixed_loss(model, batch):
     """The diffusion loss on one batch averaged over 8 fixed draws of (t, eps)."""
     with torch.no_grad():
@@ -1573,6 +1669,14 @@ def test_audible_end_ignores_a_constant_offset(extra):
     assert bench.audible_end(audio, BENCH_SR) == pytest.approx(1.0, abs=FRAME)
 
 
+def test_level_drop_is_the_db_ratio_of_the_rms_after_and_before_the_end():
+    t = np.arange(3 * BENCH_SR) / BENCH_SR
+    tone = np.sin(2 * np.pi * 440 * t)
+    audio = np.where(t < 1, 0.5, 0.05) * tone             # 20 dB quieter after 1 s
+    assert bench.level_drop_db(audio, BENCH_SR, 1.0) == pytest.approx(-20, abs=0.01)
+    assert bench.level_drop_db(0.5 * tone, BENCH_SR, 1.0) == pytest.approx(0, abs=0.01)
+
+
 def test_audible_end_ignores_hiss_under_the_absolute_floor():
     tone = 10 ** (-45 / 20) * math.sqrt(2) * np.sin(2 * np.pi * 440 * np.arange(BENCH_SR) / BENCH_SR)
     hiss = 10 ** (-80 / 20) * np.random.default_rng(0).standard_normal(2 * BENCH_SR)
@@ -1697,6 +1801,7 @@ def test_timing_and_adherence_run_on_a_checkpoint_and_name_the_machine(short_ckp
     timing = report["sections"]["timing"][0]["rows"]
     assert [r["requested s"] for r in timing] == [1, 2, "all"]     # whole seconds under 3 s
     assert all(abs(r["detector on a real clip: error s"]) <= FRAME for r in timing[:-1])
+    assert all(np.isfinite(r["after the end, dB"]) for r in timing)
     tables = [t for section in report["sections"].values() for t in section]
     assert len(tables) == 5 and all(t["rows"] for t in tables)
     assert all(t["machine"]["torch"] == torch.__version__ and t["machine"]["dtype"]

@@ -764,7 +764,11 @@ def model_config(args):
     cfg = replace(cfg, vae=replace(cfg.vae, activation=args.activation,
                                    strides=tuple(args.vae_strides or cfg.vae.strides)),
                   clap=replace(cfg.clap, feature_layer=args.clap_layer),
-                  timing=replace(cfg.timing, enabled=not args.no_timing))
+                  timing=replace(cfg.timing, enabled=not args.no_timing),
+                  unet=replace(cfg.unet, padding_mask=cfg.unet.padding_mask
+                               and not (args.paper_timing or args.no_timing)))
+    if isinstance(getattr(args, "latent_scale", None), float):
+        cfg = replace(cfg, latent_scale=args.latent_scale)
     if not -cfg.clap.text_layers <= args.clap_layer <= -1:
         raise ValueError(f"--clap-layer must be from -{cfg.clap.text_layers} (the first layer) "
                          f"to -1 (the last), got {args.clap_layer}")
@@ -1001,6 +1005,20 @@ def hash_state(module):
     return h.hexdigest()[:16]
 
 
+def latent_scale(data, model, device, args):
+    """--latent-scale auto: 1 / the std of z = mean + std * eps (Rombach et al. 2022). The noise
+    schedule assumes data of unit variance; a VAE trained briefly on a CPU encodes far smaller
+    latents (the demo's: std 0.44), whose details the noise then drowns at most noise levels."""
+    if isinstance(data, LatentCache):
+        mean, std = data.cached["mean"], data.cached["std"]
+    else:
+        with torch.no_grad():
+            audio = data.batch(args.batch_size, 0)["audio"]
+            mean, std = (torch.cat(t) for t in zip(*(model.vae.encode(a[None].to(device).float())
+                                                      for a in audio)))
+    return round(float((mean.float().var() + std.float().pow(2).mean()).rsqrt()), 4)
+
+
 def train_diffusion(args):
     """§4.4: v-objective on latents of the frozen VAE, conditioned by the frozen CLAP + timing."""
     model, path, state = prepare(args, "diffusion")
@@ -1018,7 +1036,10 @@ def train_diffusion(args):
     data = make_data(args, cfg)
     if args.latent_cache:
         data = LatentCache(model, data, args.latent_cache, device, args)
-    else:
+    if state is None and args.latent_scale == "auto":
+        model.cfg.latent_scale = latent_scale(data, model, device, args)
+    print(f"diffusion: latent scale {model.cfg.latent_scale:g}")
+    if not args.latent_cache:
         data = prefetch(data, args, trainer.first_step)
 
     def step(i):
@@ -1030,10 +1051,13 @@ def train_diffusion(args):
                 mean, std = (torch.cat(t) for t in zip(*(model.vae.encode(a[None].to(device))
                                                           for a in batch["audio"])))  # ~16 GB each
             z = mean + std * sa.randn(mean.shape, trainer.generator, mean)   # (B, 64, L)
+            z = z * cfg.latent_scale
         with autocast(device, args.dtype):
             context, mask = model.condition(batch["prompts"], batch["seconds_start"],
                                             batch["seconds_total"])
-            loss = sa.diffusion_loss(model.unet, z, context, mask, trainer.generator)
+            length = model.content_frames(batch["seconds_start"], batch["seconds_total"])
+            loss = sa.diffusion_loss(model.unet, z, context, mask, trainer.generator,
+                                     length=length.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_and_step(opt, params, args.clip)
@@ -1114,7 +1138,13 @@ def parse_args(argv):
     p.add_argument("--clap-layer", type=int, default=-2, help="diffusion: the CLAP text layer "
                    "that conditions the U-Net (default -2, the next-to-last, §3.2; -1 the last)")
     p.add_argument("--no-timing", action="store_true", help="diffusion: drop the two timing "
-                   "tokens from the context (an ablation; the paper conditions on them)")
+                   "tokens from the context, and tiny's padding mask (an ablation; the paper "
+                   "conditions on the tokens)")
+    p.add_argument("--latent-scale", default="1", metavar="X|auto", help="diffusion: train on "
+                   "the VAE's latents times X (default 1, as released); auto: 1 / their std, "
+                   "measured on the latent cache or the first batch")
+    p.add_argument("--paper-timing", action="store_true", help="diffusion: the paper's U-Net, "
+                   "timing through the cross-attention tokens alone (tiny adds the padding mask)")
     p.add_argument("--vae", default=None, help="diffusion: VAE checkpoint (default OUT/vae.pt); "
                    "export: a phase-2 VAE (same encoder) whose decoder replaces the source's")
     p.add_argument("--clap", default=None, help="diffusion: CLAP checkpoint (default OUT/clap.pt)")
@@ -1137,6 +1167,13 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
+    if args.latent_scale != "auto":
+        try:
+            args.latent_scale = float(args.latent_scale)
+        except ValueError:
+            p.error(f"--latent-scale must be a number or auto, got {args.latent_scale!r}")
+        if not (math.isfinite(args.latent_scale) and args.latent_scale > 0):
+            p.error(f"--latent-scale must be positive, got {args.latent_scale}")
     if args.init and (args.stage not in ("vae", "all") or args.resume):
         p.error("--init starts a fresh vae run; it cannot go with another stage or --resume")
     for name in ("steps", "save_every"):
