@@ -353,7 +353,7 @@ class OracleUNet(torch.nn.Module):
         super().__init__()
         self.z, self.null_context = z, torch.nn.Parameter(torch.zeros(context_shape))
 
-    def forward(self, z_t, t, context, mask):
+    def forward(self, z_t, t, context, mask, length=None):
         alpha, sigma = (a[:, None, None] for a in sa.alpha_sigma(t))
         return (alpha * z_t - self.z) / sigma
 
@@ -365,7 +365,7 @@ def test_diffusion_loss_is_zero_for_the_true_v_and_one_for_zero_output():
     oracle = OracleUNet(z, (5, 4))
     assert sa.diffusion_loss(oracle, z, context, mask, g).item() < 1e-8
     zero = OracleUNet(z, (5, 4))
-    zero.forward = lambda z_t, t, c, m: torch.zeros_like(z_t)
+    zero.forward = lambda z_t, *rest: torch.zeros_like(z_t)
     # E[v^2] = alpha^2 E[eps^2] + sigma^2 E[z^2] = 1 for unit-variance z and eps
     assert sa.diffusion_loss(zero, z, context, mask, g).item() == pytest.approx(1, abs=0.05)
 
@@ -374,7 +374,7 @@ def test_conditioning_dropout_swaps_in_the_null_context_at_the_given_rate():
     seen = []
 
     class Spy(OracleUNet):
-        def forward(self, z_t, t, context, mask):
+        def forward(self, z_t, t, context, mask, length=None):
             seen.append((context == self.null_context).all(-1).all(-1))
             return torch.zeros_like(z_t)
     z = torch.zeros(4000, 1, 1)
@@ -1073,10 +1073,10 @@ def test_discriminator_hinge_loss_is_two_for_a_discriminator_that_outputs_zero()
 
 
 def test_vae_stage_overfits_one_batch(tmp_path):
-    assert run_train("vae", "--steps", 25, "--out", tmp_path, "--crop", 4096, "--batch-size", 2,
+    assert run_train("vae", "--steps", 40, "--out", tmp_path, "--crop", 4096, "--batch-size", 2,
                      "--overfit", "--lr", 1e-3) == 0
     spectral = log_losses(tmp_path / "vae.log", "spectral")
-    assert len(spectral) == 25 and sum(spectral[-3:]) < 0.6 * sum(spectral[:3])
+    assert len(spectral) == 40 and sum(spectral[-3:]) < 0.6 * sum(spectral[:3])
 
 
 def test_discriminator_joins_at_disc_start_and_not_before(tmp_path):
