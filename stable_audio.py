@@ -689,6 +689,8 @@ def build_model(size="full"):
     if isinstance(size, str) and size not in SIZES:
         raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
     cfg = copy.deepcopy(SIZES[size] if isinstance(size, str) else size)
+    if not (isinstance(cfg.latent_scale, (int, float)) and 0 < cfg.latent_scale < math.inf):
+        raise ValueError(f"latent_scale must be a positive number, got {cfg.latent_scale!r}")
     stride = math.prod(cfg.vae.strides) * math.prod(cfg.unet.factors)
     if cfg.window % stride:
         raise ValueError(f"window {cfg.window} samples is not a multiple of {stride} "

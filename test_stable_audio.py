@@ -47,6 +47,9 @@ def test_build_model_rejects_window_not_divisible_by_vae_and_unet_strides():
         sa.build_model(replace(sa.SIZES["tiny"], window=2 ** 17 + 1024))
     with pytest.raises(ValueError, match="unknown size"):
         sa.build_model("huge")
+    for bad in (0, -1.0, float("nan"), float("inf"), "2"):    # e.g. a damaged checkpoint's config
+        with pytest.raises(ValueError, match="latent_scale must be a positive number"):
+            sa.build_model(replace(sa.SIZES["tiny"], latent_scale=bad))
 
 
 # ---------------------------------------------------------------------------------- Snake
