@@ -703,7 +703,9 @@ def build_model(size="full"):
 # §4.4 Diffusion objective: continuous t ~ U[0, 1], cosine schedule alpha = cos(pi t / 2),
 # sigma = sin(pi t / 2), z_t = alpha z + sigma eps, and the network predicts v = alpha eps - sigma z
 # (mean squared error). 10 % of the samples see the null context, which teaches the unconditional
-# model that classifier-free guidance needs.
+# model that classifier-free guidance needs. The schedule assumes z of unit variance: z is the VAE
+# latent times cfg.latent_scale (1 as released; a briefly trained VAE's latents are smaller), and
+# generate divides the factor out before decoding.
 # -------------------------------------------------------------------------------------------------
 def alpha_sigma(t):
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
