@@ -460,10 +460,11 @@ def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
         sounds = [TIMING_SOUNDS[(i + j) % len(TIMING_SOUNDS)] for j in range(seeds)]
         audio = sa.generate(model, [adherence_prompt(s) for s in sounds], seconds_total=seconds,
                             steps=steps, cfg_scale=cfg_scale, seed=0, trim=False, dtype=dtype)
-        ends = np.array([audible_end(a, sr) for a in audio.cpu().numpy()])
+        clips = audio.cpu().numpy()
+        ends = np.array([audible_end(a, sr) for a in clips])
         error = ends - seconds                                   # > 0: the sound runs on
         errors.append(error)
-        drop = [level_drop_db(a, sr, seconds) for a in audio.cpu().numpy()]
+        drop = [level_drop_db(a, sr, seconds) for a in clips]
         drops += drop
         # The detector on a real clip of that length, padded with silence to the window.
         real = np.pad(real_clip(sounds[0], REAL_SEED + i, sr, seconds).numpy(),
