@@ -495,6 +495,20 @@ def test_cfg_is_one_batched_forward_and_follows_the_guidance_formula(model):
     torch.testing.assert_close(guided, v_u + 6.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
 
 
+def test_cfg_past_the_requested_end_is_the_conditional_prediction(model):
+    context, mask = model.condition(["rain"], [0], [10])
+    null, null_mask = model.unet.null_context[None], torch.ones(1, 130, dtype=torch.bool)
+    z, t, n = torch.randn(1, 64, 16), torch.tensor([0.4]), torch.tensor([6])
+    with torch.no_grad():
+        guided = sa.guided_v(model.unet, context, mask, null, null_mask, 6.0, rescale=0.0,
+                             length=n)(z, t)
+        v_c, v_u = model.unet(z, t, context, mask, n), model.unet(z, t, null, null_mask, n)
+    torch.testing.assert_close(guided[..., :6], (v_u + 6.0 * (v_c - v_u))[..., :6],
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(guided[..., 6:], v_c[..., 6:])
+    assert not torch.allclose(v_c[..., 6:], v_u[..., 6:])       # so the choice is visible
+
+
 # ---------------------------------------------------------------------------------- generate
 def test_generate_gives_the_requested_length_in_stereo(model):
     audio = sa.generate(model, ["rain", "bells"], seconds_total=1.5, steps=3)
