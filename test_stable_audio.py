@@ -1315,6 +1315,15 @@ def test_diffusion_refuses_to_start_without_a_trained_vae(tmp_path, capsys):
     assert "needs a trained vae" in capsys.readouterr().err
 
 
+def test_lr_on_resume_replaces_the_checkpoints_rate_and_is_kept_after(tmp_path):
+    args = ["clap", "--out", tmp_path, "--crop", 8192, "--batch-size", 2]
+    rate = lambda: torch.load(tmp_path / "clap.pt", weights_only=True)["optimizers"][0][
+        "param_groups"][0]["lr"]
+    assert run_train(*args, "--steps", 1, "--lr", 3e-4) == 0 and rate() == 3e-4
+    assert run_train(*args, "--steps", 2, "--resume") == 0 and rate() == 3e-4   # not the default
+    assert run_train(*args, "--steps", 3, "--resume", "--lr", 2e-5) == 0 and rate() == 2e-5
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
         tmp_path, monkeypatch, capsys):
     args = ["clap", "--out", tmp_path, "--crop", 8192, "--batch-size", 2, "--save-every", 1]

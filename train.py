@@ -700,7 +700,9 @@ class Trainer:
             self.step = resume_state["step"]
             self.generator.set_state(resume_state["rng"])
             for opt, state in zip(optimizers, resume_state["optimizers"]):
-                opt.load_state_dict(state)
+                opt.load_state_dict(state)                   # restores the old rate too
+                for group in opt.param_groups:
+                    group["lr"] = group["lr"] if args.lr_from_checkpoint else args.lr
         self.first_step = self.step
         self.log = open(os.path.join(args.out, f"{args.stage}.log"), "a", buffering=1)
 
@@ -1117,7 +1119,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=None,
                    help="per step (default per stage and size; tiny: vae 4, clap 16, diffusion 4)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default per stage and "
-                   "size; full size: vae 1e-4, clap 1e-4, diffusion 4e-5 as in the paper)")
+                   "size; full size: vae 1e-4, clap 1e-4, diffusion 4e-5 as in the paper; "
+                   "with --resume: the checkpoint's rate unless given)")
     p.add_argument("--crop", type=int, default=None, help="samples per training clip for vae "
                    "(default 65536, 1.5 s) and clap (default 10 s); diffusion uses the window")
     p.add_argument("--window-seconds", type=float, default=None, help="override the size's "
@@ -1188,7 +1191,7 @@ def parse_args(argv):
 def run_stage(args, stage):
     batch, lr = DEFAULTS[stage][args.size]
     stage_args = replace_args(args, stage=stage, batch_size=args.batch_size or batch,
-                              lr=args.lr or lr)
+                              lr=args.lr or lr, lr_from_checkpoint=args.lr is None)
     losses = STAGES[stage](stage_args)
     print(f"{stage}: done, step {stage_args.steps}, "
           + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
