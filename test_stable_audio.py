@@ -1158,6 +1158,19 @@ def fixed_loss(model, batch):
                    for k in range(8)) / 8
 
 
+def test_diffusion_stage_gives_the_loss_each_clips_content_frames(parts, monkeypatch):
+    seen, frames, loss = [], sa.StableAudio.content_frames, sa.diffusion_loss
+    monkeypatch.setattr(sa.StableAudio, "content_frames", lambda self, s, T: seen.append(
+        (torch.as_tensor(s).clone(), torch.as_tensor(T).clone())) or frames(self, s, T))
+    monkeypatch.setattr(sa, "diffusion_loss", lambda *a, length=None, **k: seen.append(
+        length) or loss(*a, length=length, **k))
+    assert run_train("diffusion", "--steps", 2, "--out", parts, *DIFFUSION) == 0
+    assert len(seen) == 4                                        # (seconds, length) per step
+    for (start, total), length in zip(seen[::2], seen[1::2]):
+        want = [math.ceil((T - s) * 44100 / 1024) for s, T in zip(start.tolist(), total.tolist())]
+        assert length.tolist() == want
+
+
 def test_diffusion_stage_overfits_one_batch(parts):
     assert run_train("diffusion", "--steps", 40, "--out", parts, *DIFFUSION, "--overfit",
                      "--lr", 2e-3) == 0
