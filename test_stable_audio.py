@@ -1114,6 +1114,7 @@ def test_clap_stage_overfits_one_batch(tmp_path):
 @pytest.fixture
 def parts(tmp_path):
     """Untrained VAE and CLAP checkpoints of a short-window tiny model, as stages would write."""
+    torch.manual_seed(0)                 # the same weights in every run (torch's own seed varies)
     model = sa.build_model(sa.SIZES["tiny"])
     with torch.no_grad():          # a near-deterministic posterior, as a trained VAE has
         model.vae.encoder[-1].bias[64:] = -10
@@ -1132,7 +1133,7 @@ def test_latent_scale_scales_the_training_latents_and_auto_gives_them_unit_varia
         assert run_train("diffusion", *args, "--latent-scale", scale) == 0
         assert sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale == float(scale)
         stds[scale] = log_losses(parts / "diffusion.log", "latent_std")[-1]   # appended
-    assert stds["3"] == pytest.approx(3 * stds["1"], rel=1e-3)
+    assert stds["3"] == pytest.approx(3 * stds["1"], abs=2e-4)   # the log keeps 4 decimals
     assert run_train("diffusion", *args, "--latent-scale", "auto") == 0
     scale = sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale
     cache = torch.load(parts / "latents.pt", weights_only=True)
