@@ -458,6 +458,11 @@ class TimingEmbedding(nn.Module):
 # noisy latent as one more input channel, the way Stable Audio Open feeds its inpainting mask.
 # The tokens stay; the mask tells every frame whether it is inside the requested length.
 # -------------------------------------------------------------------------------------------------
+def frames_inside(length, L, device):
+    """The padding mask: length (B,) -> (B, L), True for the first length[b] latent frames."""
+    return torch.arange(L, device=device) < length.to(device)[:, None]
+
+
 class TimeEmbedding(nn.Module):
     """t in [0, 1] -> [t, sin(2 pi w t), cos(2 pi w t)] with 128 learned w ~ N(0, 1) -> Linear."""
     def __init__(self, features, frequencies=128):
@@ -639,7 +644,7 @@ class UNet(nn.Module):
         if self.padding_mask:
             B, _, L = x.shape
             length = torch.full((B,), L, device=x.device) if length is None else length
-            inside = torch.arange(L, device=x.device) < length.to(x.device)[:, None]   # (B, L)
+            inside = frames_inside(length, L, x.device)             # (B, L)
             x = torch.cat([x, inside[:, None].to(x.dtype)], dim=1)   # (B, 64 + 1, L)
         x = self.to_in(x, mapping)                                   # (B, 1024, L)
         outer, skips = x, []
@@ -766,7 +771,7 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4, lengt
         v = rescale * v_rescaled + (1 - rescale) * v
         if length is None:
             return v
-        inside = torch.arange(z.shape[-1], device=z.device) < length.to(z.device)[:, None]
+        inside = frames_inside(length, z.shape[-1], z.device)     # (B, L)
         return torch.where(inside[:, None], v, v_c)                 # (B, 64, L)
     return v_fn
 

@@ -1007,6 +1007,12 @@ def hash_state(module):
     return h.hexdigest()[:16]
 
 
+def encode_clips(vae, audio, device):
+    """Audio (B, 2, N) -> posterior mean, std (B, 64, L), one clip at a time as the released
+    code does: a 95 s window at full width takes about 16 GB to encode."""
+    return (torch.cat(t) for t in zip(*(vae.encode(a[None].to(device)) for a in audio)))
+
+
 def latent_scale(data, model, device, args):
     """--latent-scale auto: 1 / the std of z = mean + std * eps (Rombach et al. 2022). The noise
     schedule assumes data of unit variance; a VAE trained briefly on a CPU encodes far smaller
@@ -1015,9 +1021,7 @@ def latent_scale(data, model, device, args):
         mean, std = data.cached["mean"], data.cached["std"]
     else:
         with torch.no_grad():
-            audio = data.batch(args.batch_size, 0)["audio"]
-            mean, std = (torch.cat(t) for t in zip(*(model.vae.encode(a[None].to(device).float())
-                                                      for a in audio)))
+            mean, std = encode_clips(model.vae, data.batch(args.batch_size, 0)["audio"], device)
     return round(float((mean.float().var() + std.float().pow(2).mean()).rsqrt()), 4)
 
 
@@ -1049,9 +1053,8 @@ def train_diffusion(args):
         with torch.no_grad(), autocast(device, args.dtype):
             if "mean" in batch:
                 mean, std = batch["mean"].to(device), batch["std"].to(device)
-            else:  # One clip at a time, as the released code does: a 95 s window at full width
-                mean, std = (torch.cat(t) for t in zip(*(model.vae.encode(a[None].to(device))
-                                                          for a in batch["audio"])))  # ~16 GB each
+            else:
+                mean, std = encode_clips(model.vae, batch["audio"], device)
             z = mean + std * sa.randn(mean.shape, trainer.generator, mean)   # (B, 64, L)
             z = z * cfg.latent_scale
         with autocast(device, args.dtype):
