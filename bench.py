@@ -453,35 +453,46 @@ def adherence_prompt(sound):
 
 
 def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
-    """Detected audible end of untrimmed outputs per requested duration, against a real clip."""
+    """Detected audible end of untrimmed outputs per requested duration, against a real clip;
+    then the same figures per sound, and over all clips."""
     sr, window = model.cfg.sample_rate, model.cfg.window
-    rows, errors, drops = [], [], []
+    clips, real_errors = [], []
     for i, seconds in enumerate(tqdm(durations, desc="timing", leave=False)):
         sounds = [TIMING_SOUNDS[(i + j) % len(TIMING_SOUNDS)] for j in range(seeds)]
         audio = sa.generate(model, [adherence_prompt(s) for s in sounds], seconds_total=seconds,
                             steps=steps, cfg_scale=cfg_scale, seed=0, trim=False, dtype=dtype)
-        clips = audio.cpu().numpy()
-        ends = np.array([audible_end(a, sr) for a in clips])
-        error = ends - seconds                                   # > 0: the sound runs on
-        errors.append(error)
-        drop = [level_drop_db(a, sr, seconds) for a in clips]
-        drops += drop
+        for sound, a in zip(sounds, audio.cpu().numpy()):
+            levels = frame_levels_db(a, sr, FRAME_SECONDS)
+            k = round(seconds / FRAME_SECONDS)
+            clips.append({"seconds": seconds, "sound": sound,
+                          "error": audible_end(a, sr) - seconds,       # > 0: the sound runs on
+                          "drop": level_drop_db(a, sr, seconds),
+                          "inside": float(levels[:k].mean()),
+                          "loudest after": float(levels[k:].max() - levels.max())})
         # The detector on a real clip of that length, padded with silence to the window.
         real = np.pad(real_clip(sounds[0], REAL_SEED + i, sr, seconds).numpy(),
                       ((0, 0), (0, window - round(seconds * sr))))
-        rows.append({"requested s": seconds, "detected s (mean)": float(ends.mean()),
-                     "error s (mean)": float(error.mean()),
-                     "abs error s (mean)": float(np.abs(error).mean()),
-                     "within 1 s": float((np.abs(error) <= 1).mean()),
-                     "after the end, dB": float(np.mean(drop)),
-                     "detector on a real clip: error s": audible_end(real, sr) - seconds})
-    errors = np.abs(np.concatenate(errors))
-    rows.append({"requested s": "all", "detected s (mean)": None, "error s (mean)": None,
-                 "abs error s (mean)": float(errors.mean()),
-                 "within 1 s": float((errors <= 1).mean()),
-                 "after the end, dB": float(np.mean(drops)),
-                 "detector on a real clip: error s": None})
-    return rows
+        real_errors.append(audible_end(real, sr) - seconds)
+    rows = [timing_summary(seconds, [c for c in clips if c["seconds"] == seconds], real)
+            for seconds, real in zip(durations, real_errors)]
+    rows += [timing_summary(sound, [c for c in clips if c["sound"] == sound])
+             for sound in TIMING_SOUNDS if any(c["sound"] == sound for c in clips)]
+    return rows + [timing_summary("all", clips)]
+
+
+def timing_summary(name, clips, real_error=None):
+    """One row of the timing table over some clips (dicts from timing_rows)."""
+    mean = lambda key: float(np.mean([c[key] for c in clips]))
+    errors = np.array([c["error"] for c in clips])
+    return {"requested s": name,
+            "detected s (mean)": float(np.mean([c["seconds"] for c in clips]) + errors.mean()),
+            "error s (mean)": float(errors.mean()),
+            "abs error s (mean)": float(np.abs(errors).mean()),
+            "within 1 s": float((np.abs(errors) <= 1).mean()),
+            "level inside, dBFS": mean("inside"),
+            "after the end, dB": mean("drop"),
+            "loudest frame after the end, dB": mean("loudest after"),
+            "detector on a real clip: error s": real_error}
 
 
 def bench_timing(setup):
@@ -502,8 +513,11 @@ def bench_timing(setup):
                 f"prompts: {', '.join(adherence_prompt(s) for s in TIMING_SOUNDS)}",
                 f"audible end: end of the last {FRAME_SECONDS * 1000:g} ms frame whose RMS over "
                 f"both channels is above max(loudest frame {SILENCE_DB:+g} dB, "
-                f"{SILENCE_FLOOR_DBFS:g} dBFS); error = detected - requested; after the end: "
-                "mean frame level past the request minus the mean before it; the last column "
+                f"{SILENCE_FLOOR_DBFS:g} dBFS); error = detected - requested; level inside: mean "
+                "frame level before the request; after the end: mean frame level past the "
+                "request minus the mean before it; loudest frame after the end: against the "
+                "loudest frame of the clip (the detector needs it under "
+                f"{SILENCE_DB:+g} dB); rows by sound pool the durations; the last column "
                 "runs the detector on a real clip of the requested length padded with silence")
 
 

@@ -1717,6 +1717,19 @@ def test_level_drop_is_the_db_ratio_of_the_rms_after_and_before_the_end():
     assert bench.level_drop_db(0.5 * tone, BENCH_SR, 1.0) == pytest.approx(0, abs=0.01)
 
 
+def test_timing_summary_pools_clips_into_means_and_the_share_within_a_second():
+    clips = [{"seconds": 10, "error": e, "drop": d, "inside": -30.0, "loudest after": a}
+             for e, d, a in ((0.5, -60.0, -50.0), (-3.0, -20.0, -10.0), (1.0, -40.0, -30.0))]
+    row = bench.timing_summary("rain", clips)
+    assert row["requested s"] == "rain" and row["detector on a real clip: error s"] is None
+    assert row["within 1 s"] == pytest.approx(2 / 3)         # |1.0| counts, as in the table
+    assert row["error s (mean)"] == pytest.approx(-0.5)
+    assert row["abs error s (mean)"] == pytest.approx(1.5)
+    assert row["detected s (mean)"] == pytest.approx(9.5)
+    assert row["after the end, dB"] == pytest.approx(-40)
+    assert row["loudest frame after the end, dB"] == pytest.approx(-30)
+
+
 def test_audible_end_ignores_hiss_under_the_absolute_floor():
     tone = 10 ** (-45 / 20) * math.sqrt(2) * np.sin(2 * np.pi * 440 * np.arange(BENCH_SR) / BENCH_SR)
     hiss = 10 ** (-80 / 20) * np.random.default_rng(0).standard_normal(2 * BENCH_SR)
@@ -1839,8 +1852,9 @@ def test_timing_and_adherence_run_on_a_checkpoint_and_name_the_machine(short_ckp
                        "--eval-steps", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     timing = report["sections"]["timing"][0]["rows"]
-    assert [r["requested s"] for r in timing] == [1, 2, "all"]     # whole seconds under 3 s
-    assert all(abs(r["detector on a real clip: error s"]) <= FRAME for r in timing[:-1])
+    # Whole seconds under 3 s, then one row per sound drawn (--quick: one seed per duration).
+    assert [r["requested s"] for r in timing] == [1, 2, *bench.TIMING_SOUNDS[:2], "all"]
+    assert all(abs(r["detector on a real clip: error s"]) <= FRAME for r in timing[:2])
     assert all(np.isfinite(r["after the end, dB"]) for r in timing)
     tables = [t for section in report["sections"].values() for t in section]
     assert len(tables) == 5 and all(t["rows"] for t in tables)
