@@ -1234,6 +1234,32 @@ def assert_same_weights(a, b, what=""):
         assert torch.equal(x, y), (what, name)
 
 
+def test_init_starts_a_diffusion_run_from_another_checkpoints_unet_at_its_scale(parts, tmp_path,
+                                                                                capsys):
+    """diffusion --init copies the U-Net and timing embeddings (EMA) of a checkpoint and keeps
+    its latent scale unless --latent-scale is given: a fine-tune, not a fresh model."""
+    parts_flags = ["--vae", parts / "vae.pt", "--clap", parts / "clap.pt", *DIFFUSION]
+    source_run = tmp_path / "source"
+    # Another seed: a fresh run (seed 0) would start from other random weights.
+    assert run_train("diffusion", "--steps", 2, "--out", source_run, *parts_flags,
+                     "--latent-scale", 2, "--seed", 1) == 0
+    source, _ = sa.load_checkpoint(source_run / "diffusion.pt", ema=True)
+    for extra, scale in (([], 2.0), (["--latent-scale", 3], 3.0)):
+        out = tmp_path / f"init{scale:g}"
+        assert run_train("diffusion", "--steps", 1, "--out", out, *parts_flags,
+                         "--init", source_run / "diffusion.pt", *extra) == 0
+        tuned, ckpt = sa.load_checkpoint(out / "diffusion.pt", ema=False)
+        assert ckpt["config"]["latent_scale"] == scale
+        for part in ("unet", "timing"):
+            moved = [(a - b).abs().max().item() for a, b in zip(
+                getattr(source, part).state_dict().values(),
+                getattr(tuned, part).state_dict().values())]
+            assert 0 < max(moved) < 0.01, part      # one step from the source, not from random
+    assert run_train("diffusion", "--steps", 1, "--out", tmp_path / "x", *parts_flags,
+                     "--init", tmp_path / "missing.pt") == 2
+    assert "--init" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_init_starts_phase_two_from_another_checkpoints_vae(parts, tmp_path, capsys):
     """--init copies a trained model's VAE (here an export, as checkpoints/demo.pt is); with
     --freeze-encoder its encoder, and so its latents, stay bit-identical."""
@@ -1253,7 +1279,7 @@ def test_init_starts_phase_two_from_another_checkpoints_vae(parts, tmp_path, cap
         run_train("vae", "--steps", 3, *vae, "--init", demo, "--resume")
     assert run_train("vae", "--steps", 3, *vae, "--init", tmp_path / "missing.pt", "--force") == 2
     err = capsys.readouterr().err
-    assert "--init starts a fresh vae run" in err and "missing.pt not found" in err
+    assert "--init starts a fresh vae or diffusion run" in err and "missing.pt not found" in err
     # export --vae puts the phase-2 decoder beside the source's U-Net, in place with --force.
     assert run_train("export", "--from", demo, "--vae", out / "vae.pt", "--to", demo,
                      "--force") == 0

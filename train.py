@@ -930,7 +930,10 @@ def train_clap(args):
 
 
 def load_part(model, part, path):
-    """Copy a trained VAE or CLAP into `model`, refusing one of another size or a wrong stage."""
+    """Copy a trained part (VAE, CLAP; U-Net and timing for --init) into `model`, refusing one
+    of another size or a wrong stage -> the model it came from."""
+    if not os.path.exists(path) and part not in ("vae", "clap"):
+        raise TrainingError(f"--init {path} not found; pass a checkpoint train.py wrote")
     if not os.path.exists(path):
         raise TrainingError(f"the diffusion stage needs a trained {part}: {path} not found; run "
                             f"`python train.py {part}` first or pass --{part} PATH")
@@ -944,6 +947,7 @@ def load_part(model, part, path):
         raise TrainingError(f"{path} holds a {part} of size {ckpt['size']!r}, but this run is "
                             f"--size {model.cfg.size}; train the {part} at that size first")
     getattr(model, part).load_state_dict(getattr(other, part).state_dict())
+    return other
 
 
 class Windows(torch.utils.data.Dataset):
@@ -1031,6 +1035,11 @@ def train_diffusion(args):
     if state is None:
         load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"))
         load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"))
+        if args.init and args.stage == "diffusion":       # a fine-tune of another run's U-Net
+            for part in ("unet", "timing"):
+                source = load_part(model, part, args.init)
+            if args.latent_scale is None:                 # it keeps the scale it learned at
+                model.cfg.latent_scale = source.cfg.latent_scale
     device, cfg = sa.pick_device(args.device), model.cfg
     model.to(device).train()
     for frozen in (model.vae, model.clap):
@@ -1132,7 +1141,9 @@ def parse_args(argv):
                    help="vae phase 2 (§4.2): train the decoder only, e.g. with --resume")
     p.add_argument("--init", default=None, metavar="CKPT", help="vae: start from the (EMA) VAE "
                    "of CKPT instead of random weights, e.g. checkpoints/demo.pt with "
-                   "--freeze-encoder to train the demo's decoder further (a fresh run only)")
+                   "--freeze-encoder to train the demo's decoder further; diffusion: from its "
+                   "(EMA) U-Net and timing embeddings, e.g. to fine-tune the demo at another "
+                   "--latent-scale (a fresh run only)")
     p.add_argument("--disc-start", type=int, default=0, help="vae: train the discriminator and "
                    "use its losses from this step on (default 0, as in the paper); before it, "
                    "reconstruction + KL only, much faster on a CPU")
@@ -1146,9 +1157,10 @@ def parse_args(argv):
     p.add_argument("--no-timing", action="store_true", help="diffusion: drop the two timing "
                    "tokens from the context, and tiny's padding mask (an ablation; the paper "
                    "conditions on the tokens)")
-    p.add_argument("--latent-scale", default="1", metavar="X|auto", help="diffusion: train on "
-                   "the VAE's latents times X (default 1, as released); auto: 1 / their std, "
-                   "measured on the latent cache or the first batch")
+    p.add_argument("--latent-scale", default=None, metavar="X|auto", help="diffusion: train on "
+                   "the VAE's latents times X (default 1, as released, or with --init that "
+                   "checkpoint's); auto: 1 / their std, measured on the latent cache or the "
+                   "first batch")
     p.add_argument("--paper-timing", action="store_true", help="diffusion: the paper's U-Net, "
                    "timing through the cross-attention tokens alone (tiny adds the padding mask)")
     p.add_argument("--vae", default=None, help="diffusion: VAE checkpoint (default OUT/vae.pt); "
@@ -1173,15 +1185,16 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
-    if args.latent_scale != "auto":
+    if args.latent_scale not in (None, "auto"):
         try:
             args.latent_scale = float(args.latent_scale)
         except ValueError:
             p.error(f"--latent-scale must be a number or auto, got {args.latent_scale!r}")
         if not (math.isfinite(args.latent_scale) and args.latent_scale > 0):
             p.error(f"--latent-scale must be positive, got {args.latent_scale}")
-    if args.init and (args.stage not in ("vae", "all") or args.resume):
-        p.error("--init starts a fresh vae run; it cannot go with another stage or --resume")
+    if args.init and (args.stage not in ("vae", "diffusion", "all") or args.resume):
+        p.error("--init starts a fresh vae or diffusion run; it cannot go with another stage "
+                "or --resume")
     for name in ("steps", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
