@@ -930,23 +930,26 @@ def train_clap(args):
 
 
 def load_part(model, part, path):
-    """Copy a trained part (VAE, CLAP; U-Net and timing for --init) into `model`, refusing one
-    of another size or a wrong stage -> the model it came from."""
-    if not os.path.exists(path) and part not in ("vae", "clap"):
-        raise TrainingError(f"--init {path} not found; pass a checkpoint train.py wrote")
+    """Copy a trained part into `model`: "vae" or "clap", or ("unet", "timing") for --init;
+    refuses one of another size or a wrong stage -> the model it came from."""
+    names = (part,) if isinstance(part, str) else part
     if not os.path.exists(path):
         raise TrainingError(f"the diffusion stage needs a trained {part}: {path} not found; run "
-                            f"`python train.py {part}` first or pass --{part} PATH")
+                            f"`python train.py {part}` first or pass --{part} PATH"
+                            if isinstance(part, str) else
+                            f"--init {path} not found; pass a checkpoint train.py wrote")
     other, ckpt = sa.load_checkpoint(path, ema=True)
-    if ckpt.get("stage") not in (part, "diffusion", "export"):   # the last two hold all parts
-        raise TrainingError(f"{path} is a {ckpt.get('stage')} checkpoint, not a {part} one")
-    mine = getattr(model.cfg, part)
-    if part == "clap":         # which layer conditions the U-Net is the diffusion stage's choice
-        mine = replace(mine, feature_layer=other.cfg.clap.feature_layer)
-    if getattr(other.cfg, part) != mine:
-        raise TrainingError(f"{path} holds a {part} of size {ckpt['size']!r}, but this run is "
-                            f"--size {model.cfg.size}; train the {part} at that size first")
-    getattr(model, part).load_state_dict(getattr(other, part).state_dict())
+    if ckpt.get("stage") not in (*names, "diffusion", "export"):   # the last two hold all parts
+        raise TrainingError(f"{path} is a {ckpt.get('stage')} checkpoint, not a {names[0]} one")
+    for name in names:
+        mine = getattr(model.cfg, name)
+        if name == "clap":     # which layer conditions the U-Net is the diffusion stage's choice
+            mine = replace(mine, feature_layer=other.cfg.clap.feature_layer)
+        if getattr(other.cfg, name) != mine:
+            raise TrainingError(f"{path} holds a {name} of size {ckpt['size']!r}, but this run "
+                                f"is --size {model.cfg.size}; train the {name} at that size "
+                                f"first")
+        getattr(model, name).load_state_dict(getattr(other, name).state_dict())
     return other
 
 
@@ -1036,8 +1039,7 @@ def train_diffusion(args):
         load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"))
         load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"))
         if args.init and args.stage == "diffusion":       # a fine-tune of another run's U-Net
-            for part in ("unet", "timing"):
-                source = load_part(model, part, args.init)
+            source = load_part(model, ("unet", "timing"), args.init)
             if args.latent_scale is None:                 # it keeps the scale it learned at
                 model.cfg.latent_scale = source.cfg.latent_scale
     device, cfg = sa.pick_device(args.device), model.cfg
