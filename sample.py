@@ -5,6 +5,7 @@ rate, and a spectrogram PNG beside it. Sample i starts from the noise of seed + 
 carries that seed, so `--seed S` alone re-makes any one file of a batch (USERS.md rows 17, 18).
 """
 import argparse
+import json
 import os
 import re
 import secrets
@@ -13,6 +14,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+import warnings
 import zlib
 from pathlib import Path
 
@@ -48,10 +50,11 @@ def parse_args(argv):
                            "then one audio file and one spectrogram PNG per sample.")
     add = p.add_argument
     add("prompt", nargs="?", default="", help='what it should sound like, e.g. "ambient rain"')
-    add("--seconds", type=float, help="length in seconds, at most the model's window "
-        "(default 30, or the length of --init-audio)")
-    add("--start", type=float, default=0.0,
-        help="seconds_start: where the clip begins within a longer piece (default 0)")
+    add("--seconds", type=float, help="seconds_total (§3.2): the whole piece's length, at most "
+        f"{sa.TimingConfig.max_seconds}; the file holds min(seconds - start, the model's window) "
+        "(default: --start + 30, or --start + the length of --init-audio)")
+    add("--start", type=float, default=0.0, help="seconds_start (§3.2): where the clip begins "
+        "within the piece of --seconds, 0 <= start < seconds (default 0)")
     add("--steps", type=int, default=100, help="sampler steps (default 100, the paper)")
     add("--cfg-scale", type=float, default=6.0,
         help="classifier-free guidance scale (default 6, the paper); 1 turns guidance off")
@@ -74,6 +77,12 @@ def parse_args(argv):
         "(default: out/PROMPT_SEED.wav)")
     add("--ckpt", default=str(DEMO_CKPT),
         help="checkpoint (default: the bundled demo model, checkpoints/demo.pt by this script)")
+    add("--from-sat", nargs=2, metavar=("CONFIG", "WEIGHTS"), help="a stable-audio-tools model "
+        "instead of --ckpt: its config JSON and .ckpt or .safetensors weights (Stable Audio "
+        "1.0's to generate, whose text encoder stays untrained; any released autoencoder, e.g. "
+        "Stable Audio Open's, with --reconstruct)")
+    add("--reconstruct", metavar="FILE", help="no generation: encode FILE with the model's VAE "
+        "and decode the posterior mean, writing the result and its spectrogram")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
     add("--dtype", choices=DTYPES, default="float32", help="the U-Net's precision (default "
@@ -88,6 +97,10 @@ def parse_args(argv):
 
 def check_args(args):
     """Reject bad flags that need no model, before anything slow happens."""
+    if args.reconstruct is not None:
+        if args.prompt or args.init_audio:
+            raise CLIError("--reconstruct FILE takes no prompt and no --init-audio")
+        return
     empty = not args.prompt.strip()
     problems = [
         (args.unconditional and not empty, "--unconditional takes no prompt; drop one of them"),
@@ -113,6 +126,10 @@ def check_args(args):
     for bad, message in problems:
         if bad:
             raise CLIError(message)
+    if args.seconds is not None and not args.start < args.seconds:
+        raise CLIError(f"--start {args.start:g} must be less than --seconds {args.seconds:g}, the "
+                       f"whole piece's length (§3.2); for {args.seconds:g} s of audio from "
+                       f"{args.start:g} s on, pass --seconds {args.start + args.seconds:g}")
 
 
 def pick_dtype(name, device):
@@ -199,10 +216,31 @@ def write_spectrogram_png(path, audio):
     write_png(path, rgb.round().astype(np.uint8))
 
 
+def load_released(args, vae_only=False):
+    """--from-sat CONFIG WEIGHTS -> (StableAudio or VAE, sample rate), notes as one line each."""
+    config, weights = args.from_sat
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = sa.from_sat(config, weights, vae_only=vae_only)
+        with open(config) as f:
+            sample_rate = json.load(f)["sample_rate"]
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        raise CLIError(f"--from-sat: {e}") from None
+    for w in caught:
+        print(f"note: {w.message}")
+    return model, sample_rate
+
+
 def load_model(args, device):
     """Load the checkpoint, say what was loaded, and check the flags that depend on it."""
     try:
-        model, ckpt = sa.load_checkpoint(args.ckpt, ema=not args.no_ema, device=device)
+        if args.from_sat:
+            model, _ = load_released(args)
+            model, ckpt = model.to(device), {"weights": f"released weights {args.from_sat[1]}"}
+            args.ckpt = args.from_sat[0]
+        else:
+            model, ckpt = sa.load_checkpoint(args.ckpt, ema=not args.no_ema, device=device)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(e) from None
     cfg = model.cfg
@@ -217,20 +255,19 @@ def load_model(args, device):
     print(f"loaded {args.ckpt}: size {cfg.size}, window {window:.1f} s at {cfg.sample_rate} Hz, "
           f"{weights}{step}")
     init = read_init_audio(args, cfg)
-    if args.seconds > window:
-        raise CLIError(f"--seconds {args.seconds:g} is longer than this model's window of "
-                       f"{window:.1f} s; a longer window needs a new size and training")
-    if args.start > cfg.timing.max_seconds:
-        raise CLIError(f"--start must be at most {cfg.timing.max_seconds} s, the timing "
-                       f"embedding's range; got {args.start:g}")
+    if args.seconds > cfg.timing.max_seconds:
+        raise CLIError(f"--seconds {args.seconds:g} (the whole piece) is past the timing "
+                       f"embedding's range of {cfg.timing.max_seconds} s; pass a shorter "
+                       f"--seconds, or a smaller --start when --seconds is left out")
     return model, init
 
 
 def read_init_audio(args, cfg):
     """--init-audio as stereo at the model's rate (None without it); fills in the defaults of
-    --seconds (30 s, or the clip's length) and --init-strength (0.6, or 1 for inpainting)."""
+    --seconds (--start + 30 s, or + the clip's length) and --init-strength (0.6, or 1 for
+    inpainting)."""
     if args.init_audio is None:
-        args.seconds = 30.0 if args.seconds is None else args.seconds
+        args.seconds = args.start + 30.0 if args.seconds is None else args.seconds
         return None
     if not os.path.isfile(args.init_audio):
         raise CLIError(f"--init-audio {args.init_audio}: no such file")
@@ -247,14 +284,14 @@ def read_init_audio(args, cfg):
     if args.inpaint is not None and args.inpaint[1] > seconds:
         raise CLIError(f"--inpaint {args.inpaint[0]:g} {args.inpaint[1]:g} reaches past the end "
                        f"of --init-audio ({seconds:.2f} s); pick a gap inside the clip")
-    args.seconds = seconds if args.seconds is None else args.seconds
+    args.seconds = args.start + seconds if args.seconds is None else args.seconds
     if args.init_strength is None:
         args.init_strength = 1.0 if args.inpaint is not None else 0.6
     what = (f"inpainting {args.inpaint[0]:g}-{args.inpaint[1]:g} s" if args.inpaint is not None
             else "a variation")
     print(f"init audio {args.init_audio}: {seconds:.2f} s, {what}, strength "
           f"{args.init_strength:g}")
-    return audio[..., :round(args.seconds * cfg.sample_rate)]
+    return audio[..., :round((args.seconds - args.start) * cfg.sample_rate)]   # §3.2's content
 
 
 def sample_batch(model, args, seed, dtype, init=None):
@@ -278,7 +315,7 @@ def sample_batch(model, args, seed, dtype, init=None):
         return audio.cpu().numpy()                      # waits for the device to finish
 
 
-def write_results(paths, audio, sample_rate, seed):
+def write_results(paths, audio, sample_rate, seed, name=None):
     """Remove the DC offset, peak-limit and write each sample and its spectrogram; flag
     near-silent ones."""
     # The VAE's A-weighted loss is blind to 0 Hz, so a small VAE decodes silence as a constant
@@ -293,12 +330,46 @@ def write_results(paths, audio, sample_rate, seed):
         except (OSError, sf.LibsndfileError) as e:
             raise CLIError(f"could not write {path}: {e}") from None
         level = f"peak {20 * np.log10(peak):+.1f} dBFS" if peak > 0 else "peak 0"
-        print(f"wrote {path} (+ .png), seed {seed + i}, {clip.shape[-1] / sample_rate:g} s, "
-              f"{level}" + (", scaled down to -1 dBFS" if scaled else ""))
+        print(f"wrote {path} (+ .png), {name or f'seed {seed + i}'}, "
+              f"{clip.shape[-1] / sample_rate:g} s, {level}"
+              + (", scaled down to -1 dBFS" if scaled else ""))
         if peak < SILENCE:
             print(f"warning: {path} is near-silent: the model produced silence; try another "
                   f"--seed or prompt, more --steps, or a better-trained checkpoint",
                   file=sys.stderr)
+
+
+def reconstruct(args, device):
+    """--reconstruct FILE: audio -> VAE posterior mean -> audio, written with its spectrogram."""
+    if args.from_sat:
+        vae, sample_rate = load_released(args, vae_only=True)
+    else:
+        try:
+            model, _ = sa.load_checkpoint(args.ckpt, ema=not args.no_ema)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(e) from None
+        vae, sample_rate = model.vae, model.cfg.sample_rate
+    source = Path(args.reconstruct)
+    out = [Path(args.out)] if args.out and Path(args.out).suffix else \
+        [Path(args.out or "out") / f"{source.stem}_reconstructed.wav"]
+    if out[0].suffix.lower() not in FORMATS:
+        raise CLIError(f"--out {args.out}: unsupported extension; use {', '.join(FORMATS)}")
+    prepare_outputs(out, args.force)
+    if not source.is_file():
+        raise CLIError(f"--reconstruct {source}: no such file")
+    try:
+        audio = train.read_audio(str(source), sample_rate)                  # (2, N)
+    except ValueError as e:
+        raise CLIError(e) from None
+    vae = vae.to(device).eval()
+    with torch.inference_mode():
+        z = vae.encode(audio[None].to(device))[0]                           # (1, C, N / hop)
+        chunk = args.decode_chunk or sa.default_decode_chunk(device)
+        decoded = vae.decode(z, chunk=chunk)[0, :, :audio.shape[-1]].float().cpu().numpy()
+    print(f"{source}: {audio.shape[-1] / sample_rate:.2f} s -> latent {tuple(z.shape[1:])} "
+          f"-> audio")
+    write_results(out, decoded[None], sample_rate, seed=0, name="reconstruction")
+    return 0
 
 
 def run(args):
@@ -308,6 +379,8 @@ def run(args):
         device = sa.pick_device(args.device)
     except ValueError as e:
         raise CLIError(e) from None
+    if args.reconstruct is not None:
+        return reconstruct(args, device)
     dtype = pick_dtype(args.dtype, device)
     seed = secrets.randbelow(2 ** 31) if args.seed is None else args.seed
     paths = output_paths(args.out, args.prompt, seed, args.n)
@@ -319,7 +392,9 @@ def run(args):
     if args.negative is not None and args.cfg_scale == 1:
         print("note: --negative has no effect at --cfg-scale 1 (guidance is off)")
     seeds = f"seed {seed}" if args.n == 1 else f"seeds {seed}..{seed + args.n - 1}"
-    print(f"generating {args.n} x {args.seconds:g} s, {seeds}, {args.steps} {args.sampler} steps, "
+    content = min(args.seconds - args.start, model.cfg.window / model.cfg.sample_rate)
+    print(f"generating {args.n} x {content:g} s from {args.start:g} s into a {args.seconds:g} s "
+          f"piece, {seeds}, {args.steps} {args.sampler} steps, "
           f"cfg scale {args.cfg_scale:g}, on {device.type} in {str(dtype).removeprefix('torch.')}")
     t1 = time.perf_counter()
     audio = sample_batch(model, args, seed, dtype, init)            # (n, 2, N)

@@ -15,9 +15,12 @@ Shape alphabet: B batch, C channels, L latent frames, N audio samples, S tokens.
 `python stable_audio.py` prints a stage-by-stage shape trace of the `tiny` model.
 """
 import copy
+import json
 import math
 import os
+import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,7 +29,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.checkpoint import checkpoint
 
-CHECKPOINT_FORMAT = "stable-audio-reference/1"
+CHECKPOINT_FORMAT = "stable-audio-reference/2"
 PAD, BOS, EOS = 256, 257, 258  # byte tokenizer: the 256 byte values, then three specials
 VOCAB = 259
 DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
@@ -41,15 +44,23 @@ DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
 class VAEConfig:
     channels: int = 2                    # stereo
     latent_dim: int = 64
-    encoder_width: int = 128             # DAC d_model; doubles at every stride
-    decoder_width: int = 1536            # halves at every rate
+    encoder_width: int = 128             # DAC d_model: the first conv's width
+    decoder_width: int = 1536            # the decoder's widest layer, right after its first conv
     strides: tuple = (4, 4, 8, 8)        # product 1024; the decoder uses them reversed
-    activation: str = "snake"            # §3.1; "elu" (as in EnCodec) for the comparison exercise
+    multipliers: tuple = (1, 2, 4, 8, 16)  # encoder widths: encoder_width x these, one per stride
+    activation: str = "snake"            # §3.1; "snake_beta" (Oobleck), "elu" (EnCodec) to compare
+    kind: str = "dac"                    # "oobleck": Stable Audio Open's ends (see VAE)
+    audible_init: bool = False           # `tiny` only: see VAE.audible_init
+
+
+# Stable Audio Open's autoencoder (released as stable_audio_2_0_vae.json): 1/2048 of the length.
+OOBLECK = VAEConfig(encoder_width=128, decoder_width=2048, strides=(2, 4, 4, 8, 8),
+                    multipliers=(1, 1, 2, 4, 8, 16), activation="snake_beta", kind="oobleck")
 
 
 @dataclass
 class CLAPConfig:
-    text_len: int = 128                  # byte tokens incl. BOS/EOS (see the CLAP section)
+    text_len: int = 77                   # tokens incl. BOS/EOS, as released (see the CLAP section)
     text_width: int = 768                # = the U-Net's context width, as in the paper
     text_layers: int = 12
     text_heads: int = 12
@@ -68,6 +79,7 @@ class CLAPConfig:
 class TimingConfig:
     max_seconds: int = 512               # released IntConditioner: whole seconds 0..512
     enabled: bool = True                 # False: text-only context, for the timing exercise
+    sinusoid_init: bool = False          # `tiny` only: see TimingEmbedding
 
 
 @dataclass
@@ -77,8 +89,11 @@ class UNetConfig:
     attentions: tuple = (1, 3, 3, 3, 3)  # transformer blocks per level; the last: bottleneck
     resnet_blocks: int = 2
     heads: int = 16
+    ff_multiplier: int = 4               # feed-forward width over the transformer's width
+    time_frequencies: int = 128          # learned Fourier frequencies of the noise level t
     mapping_features: int = 1024         # width of the noise-level embedding fed to FiLM
     resnet_groups: int = 16
+    symmetric_downsample: bool = False   # checkpoints of format 1: see DownLevel
     # Not in the paper (see "Where the end is" in the U-Net section); `tiny` turns it on.
     padding_mask: bool = False           # the requested extent as one more input channel
 
@@ -113,18 +128,19 @@ SIZES = {
     "small": ModelConfig(  # trains on a 16-24 GB card
         size="small", window=2 ** 21,
         vae=VAEConfig(encoder_width=64, decoder_width=768),
-        clap=CLAPConfig(text_width=512, text_layers=8, text_heads=8, audio_width=256,
-                        audio_layers=4, audio_heads=4, embed_dim=256),
+        clap=CLAPConfig(text_len=128, text_width=512, text_layers=8, text_heads=8,
+                        audio_width=256, audio_layers=4, audio_heads=4, embed_dim=256),
         unet=UNetConfig(widths=(512, 512, 512, 640, 640), attentions=(1, 2, 2, 2, 2), heads=8,
                         mapping_features=512)),
     "tiny": ModelConfig(  # trains in minutes on 2 CPU cores
+        # Not the paper's, for CPU-sized training: the VAE's audible init, sinusoid timing tables,
+        # no attention at the first level (2048 frames: 44 % of a CPU forward pass) and the
+        # padding mask as a U-Net input (train.py --paper-timing drops it).
         size="tiny", window=2 ** 21,
-        vae=VAEConfig(encoder_width=16, decoder_width=128),
-        clap=CLAPConfig(text_width=64, text_layers=3, text_heads=4, audio_width=64,
+        vae=VAEConfig(encoder_width=16, decoder_width=128, audible_init=True),
+        clap=CLAPConfig(text_len=128, text_width=64, text_layers=3, text_heads=4, audio_width=64,
                         audio_layers=2, audio_heads=4, embed_dim=64),
-        # No attention at the first level (2048 frames): it was 44% of a CPU forward pass.
-        # The padding mask as an input: on the timing tokens alone, CPU-sized runs never learned
-        # to end on time (measured in the README's demo section); train.py --paper-timing drops it.
+        timing=TimingConfig(sinusoid_init=True),
         unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(0, 1, 1, 1, 1), heads=4,
                         mapping_features=128, padding_mask=True)),
 }
@@ -135,8 +151,10 @@ SIZES = {
 # A periodic bump on top of the identity lets convolutions model oscillations, which is what audio
 # is made of; ReLU-type activations must build every period out of pieces.
 # -------------------------------------------------------------------------------------------------
-def snake(x, alpha):
-    return x + (alpha + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
+def snake(x, alpha, beta=None):
+    """x + 1/beta sin^2(alpha x); DAC's Snake has beta = alpha."""
+    beta = alpha if beta is None else beta
+    return x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
 
 
 class Snake(nn.Module):
@@ -148,14 +166,28 @@ class Snake(nn.Module):
         return snake(x, self.alpha)
 
 
-ACTIVATIONS = {"snake": Snake, "elu": lambda channels: nn.ELU()}
+class SnakeBeta(nn.Module):
+    """Stable Audio Open's variant: frequency alpha and magnitude 1/beta apart, both stored as
+    logarithms (starting at 0, so alpha = beta = 1), which keeps them positive while training."""
+    def __init__(self, channels):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(1, channels, 1))
+        self.beta = nn.Parameter(torch.zeros(1, channels, 1))
+
+    def forward(self, x):
+        return snake(x, self.alpha.exp(), self.beta.exp())
+
+
+ACTIVATIONS = {"snake": Snake, "snake_beta": SnakeBeta, "elu": lambda channels: nn.ELU()}
 
 
 # -------------------------------------------------------------------------------------------------
 # §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz ->
 # 64 channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
-# 89.6 M + decoder 43.9 M = 133 M parameters. Weight norm is the parametrization API, which also
-# works under bf16 autocast (the old hook fails there: USERS.md row 5).
+# 89.6 M + decoder 43.9 M = 133 M parameters. The same code builds Stable Audio Open's "Oobleck"
+# autoencoder (VAEConfig.oobleck(): SnakeBeta, strides 2, 4, 4, 8, 8 to 1/2048, no tanh).
+# Weight norm is the parametrization API, which also works under bf16 autocast (the old hook
+# fails there).
 # -------------------------------------------------------------------------------------------------
 def WNConv1d(*args, **kwargs):
     return weight_norm(nn.Conv1d(*args, **kwargs))
@@ -178,12 +210,12 @@ class ResidualUnit(nn.Module):
         return x + self.block(x)
 
 
-def EncoderBlock(width, stride, act=Snake):
-    """Residual units at width/2 (dilations 1, 3, 9), then a strided conv that doubles the width."""
+def EncoderBlock(c_in, c_out, stride, act=Snake):
+    """Residual units (dilations 1, 3, 9), then a strided conv: length / stride, width c_out."""
     return nn.Sequential(
-        *[ResidualUnit(width // 2, dilation, act) for dilation in (1, 3, 9)],
-        act(width // 2),
-        WNConv1d(width // 2, width, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
+        *[ResidualUnit(c_in, dilation, act) for dilation in (1, 3, 9)],
+        act(c_in),
+        WNConv1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
 
 
 def DecoderBlock(c_in, c_out, stride, act=Snake):
@@ -195,44 +227,50 @@ def DecoderBlock(c_in, c_out, stride, act=Snake):
 
 
 def kl_divergence(mean, std):
-    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames."""
-    # The released code drops the 1/2; we keep the textbook form and the paper's weight 1e-4.
+    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames.
+
+    The textbook form, with its 1/2. The released code leaves the 1/2 out (twice this) and its
+    Stable Audio 1.0 config weights the term 1e-6; the paper gives 1e-4 (train.py's weight)."""
     return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
 
 
 class VAE(nn.Module):
+    """Encoder to the posterior's mean and std, decoder back to audio. `kind` picks the released
+    ends: "dac" (Stable Audio 1.0) adds a 1x1 conv after the encoder's last conv and a tanh after
+    the decoder's; "oobleck" (Stable Audio Open) has neither, and no bias on the decoder's last."""
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.hop = math.prod(cfg.strides)
-        w, d, act = cfg.encoder_width, cfg.decoder_width, ACTIVATIONS[cfg.activation]
-        enc_widths = [w * 2 ** (i + 1) for i in range(len(cfg.strides))]   # 256 .. 2048
+        act, dac = ACTIVATIONS[cfg.activation], cfg.kind == "dac"
+        enc = [cfg.encoder_width * m for m in cfg.multipliers]                # 128 .. 2048
+        dec = [cfg.decoder_width * m // cfg.multipliers[-1] for m in reversed(cfg.multipliers)]
+        latent2 = 2 * cfg.latent_dim                                         # mean and scale
         self.encoder = nn.Sequential(
-            WNConv1d(cfg.channels, w, 7, padding=3),
-            *[EncoderBlock(c, s, act) for c, s in zip(enc_widths, cfg.strides)],
-            act(enc_widths[-1]), WNConv1d(enc_widths[-1], enc_widths[-1], 3, padding=1),
-            nn.Conv1d(enc_widths[-1], 2 * cfg.latent_dim, 1))                # mean and scale
-
-        dec_widths = [d // 2 ** i for i in range(len(cfg.strides) + 1)]     # 1536 .. 96
-        self.decoder = nn.Sequential(
-            WNConv1d(cfg.latent_dim, d, 7, padding=3),
-            *[DecoderBlock(dec_widths[i], dec_widths[i + 1], s, act)
+            WNConv1d(cfg.channels, enc[0], 7, padding=3),
+            *[EncoderBlock(enc[i], enc[i + 1], s, act) for i, s in enumerate(cfg.strides)],
+            act(enc[-1]), WNConv1d(enc[-1], enc[-1] if dac else latent2, 3, padding=1),
+            *([nn.Conv1d(enc[-1], latent2, 1)] if dac else []))
+        self.decoder = nn.Sequential(                                        # 1536 .. 96
+            WNConv1d(cfg.latent_dim, dec[0], 7, padding=3),
+            *[DecoderBlock(dec[i], dec[i + 1], s, act)
               for i, s in enumerate(reversed(cfg.strides))],
-            act(dec_widths[-1]), WNConv1d(dec_widths[-1], cfg.channels, 7, padding=3),
-            nn.Tanh())
-        self.init_weights(cfg.latent_dim)
+            act(dec[-1]), WNConv1d(dec[-1], cfg.channels, 7, padding=3, bias=dac),
+            *([nn.Tanh()] if dac else []))
+        if cfg.audible_init:
+            self.audible_init(cfg.latent_dim)
 
     @torch.no_grad()
-    def init_weights(self, latent_dim):
-        """Start with the latent audible at the output. With PyTorch's default init, the tiny
-        decoder's output at step 0 was 93% the same for any latent (biases and Snake's sin^2
-        offsets drown it), and CPU training collapsed to one output for every input. So: biases
-        0; the decoder's convs outside its residual units variance-preserving (std 1/sqrt(fan
-        in)), the last at a tenth so the tanh starts unsaturated; the posterior nearly
-        deterministic (std = softplus(-5) ~ 0.007 rather than 0.69)."""
+    def audible_init(self, latent_dim):
+        """Not the released init (PyTorch's defaults); `tiny` uses it because with the defaults
+        its decoder's output at step 0 barely depends on the latent (biases and Snake's sin^2
+        offsets drown it) and CPU-sized training collapsed to one output for every input. So:
+        biases 0; the decoder's convs outside its residual units variance-preserving (std
+        1/sqrt(fan in)), the last at a tenth so the tanh starts unsaturated; the posterior
+        nearly deterministic (std = softplus(-5) ~ 0.007 rather than 0.69)."""
         inside = {id(m) for unit in self.decoder.modules() if isinstance(unit, ResidualUnit)
                   for m in unit.modules()}
         for m in self.modules():
-            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) and m.bias is not None:
                 m.bias.zero_()
         for m in self.decoder.modules():
             if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) and id(m) not in inside:
@@ -241,7 +279,8 @@ class VAE(nn.Module):
                 v.normal_(0, fan_in ** -0.5)
                 m.parametrizations.weight.original0.copy_(         # g = |v|, so w = v
                     v.norm(dim=tuple(range(1, v.dim())), keepdim=True))
-        self.decoder[-2].parametrizations.weight.original0.mul_(0.1)
+        last = [m for m in self.decoder if isinstance(m, nn.Conv1d)][-1]
+        last.parametrizations.weight.original0.mul_(0.1)
         self.encoder[-1].bias[latent_dim:] = -5.0
 
     def encode(self, audio):
@@ -299,24 +338,24 @@ class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention (flash kernels where possible).
 
     Self-attention when `context` is None; otherwise queries from x, keys and values from the
-    context, each stream with its own LayerNorm (as in the released U-Net)."""
+    context. As in the released U-Net, the query stream and the key/value stream each have their
+    own LayerNorm, in self-attention too (there both read x)."""
     def __init__(self, features, heads, context_features=None):
         super().__init__()
         self.heads = heads
         self.norm = nn.LayerNorm(features)
-        self.norm_context = nn.LayerNorm(context_features) if context_features else None
+        self.norm_context = nn.LayerNorm(context_features or features)
         self.to_q = nn.Linear(features, features, bias=False)
         self.to_kv = nn.Linear(context_features or features, 2 * features, bias=False)
         self.to_out = nn.Linear(features, features)
 
     def forward(self, x, context=None, mask=None):
         B, S, C = x.shape                                            # (B, S, C)
-        x = self.norm(x)
-        context = x if context is None else self.norm_context(context)
-        q, (k, v) = self.to_q(x), self.to_kv(context).chunk(2, dim=-1)
+        context = self.norm_context(x if context is None else context)
+        q, (k, v) = self.to_q(self.norm(x)), self.to_kv(context).chunk(2, dim=-1)
         q, k, v = (t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        # The released model multiplies padded keys by 0, which still leaves them in the softmax;
-        # a boolean mask removes them. (B, heads, S, C / heads)
+        # The released model multiplies padded keys and values by 0, which leaves them in the
+        # softmax with logit 0; a boolean mask removes them. (B, heads, S, C / heads)
         mask = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(out.transpose(1, 2).reshape(B, S, C))
@@ -432,11 +471,12 @@ class TimingEmbedding(nn.Module):
         self.max_seconds = cfg.max_seconds
         self.start = nn.Embedding(cfg.max_seconds + 1, features)
         self.total = nn.Embedding(cfg.max_seconds + 1, features)
-        # The tables start as sinusoids of the second (the released tables start from N(0, 1);
-        # the paper does not say): neighbouring seconds start close, so what a batch teaches
+        # Released: rows start from N(0, 1). `tiny` starts them as sinusoids of the second (the
+        # paper does not say), so neighbouring seconds start close and what a short run teaches
         # about 20 s carries over to 21 s before each row has been trained on its own.
-        for table in (self.start, self.total):
-            table.weight.data.copy_(sinusoids(cfg.max_seconds + 1, features))
+        if cfg.sinusoid_init:
+            for table in (self.start, self.total):
+                table.weight.data.copy_(sinusoids(cfg.max_seconds + 1, features))
 
     def forward(self, seconds_start, seconds_total):
         """Seconds (B,) -> two tokens (B, 2, C); fractions of a second are dropped."""
@@ -522,13 +562,13 @@ class ResnetBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, features, heads, context_features):
+    def __init__(self, features, heads, context_features, multiplier=4):
         super().__init__()
         self.self_attn = Attention(features, heads)
         self.cross_attn = Attention(features, heads, context_features)
         # The released block has no norm before its feed-forward; we keep that.
-        self.ff = nn.Sequential(nn.Linear(features, 4 * features), nn.GELU(),
-                                nn.Linear(4 * features, features))
+        self.ff = nn.Sequential(nn.Linear(features, multiplier * features), nn.GELU(),
+                                nn.Linear(multiplier * features, features))
         self.checkpoint = False
 
     def forward(self, x, context, mask):
@@ -544,12 +584,12 @@ class TransformerBlock(nn.Module):
 
 class Transformer1d(nn.Module):
     """GroupNorm -> 1x1 conv -> transformer blocks over the L frames -> 1x1 conv."""
-    def __init__(self, features, blocks, heads, context_features):
+    def __init__(self, features, blocks, cfg: UNetConfig, context_features):
         super().__init__()
         self.to_in = nn.Sequential(GroupNorm(32, features, eps=1e-6),
                                    nn.Conv1d(features, features, 1))
-        self.blocks = nn.ModuleList(TransformerBlock(features, heads, context_features)
-                                    for _ in range(blocks))
+        self.blocks = nn.ModuleList(TransformerBlock(features, cfg.heads, context_features,
+                                                     cfg.ff_multiplier) for _ in range(blocks))
         self.to_out = nn.Conv1d(features, features, 1)
 
     def forward(self, x, context, mask):
@@ -563,17 +603,22 @@ class DownLevel(nn.Module):
     """Strided conv (kernel 2f + 1), residual blocks, transformer; every output becomes a skip."""
     def __init__(self, c_in, c_out, factor, attentions, cfg: UNetConfig, context_features):
         super().__init__()
-        self.downsample = nn.Conv1d(c_in, c_out, 2 * factor + 1, stride=factor, padding=factor)
+        # Kernel 2f + 1, stride f: f + 1 zeros of padding keep L / f frames. The released code
+        # puts ceil((f + 1) / 2) of them on the left, the rest on the right. (Format-1
+        # checkpoints were trained with f on each side: the factor-4 level one sample later.)
+        self.pad = (factor, factor) if cfg.symmetric_downsample else (
+            (factor + 2) // 2, (factor + 1) // 2)
+        self.downsample = nn.Conv1d(c_in, c_out, 2 * factor + 1, stride=factor)
         self.resnets = nn.ModuleList(ResnetBlock(c_out, c_out, cfg.mapping_features,
                                                  cfg.resnet_groups)
                                      for _ in range(cfg.resnet_blocks))
         # A level with 0 attention blocks has no transformer at all (tiny drops the first level's:
         # self-attention over all L frames is most of a CPU forward).
-        self.transformer = (Transformer1d(c_out, attentions, cfg.heads, context_features)
+        self.transformer = (Transformer1d(c_out, attentions, cfg, context_features)
                             if attentions else None)
 
     def forward(self, x, mapping, context, mask, skips):
-        x = self.downsample(x)                                       # (B, C_out, L / f)
+        x = self.downsample(F.pad(x, self.pad))                      # (B, C_out, L / f)
         for resnet in self.resnets:
             x = resnet(x, mapping)
             skips.append(x)
@@ -590,7 +635,7 @@ class UpLevel(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(2 * c_in, c_in, cfg.mapping_features,
                                                  cfg.resnet_groups)
                                      for _ in range(cfg.resnet_blocks + 1))
-        self.transformer = (Transformer1d(c_in, attentions, cfg.heads, context_features)
+        self.transformer = (Transformer1d(c_in, attentions, cfg, context_features)
                             if attentions else None)
         self.upsample = (nn.Conv1d(c_in, c_out, 3, padding=1) if factor == 1 else
                          nn.ConvTranspose1d(c_in, c_out, 2 * factor, stride=factor,
@@ -609,7 +654,7 @@ class UNet(nn.Module):
         super().__init__()
         ch, M = cfg.widths, cfg.mapping_features
         self.downsampling = math.prod(cfg.factors)
-        self.to_time = TimeEmbedding(M)
+        self.to_time = TimeEmbedding(M, cfg.time_frequencies)
         self.to_mapping = nn.Sequential(nn.Linear(M, M), nn.GELU(), nn.Linear(M, M), nn.GELU())
         # §4.4: the learned "null" context that replaces text and timing for guidance.
         self.null_context = nn.Parameter(torch.randn(context_len, context_features))
@@ -619,8 +664,7 @@ class UNet(nn.Module):
         self.down = nn.ModuleList(DownLevel(ch[i], ch[i + 1], cfg.factors[i], cfg.attentions[i],
                                             cfg, context_features) for i in levels)
         self.mid1 = ResnetBlock(ch[-1], ch[-1], M, cfg.resnet_groups)
-        self.mid_transformer = Transformer1d(ch[-1], cfg.attentions[-1], cfg.heads,
-                                             context_features)
+        self.mid_transformer = Transformer1d(ch[-1], cfg.attentions[-1], cfg, context_features)
         self.mid2 = ResnetBlock(ch[-1], ch[-1], M, cfg.resnet_groups)
         self.up = nn.ModuleList(UpLevel(ch[i + 1], ch[i], cfg.factors[i], cfg.attentions[i],
                                         cfg, context_features) for i in reversed(levels))
@@ -672,7 +716,8 @@ class StableAudio(nn.Module):
         return self.cfg.window // self.vae.hop
 
     def content_frames(self, seconds_start, seconds_total):
-        """Seconds (B,) -> latent frames (B,) before the silence: (total - start) x frame rate."""
+        """Seconds (B,) -> latent frames (B,) before the silence: (total - start) x frame rate.
+        A count of L or more marks the whole window: the mask covers min(total - start, window)."""
         seconds = torch.as_tensor(seconds_total) - torch.as_tensor(seconds_start)
         return (seconds.double() * self.cfg.sample_rate / self.vae.hop).ceil().long()
 
@@ -900,7 +945,9 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
              negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03, sigma_max=80.0,
              init_audio=None, init_strength=1.0, inpaint=None,
              trim=True, decode_chunk=None, dtype=torch.float32, callback=None, timings=None):
-    """Audio (B, 2, N) for a list of prompts; N = seconds_total * sample_rate unless trim=False.
+    """Audio (B, 2, N) for a list of prompts; N = min(seconds_total - seconds_start, window)
+    * sample_rate, or the whole window with trim=False. As in §3.2, the clip starts
+    `seconds_start` into a piece `seconds_total` long (at most cfg.timing.max_seconds, 512 s).
 
     init_audio (2, N) or (B, 2, N) at the model's rate starts from that clip instead of noise:
     `init_strength` in (0, 1] picks how much of the schedule is run, `inpaint` = (start, end)
@@ -910,11 +957,12 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     `decode_chunk` latent frames are decoded at a time (default: 128 on a CPU, 512 on a GPU)."""
     cfg, device = model.cfg, next(model.parameters()).device
     window_seconds = cfg.window / cfg.sample_rate
-    if not 0 < seconds_total <= window_seconds:
-        raise ValueError(f"seconds_total must be in (0, {window_seconds:.1f}], the model's window; "
-                         f"a longer window needs a new size and training")
-    if not 0 <= seconds_start <= cfg.timing.max_seconds:
-        raise ValueError(f"seconds_start must be in [0, {cfg.timing.max_seconds}]")
+    if not 0 < seconds_total <= cfg.timing.max_seconds:
+        raise ValueError(f"seconds_total must be in (0, {cfg.timing.max_seconds}], the timing "
+                         f"embedding's range, got {seconds_total}; it is the whole piece's length")
+    if not 0 <= seconds_start < seconds_total:
+        raise ValueError(f"seconds_start must be in [0, seconds_total = {seconds_total}), got "
+                         f"{seconds_start}; it is where the clip begins within the piece")
     if decode_chunk is not None and decode_chunk <= DECODE_OVERLAP:
         raise ValueError(f"decode_chunk must be more than {DECODE_OVERLAP} latent frames")
     if not 0 < init_strength <= 1:
@@ -970,7 +1018,9 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         z = SAMPLERS[sampler](denoiser, x, sigmas, callback)
     clock.lap("sampling")
     check_finite(z, "latent")
-    N = round(seconds_total * cfg.sample_rate) if trim else cfg.window
+    # §3.2: a window starting seconds_start into the piece holds content up to seconds_total.
+    content = min(seconds_total - seconds_start, window_seconds)
+    N = round(content * cfg.sample_rate) if trim else cfg.window
     # Decode only what is kept, plus DECODE_OVERLAP frames to cover the receptive field. Past the
     # window's end the last frame is repeated: the decoder's own right edge leaves a tick there
     # (-67 dBFS from an all-silent latent with the demo VAE), which this keeps outside the window.
@@ -1012,6 +1062,25 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
+FORMAT_1 = "stable-audio-reference/1"
+
+
+def upgrade_format_1(ckpt):
+    """Format 1 (before the U-Net matched the released one) -> format 2, computing the same.
+    Its attention shared one LayerNorm between the query and key/value streams in
+    self-attention: two norms with equal weights are exactly that. Its downsampling padded f
+    samples on each side: the config says so."""
+    def split_norms(weights):
+        extra = {k.replace(".norm.", ".norm_context."): v for k, v in weights.items()
+                 if ".self_attn.norm." in k or ".attn.norm." in k}
+        return {**weights, **extra}
+    config = copy.deepcopy(ckpt["config"])
+    config["unet"]["symmetric_downsample"] = True
+    return {**ckpt, "format": CHECKPOINT_FORMAT, "upgraded_from": FORMAT_1, "config": config,
+            "model": split_norms(ckpt["model"]),
+            **({"ema": split_norms(ckpt["ema"])} if ckpt.get("ema") else {})}
+
+
 def pick_device(name="auto"):
     """auto: cuda, then mps, then cpu (USERS.md row 3). Naming a missing accelerator is an error."""
     mps = getattr(torch.backends, "mps", None)
@@ -1035,6 +1104,8 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
     except Exception as e:
         raise ValueError(f"checkpoint {path} is damaged or not a checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT_1:
+        ckpt = upgrade_format_1(ckpt)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint written by train.py")
     if size is not None and ckpt["size"] != size:
@@ -1052,6 +1123,183 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
         raise ValueError(f"checkpoint {path} does not match its config: missing "
                          f"{missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device).eval(), ckpt
+
+
+# -------------------------------------------------------------------------------------------------
+# Released checkpoints. stable-audio-tools publishes a model as a config JSON plus weights (.ckpt
+# or .safetensors). from_sat builds the model the JSON describes and renames the released
+# parameters to this file's names; the modules compute the same functions (tested against the
+# released code to 1e-4 of the largest output). The released text encoder (LAION CLAP, RoBERTa)
+# has no counterpart here: our CLAP stays untrained and says so.
+# -------------------------------------------------------------------------------------------------
+SAT_UNET_NAMES = [                       # released U-Net name -> ours, applied in order
+    (r"^to_time\.0\.0\.weights$", "to_time.w"), (r"^to_time\.0\.1\.", "to_time.linear.0."),
+    (r"^fixed_embedding\.embedding\.weight$", "null_context"),
+    (r"^(to_in|to_out)\.block\.", r"\1."), (r"^downsamples\.", "down."), (r"^upsamples\.", "up."),
+    (r"^bottleneck\.pre_block\.", "mid1."), (r"^bottleneck\.post_block\.", "mid2."),
+    (r"^bottleneck\.transformer\.", "mid_transformer."),
+    (r"^(down|up)\.(\d+)\.blocks\.", r"\1.\2.resnets."),
+    (r"\.block1\.groupnorm\.", ".block1.0."), (r"\.block1\.project\.", ".block1.2."),
+    (r"\.to_scale_shift\.to_scale_shift\.1\.", ".to_film.1."),
+    (r"\.block2\.groupnorm\.", ".norm2."), (r"\.block2\.project\.", ".block2.1."),
+    (r"^(to_in|to_out|mid1|mid2|(?:down|up)\.\d+\.resnets\.\d+)\.to_out\.", r"\1.skip."),
+    (r"\.cross_attention\.attention\.to_out\.", ".cross_attn.to_out."),
+    (r"\.cross_attention\.", ".cross_attn."),
+    (r"\.attention\.attention\.to_out\.", ".self_attn.to_out."), (r"\.attention\.", ".self_attn."),
+    (r"\.feed_forward\.", ".ff."),
+    (r"transformer\.to_out\.1\.", "transformer.to_out."),
+]
+SAT_VAE_NAMES = [                        # DAC (Stable Audio 1.0) and Oobleck (Stable Audio Open)
+    (r"^encoder\.encoder\.block\.", "encoder."), (r"^decoder\.decoder\.model\.", "decoder."),
+    (r"^(encoder|decoder)\.layers\.", r"\1."),
+    (r"^(encoder|decoder)\.(\d+)\.(?:block|layers)\.(\d+)\.", r"\1.\2.\3."),
+    (r"\.layers\.", ".block."),
+    (r"weight_g$", "parametrizations.weight.original0"),
+    (r"weight_v$", "parametrizations.weight.original1"),
+]
+
+
+def rename(weights, prefix, rules):
+    """The entries of `weights` under `prefix`, renamed by the (pattern, replacement) rules."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            for pattern, replacement in rules:
+                key = re.sub(pattern, replacement, key)
+            out[key] = value
+    return out
+
+
+def sat_vae_config(d):
+    """A released autoencoder config ("model" of an autoencoder JSON) -> VAEConfig."""
+    enc, dec = d["encoder"], d["decoder"]
+    if enc["type"] == dec["type"] == "dac":
+        e, c = enc["config"], dec["config"]
+        strides = tuple(e["strides"])
+        if tuple(c["rates"]) != strides[::-1]:
+            raise ValueError("the decoder's rates must be the encoder's strides reversed")
+        return VAEConfig(channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],
+                         encoder_width=e["d_model"], decoder_width=c["channels"],
+                         strides=strides, multipliers=tuple(2 ** i for i in range(len(strides) + 1)))
+    if enc["type"] == dec["type"] == "oobleck":
+        e, c = enc["config"], dec["config"]
+        if c.get("final_tanh", True) or e.get("antialias_activation") or c.get("use_nearest_upsample"):
+            raise ValueError("only Oobleck as Stable Audio Open uses it is supported (final_tanh "
+                             "false, no antialiasing, transposed-conv upsampling)")
+        mults = (1, *e["c_mults"])
+        return VAEConfig(channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],
+                         encoder_width=e["channels"], decoder_width=c["channels"] * mults[-1],
+                         strides=tuple(e["strides"]), multipliers=mults, kind="oobleck",
+                         activation="snake_beta" if e.get("use_snake") else "elu")
+    raise ValueError(f"autoencoder type {enc['type']}/{dec['type']} is not supported "
+                     f"(dac or oobleck)")
+
+
+def sat_model_config(d):
+    """A released diffusion_cond config with the Stable Audio 1.0 U-Net -> ModelConfig."""
+    m = d["model"]
+    u, conds = m["diffusion"]["config"], [c["id"] for c in m["conditioning"]["configs"]]
+    if m["diffusion"]["type"] != "adp_cfg_1d":
+        raise ValueError(f"diffusion type {m['diffusion']['type']!r} is not built here; the "
+                         f"U-Net of Stable Audio 1.0 is adp_cfg_1d (pass vae_only=True for the "
+                         f"autoencoder alone)")
+    if m["diffusion"]["cross_attention_cond_ids"] != ["prompt", "seconds_start", "seconds_total"]:
+        raise ValueError("the U-Net must cross-attend to prompt, seconds_start, seconds_total")
+    if len(set(u["num_blocks"])) != 1 or u.get("kernel_multiplier_downsample", 2) != 2 or \
+            u.get("use_nearest_upsample") or not u.get("use_skip_scale", True):
+        raise ValueError("this U-Net config differs from Stable Audio 1.0's in a way not built here")
+    seconds = {c["id"]: c["config"] for c in m["conditioning"]["configs"] if c["type"] == "int"}
+    if set(seconds) != {"seconds_start", "seconds_total"} or "prompt" not in conds:
+        raise ValueError("expected a prompt and int seconds_start/seconds_total conditioners")
+    C = u["context_embedding_features"]
+    c = u["channels"]
+    return ModelConfig(
+        size="released", sample_rate=d["sample_rate"], window=d["sample_size"],
+        latent_scale=1 / m["pretransform"].get("scale", 1.0),
+        vae=sat_vae_config(m["pretransform"]["config"]),
+        clap=CLAPConfig(text_len=u["context_embedding_max_length"] - 2, text_width=C,   # untrained
+                        text_heads=math.gcd(12, C), audio_width=C, audio_heads=math.gcd(8, C),
+                        embed_dim=min(512, C)),
+        timing=TimingConfig(max_seconds=seconds["seconds_total"]["max_val"]),
+        unet=UNetConfig(widths=tuple(c * k for k in u["multipliers"]), factors=tuple(u["factors"]),
+                        attentions=tuple(u["attentions"]), resnet_blocks=u["num_blocks"][0],
+                        heads=u["attention_heads"], ff_multiplier=u.get("attention_multiplier", 2),
+                        time_frequencies=c // 2, mapping_features=4 * c,
+                        resnet_groups=u.get("resnet_groups", 8)))
+
+
+def read_sat_weights(path):
+    """A released .ckpt (Lightning: the weights under "state_dict") or .safetensors file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights {path} not found")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ValueError("reading .safetensors needs the safetensors package: "
+                             "pip install safetensors") from None
+        return load_file(path)
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    return weights.get("state_dict", weights) if isinstance(weights, dict) else {}
+
+
+def load_renamed(module, weights, what):
+    """Load renamed weights (reshaped where only the layout differs, e.g. SnakeBeta's (C,)),
+    refusing with one line if any parameter is missing or left over."""
+    mine = module.state_dict()
+    missing, unexpected = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
+    wrong = [k for k in mine if k in weights and weights[k].numel() != mine[k].numel()]
+    if missing or unexpected or wrong:
+        raise ValueError(f"the {what} weights do not match the config: {len(missing)} missing "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                         f"{len(wrong)} of another shape {wrong[:3]}")
+    module.load_state_dict({k: weights[k].reshape(v.shape).to(v.dtype) for k, v in mine.items()})
+
+
+def load_sat_vae(vae, weights, prefix):
+    """DAC's extra 1x1 conv ("proj_out") is the last module of our encoder."""
+    rules = SAT_VAE_NAMES + [(r"^encoder\.proj_out\.", f"encoder.{len(vae.encoder) - 1}.")]
+    load_renamed(vae, rename(weights, prefix, rules), "autoencoder")
+
+
+def from_sat(config, weights, vae_only=False):
+    """A stable-audio-tools model: config (JSON path or dict) + weights (path or state dict).
+    A diffusion_cond config -> StableAudio (or its VAE alone with vae_only); an autoencoder
+    config -> VAE."""
+    if not isinstance(config, dict):
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"config {config} not found")
+        with open(config) as f:
+            config = json.load(f)
+    weights = read_sat_weights(weights) if isinstance(weights, str) else weights
+    try:
+        if config["model_type"] == "autoencoder" or vae_only:
+            cfg = config["model"] if config["model_type"] == "autoencoder" else \
+                config["model"]["pretransform"]["config"]
+            vae = VAE(sat_vae_config(cfg))
+            prefix = "pretransform.model." if any(k.startswith("pretransform.model.")
+                                                 for k in weights) else ""
+            load_sat_vae(vae, weights, prefix)
+            return vae.eval()
+        if config["model_type"] != "diffusion_cond":
+            raise ValueError(f"model_type {config['model_type']!r} is not supported")
+        cfg = sat_model_config(config)
+    except KeyError as e:
+        raise ValueError(f"the config lacks {e}; pass a stable-audio-tools model config") from None
+    model = build_model(cfg)
+    load_renamed(model.unet, rename(weights, "model.model.", SAT_UNET_NAMES), "U-Net")
+    load_sat_vae(model.vae, weights, "pretransform.model.")
+    tables = {f"{ours}.weight": weights.get(f"conditioner.conditioners.seconds_{ours}."
+                                            f"int_embedder.weight") for ours in ("start", "total")}
+    load_renamed(model.timing, {k: v for k, v in tables.items() if v is not None}, "timing")
+    warnings.warn("the released text encoder (LAION CLAP) has no counterpart here: this model's "
+                  "CLAP is untrained, so prompts do not steer it; pass your own context",
+                  stacklevel=2)
+    return model.eval()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -128,6 +128,22 @@ def test_elu_activation_replaces_every_snake_and_keeps_the_shapes():
     assert elu.decode(elu.encode(torch.randn(1, 2, 4096))[0]).shape == (1, 2, 4096)
 
 
+def test_the_audible_init_is_tinys_and_full_size_keeps_the_released_defaults():
+    full = sa.SIZES["full"]
+    assert not (full.vae.audible_init or full.timing.sinusoid_init or full.unet.padding_mask
+                or full.unet.symmetric_downsample)
+    torch.manual_seed(0)
+    audible = sa.VAE(sa.SIZES["tiny"].vae)
+    released = sa.VAE(replace(sa.SIZES["tiny"].vae, audible_init=False))
+    silence = torch.zeros(1, 2, 4096)
+    with torch.no_grad():
+        # the posterior std at silence: softplus(-5) + 1e-4 (biases 0, scale bias -5) ...
+        torch.testing.assert_close(audible.encode(silence)[1],
+                                   torch.full((1, 64, 4), F.softplus(torch.tensor(-5.0)) + 1e-4))
+        # ... while PyTorch's default init leaves it near softplus(0) = 0.69
+        assert 0.5 < released.encode(silence)[1].mean() < 0.9
+
+
 def test_strides_set_the_compression_ratio():
     vae = sa.build_model(replace(SHORT, vae=replace(SHORT.vae, strides=(2, 4, 8, 8)))).vae
     mean, _ = vae.encode(torch.randn(1, 2, 8192))
@@ -269,7 +285,7 @@ def test_the_papers_downsampling_leaves_the_middle_of_a_long_window_blind_to_pos
 
 
 def test_timing_tables_start_smooth_in_the_second():
-    timing = sa.TimingEmbedding(sa.TimingConfig(), 64)
+    timing = sa.TimingEmbedding(sa.TimingConfig(sinusoid_init=True), 64)   # tiny's choice
     row = F.normalize(timing.total.weight, dim=1)
     near, far = (row[20] * row[21]).sum(), (row[20] * row[200]).sum()
     assert near > 0.9 and far < near - 0.2
@@ -528,10 +544,44 @@ def test_same_seed_same_audio_and_sample_i_is_seed_plus_i(model):
     assert not torch.allclose(a[0], other[0], atol=1e-3)
 
 
-def test_generate_refuses_seconds_outside_the_window(model):
-    for bad in (0, -1, SHORT.window / 44100 + 1):
-        with pytest.raises(ValueError, match="window"):
-            sa.generate(model, ["rain"], seconds_total=bad, steps=2)
+WINDOW_S = 2 ** 17 / 44100                                 # SHORT's window: 2.97 s
+
+
+@pytest.mark.parametrize("start, total, seconds", [
+    (0, 1.5, 1.5),                                         # seconds_total alone: that long
+    (10, 11.5, 1.5),                                       # §3.2: total - start, < the window
+    (0, 100, WINDOW_S),                                    # longer than the window: all of it
+    (14, 180, WINDOW_S),                                   # the paper's example: a full window
+    (0, 512, WINDOW_S)])                                   # the timing table's last second
+def test_generate_gives_total_minus_start_up_to_the_window(model, start, total, seconds):
+    audio = sa.generate(model, ["rain"], seconds_total=total, seconds_start=start, steps=2)
+    assert audio.shape == (1, 2, round(seconds * 44100))
+
+
+def test_generate_conditions_on_whole_seconds_and_trims_to_the_exact_request(model, monkeypatch):
+    seen, condition = [], model.condition
+    monkeypatch.setattr(model, "condition",
+                        lambda p, s, T: seen.append((s, T)) or condition(p, s, T))
+    audio = sa.generate(model, ["rain"], seconds_total=12.2, seconds_start=10.7, steps=2)
+    assert seen == [([10], [13])]                          # start floored, total ceiled
+    assert audio.shape[-1] == round(1.5 * 44100)           # 12.2 - 10.7 s
+
+
+def test_generate_without_trim_gives_the_whole_window_for_any_start(model):
+    audio = sa.generate(model, ["rain"], seconds_total=11.5, seconds_start=10, steps=2, trim=False)
+    assert audio.shape == (1, 2, SHORT.window)
+
+
+@pytest.mark.parametrize("start, total, message", [
+    (0, 0, r"seconds_total must be in \(0, 512\]"),
+    (0, -1, r"seconds_total must be in \(0, 512\]"),
+    (0, 513, r"seconds_total must be in \(0, 512\].*whole piece's length"),
+    (-1, 5, r"seconds_start must be in \[0, seconds_total = 5\)"),
+    (5, 5, r"seconds_start must be in \[0, seconds_total = 5\).*where the clip begins"),
+    (6, 5, r"seconds_start must be in \[0, seconds_total = 5\)")])
+def test_generate_refuses_timing_outside_the_piece_or_the_table(model, start, total, message):
+    with pytest.raises(ValueError, match=message):
+        sa.generate(model, ["rain"], seconds_total=total, seconds_start=start, steps=2)
 
 
 def test_generate_stops_on_non_finite_latents(model):
@@ -678,6 +728,193 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     torch.save({"format": sa.CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="damaged or not a checkpoint"):
         sa.load_checkpoint(tmp_path / "evil.pt")
+
+
+# --- the released code (stable-audio-tools) ----------------------------------------------------
+# fixtures/sat_reference.pt was written by fixtures/make_sat_fixture.py with stable-audio-tools at a
+# reduced size that keeps every block type: released-style weights, inputs and the released
+# modules' outputs. Equality target: max |difference| <= 1e-4 of the largest reference value.
+SAT_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                           "sat_reference.pt")
+
+
+@pytest.fixture(scope="module")
+def sat():
+    return torch.load(SAT_FIXTURE, weights_only=True)
+
+
+def floats(state_dict):
+    return {k: v.float() for k, v in state_dict.items()}
+
+
+def released(sat, mutate=None):
+    """The fixture's diffusion model through from_sat, optionally with one weight changed."""
+    weights = floats(sat["diffusion"]["state_dict"])
+    if mutate is not None:
+        weights[mutate] = weights[mutate] + 0.5 * torch.randn(weights[mutate].shape,
+                                                             generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="LAION CLAP"):
+        return sa.from_sat(sat["diffusion"]["config"], weights)
+
+
+def relative_error(ours, reference):
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def released_unet_errors(model, u):
+    """(v, guided v) against the released outputs, all-true masks, guidance 6 with rescale 0.4."""
+    with torch.no_grad():
+        v = model.unet(u["x"], u["t"], u["context"], u["mask"])
+        null = model.unet.null_context.expand_as(u["context"])
+        guided = sa.guided_v(model.unet, u["context"], u["mask"], null, u["mask"],
+                             u["cfg_scale"], u["scale_phi"])(u["x"], u["t"])
+    return relative_error(v, u["v"]), relative_error(guided, u["v_cfg"])
+
+
+def test_released_unet_gives_the_released_v_and_guided_v(sat):
+    errors = released_unet_errors(released(sat), sat["diffusion"]["unet"])
+    assert max(errors) <= 1e-4, errors
+
+
+def test_released_timing_tokens_are_the_released_ones_clamped_to_0_512(sat):
+    model, t = released(sat), sat["diffusion"]["timing"]
+    tokens = model.timing(torch.tensor(t["seconds_start"]), torch.tensor(t["seconds_total"]))
+    assert relative_error(tokens[:, 0], t["seconds_start_embeds"][:, 0]) <= 1e-4
+    assert relative_error(tokens[:, 1], t["seconds_total_embeds"][:, 0]) <= 1e-4
+
+
+@pytest.mark.parametrize("part", ["diffusion", "dac_vae", "oobleck"])
+def test_released_autoencoders_encode_and_decode_the_same(sat, part):
+    if part == "diffusion":          # Stable Audio 1.0's VAE inside the diffusion checkpoint
+        vae, ref = released(sat).vae, sat["diffusion"]["vae"]
+    else:                            # standalone autoencoder configs, keys without a prefix
+        vae, ref = sa.from_sat(sat[part]["config"], floats(sat[part]["state_dict"])), sat[part]
+    with torch.no_grad():
+        mean, std = vae.encode(ref["audio"])
+        audio = vae.decode(ref["z"])
+    for ours, theirs in ((mean, ref["mean"]), (std, ref["std"]), (audio, ref["decoded"])):
+        assert relative_error(ours, theirs) <= 1e-4
+    assert (part == "oobleck") == any(isinstance(m, sa.SnakeBeta) for m in vae.modules())
+
+
+@pytest.mark.parametrize("key", [
+    "model.model.downsamples.3.downsample.weight",                     # the factor-4 level
+    "model.model.downsamples.0.transformer.blocks.0.attention.norm_context.weight",
+    "model.model.bottleneck.transformer.blocks.0.cross_attention.to_kv.weight",
+    "model.model.upsamples.1.blocks.2.to_out.weight",                  # a resnet's 1x1 skip
+    "model.model.to_time.0.0.weights",
+    "model.model.fixed_embedding.embedding.weight",                     # guidance's null context
+])
+def test_changing_one_released_unet_weight_breaks_the_equality(sat, key):
+    assert max(released_unet_errors(released(sat, mutate=key), sat["diffusion"]["unet"])) > 1e-4
+
+
+def test_the_symmetric_padding_of_format_1_differs_from_the_released_unet(sat):
+    model = released(sat)
+    for level in model.unet.down:
+        level.pad = (level.downsample.stride[0],) * 2
+    assert released_unet_errors(model, sat["diffusion"]["unet"])[0] > 1e-4
+
+
+def test_padded_context_tokens_are_excluded_where_the_released_code_zeroes_them(sat):
+    """A documented difference: both agree with an all-true mask (tested above); with padding,
+    ours equals the released output on the context with the padded tokens removed."""
+    model, u = released(sat), sat["diffusion"]["unet"]
+    keep = u["partial_mask"][1]
+    with torch.no_grad():
+        ours = model.unet(u["x"], u["t"], u["context"], u["partial_mask"])
+        short = model.unet(u["x"][1:], u["t"][1:], u["context"][1:, keep], None)
+    torch.testing.assert_close(ours[1:], short, rtol=1e-5, atol=1e-5)
+    assert relative_error(ours, u["v_partial_mask"]) > 1e-4      # the released code differs
+
+
+def test_a_partial_released_state_dict_names_what_is_missing_and_left_over(sat):
+    weights = floats(sat["diffusion"]["state_dict"])
+    weights.pop("model.model.to_mapping.0.weight")
+    weights["model.model.surplus.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"1 missing \['to_mapping.0.weight'\], "
+                                         r"1 unexpected \['surplus.weight'\]"):
+        sa.from_sat(sat["diffusion"]["config"], weights)
+
+
+def test_released_weights_load_from_a_lightning_ckpt_and_refuse_a_dit(sat, tmp_path):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": floats(sat["oobleck"]["state_dict"])}, path)
+    config = tmp_path / "model_config.json"
+    config.write_text(json.dumps(sat["oobleck"]["config"]))
+    vae = sa.from_sat(str(config), str(path))
+    assert relative_error(vae.decode(sat["oobleck"]["z"]).detach(), sat["oobleck"]["decoded"]) <= 1e-4
+    dit = dict(sat["diffusion"]["config"], model={**sat["diffusion"]["config"]["model"],
+                                                  "diffusion": {"type": "dit", "config": {}}})
+    with pytest.raises(ValueError, match="vae_only=True"):
+        sa.from_sat(dit, floats(sat["diffusion"]["state_dict"]))
+    assert isinstance(sa.from_sat(dit, floats(sat["diffusion"]["state_dict"]), vae_only=True),
+                      sa.VAE)
+
+
+def test_safetensors_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_safetensors(name, *args, **kwargs):
+        if name.startswith("safetensors"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\0" * 16)
+    monkeypatch.setattr(builtins, "__import__", no_safetensors)
+    with pytest.raises(ValueError, match="pip install safetensors"):
+        sa.read_sat_weights(str(path))
+
+
+def test_full_size_parameter_counts_equal_the_released_networks():
+    """Counted by stable-audio-tools from the released JSON configs."""
+    with torch.device("meta"):
+        full, oobleck = sa.build_model("full"), sa.VAE(sa.OOBLECK)
+    assert sa.count(full.unet) == 906_679_744 and full.unet.null_context.shape == (79, 768)
+    assert sa.count(full.vae) == 133_431_300
+    assert sa.count(oobleck) == 156_112_514 and oobleck.hop == 2048
+
+
+def test_format_1_checkpoints_compute_what_they_computed(tmp_path):
+    """Format 1 had one LayerNorm for both streams of self-attention and padded the downsampling
+    f on both sides; loading one must give the same function."""
+    torch.manual_seed(0)
+    model = sa.build_model(replace(SHORT, unet=replace(SHORT.unet, symmetric_downsample=True)))
+    for m in model.modules():
+        if isinstance(m, sa.Attention) and m.norm.weight.shape == m.norm_context.weight.shape:
+            with torch.no_grad():             # scramble, so that a wrong copy would show
+                m.norm.weight.normal_(), m.norm.bias.normal_()
+    state = {k: v for k, v in model.state_dict().items()
+             if not (".norm_context." in k and ("self_attn" in k or ".attn." in k))}
+    cfg = dataclasses.asdict(model.cfg)
+    del cfg["unet"]["symmetric_downsample"]
+    torch.save({"format": "stable-audio-reference/1", "size": "tiny", "config": cfg,
+                "model": state}, tmp_path / "old.pt")
+    loaded, ckpt = sa.load_checkpoint(tmp_path / "old.pt")
+    assert ckpt["upgraded_from"] == "stable-audio-reference/1"
+    assert loaded.cfg.unet.symmetric_downsample
+    x, t = torch.randn(1, 64, 32), torch.tensor([0.4])
+    context, mask = torch.randn(1, model.cfg.context_len, 64), torch.ones(1, model.cfg.context_len,
+                                                                           dtype=torch.bool)
+
+    def shared_norm(self, x, context=None, mask=None):   # format 1's self-attention, by hand
+        h = self.norm(x)
+        q, (k, v) = self.to_q(h), self.to_kv(h if context is None else
+                                             self.norm_context(context)).chunk(2, -1)
+        q, k, v = (a.reshape(1, a.shape[1], self.heads, -1).transpose(1, 2) for a in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else
+                                             mask[:, None, None, :])
+        return self.to_out(out.transpose(1, 2).reshape(x.shape))
+    with torch.no_grad():
+        ours = loaded.unet(x, t, context, mask)
+        original = sa.Attention.forward
+        try:
+            sa.Attention.forward = shared_norm
+            before = model.unet(x, t, context, mask)
+        finally:
+            sa.Attention.forward = original
+    torch.testing.assert_close(ours, before)
 
 
 # ================================================================================== train.py
@@ -1332,6 +1569,50 @@ def test_export_writes_the_ema_weights_alone_and_sample_py_loads_them(parts, tmp
     assert "EMA weights of" in capsys.readouterr().out
 
 
+def released_files(sat, tmp_path, part="diffusion"):
+    """The fixture's model as a user would have it: a config JSON and a Lightning .ckpt."""
+    config, weights = tmp_path / f"{part}.json", tmp_path / f"{part}.ckpt"
+    config.write_text(json.dumps(sat[part]["config"]))
+    torch.save({"state_dict": floats(sat[part]["state_dict"])}, weights)
+    return str(config), str(weights)
+
+
+def test_export_from_sat_writes_a_checkpoint_sample_py_loads(sat, tmp_path, capsys):
+    config, weights = released_files(sat, tmp_path)
+    out = tmp_path / "released.pt"
+    assert run_train("export", "--from-sat", config, weights, "--to", out) == 0
+    assert "LAION CLAP" in capsys.readouterr().out
+    model, ckpt = sa.load_checkpoint(out)
+    assert ckpt["format"] == sa.CHECKPOINT_FORMAT
+    assert released_unet_errors(model, sat["diffusion"]["unet"])[0] <= 1e-4
+    assert sample.main(["rain", "--ckpt", str(out), "--steps", "2",
+                        "--out", str(tmp_path / "a.wav")]) == 0
+    assert sf.info(str(tmp_path / "a.wav")).frames == model.cfg.window     # the whole window
+    vae_config, vae_weights = released_files(sat, tmp_path, "oobleck")
+    assert run_train("export", "--from-sat", vae_config, vae_weights, "--to",
+                     tmp_path / "vae.pt") == 2
+    assert "--reconstruct" in capsys.readouterr().err
+
+
+def test_reconstruct_round_trips_a_file_through_a_released_autoencoder(sat, tmp_path, capsys):
+    config, weights = released_files(sat, tmp_path, "oobleck")
+    audio = 0.05 * np.sin(2 * np.pi * 440 * np.arange(3000) / 44100)
+    sf.write(tmp_path / "in.wav", np.stack([audio, -audio], 1), 44100, subtype="FLOAT")
+    args = ["--reconstruct", str(tmp_path / "in.wav"), "--from-sat", config, weights,
+            "--out", str(tmp_path / "out.wav")]
+    assert sample.main(args) == 0
+    written, sr = sf.read(tmp_path / "out.wav", dtype="float64")
+    vae = sa.from_sat(config, weights)
+    with torch.no_grad():
+        x = torch.tensor(np.stack([audio, -audio]), dtype=torch.float32)[None]
+        expected = vae.decode(vae.encode(x)[0])[0, :, :3000].double().numpy()
+    expected = expected - expected.mean(-1, keepdims=True)          # sample.py removes DC
+    assert sr == 44100 and written.shape == (3000, 2)
+    assert np.abs(written.T - expected).max() < 1e-4 + 1e-3 * np.abs(expected).max()
+    assert (tmp_path / "out.png").exists()
+    assert sample.main(args) == 2 and "--force" in capsys.readouterr().err
+
+
 def test_clap_layer_flag_conditions_on_the_chosen_layer(parts):
     assert run_train("diffusion", "--steps", 1, "--out", parts, *DIFFUSION,
                      "--clap-layer", -1) == 0
@@ -1573,6 +1854,24 @@ def test_init_audio_sets_the_length_and_inpainting_runs(ckpt, tmp_path, capsys):
     assert sf.read(tmp_path / "i.wav")[0].shape == (2 * 32000, 2)
 
 
+@pytest.mark.parametrize("timing, seconds", [
+    (["--start", "10", "--seconds", "12"], 2),             # §3.2: total - start, < the window
+    (["--start", "10", "--seconds", "30"], 2 ** 17 / 32000)])   # start + window < total
+def test_start_and_seconds_write_total_minus_start_up_to_the_window(ckpt, tmp_path, timing,
+                                                                    seconds):
+    assert run_sample(ckpt, tmp_path / "a.wav", *timing) == 0
+    assert sf.info(tmp_path / "a.wav").frames == round(seconds * 32000)
+
+
+def test_start_without_seconds_takes_the_init_audios_length_after_it(ckpt, tmp_path, capsys):
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, 0.3 * np.sin(np.arange(32000) / 20)[:, None], 32000)      # 1 s
+    assert sample.main(["x", "--ckpt", str(ckpt), "--steps", "2", "--out", str(tmp_path / "v.wav"),
+                        "--init-audio", str(clip), "--start", "7"]) == 0
+    assert sf.info(tmp_path / "v.wav").frames == 32000                       # the clip's 1 s
+    assert "into a 8 s piece" in capsys.readouterr().out                     # 7 + 1
+
+
 # ---------------------------------------------------------------------------------- bad input
 def assert_one_error_line(capsys, *words):
     err = capsys.readouterr().err
@@ -1587,8 +1886,10 @@ BAD = {
     "zero seconds": (["x", "--seconds", "0"], "--seconds"),
     "negative seconds": (["x", "--seconds", "-2"], "--seconds"),
     "seconds not a number": (["x", "--seconds", "abc"], "--seconds"),
-    "seconds past the window": (["x", "--seconds", "60"], "window of 4.1 s"),
+    "seconds past the timing table": (["x", "--seconds", "513"], "range of 512 s"),
     "negative start": (["x", "--start", "-1"], "--start"),
+    "start at the total": (["x", "--start", "1"], "--start 1 must be less than --seconds 1"),
+    "start past the total": (["x", "--start", "3", "--seconds", "2"], "pass --seconds 5"),
     "zero steps": (["x", "--steps", "0"], "--steps"),
     "zero samples": (["x", "--n", "0"], "--n"),
     "negative seed": (["x", "--seed", "-1"], "--seed"),

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -789,6 +790,10 @@ def prepare(args, stage):
         model, state = sa.load_checkpoint(path, size=args.size, ema=False)
         if state.get("stage") != stage:
             raise TrainingError(f"{path} is a {state.get('stage')} checkpoint, not {stage}")
+        if state.get("upgraded_from") and stage != "vae":
+            raise TrainingError(f"{path} was written by an earlier version whose attention had "
+                                f"one norm fewer, so its optimizer state cannot be resumed; "
+                                f"start a new run from its weights with --init {path}")
         print(f"{stage}: resuming {path} at step {state['step']}")
         return model, path, state
     if os.path.exists(path) and not args.force:
@@ -1096,6 +1101,8 @@ def export(args):
         raise TrainingError("export needs --to PATH, e.g. --to checkpoints/demo.pt")
     if os.path.exists(args.to) and not args.force:
         raise TrainingError(f"{args.to} exists; pass --force to overwrite it")
+    if args.from_sat:
+        return export_released(args)
     model, ckpt = sa.load_checkpoint(source, ema=True)
     if ckpt.get("stage") not in ("diffusion", "export"):
         raise TrainingError(f"{source} is a {ckpt.get('stage')} checkpoint; export takes the "
@@ -1114,6 +1121,24 @@ def export(args):
     print(f"export: wrote {args.to} ({os.path.getsize(args.to) / 2 ** 20:.1f} MiB) from {source}")
 
 
+def export_released(args):
+    """--from-sat CONFIG WEIGHTS: a stable-audio-tools model (Stable Audio 1.0's U-Net, VAE and
+    timing tables under our names) -> a checkpoint sample.py loads."""
+    config, weights = args.from_sat
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = sa.from_sat(config, weights)
+    if not isinstance(model, sa.StableAudio):
+        raise TrainingError(f"{config} describes an autoencoder, not a diffusion model; "
+                            f"sample.py --reconstruct FILE --from-sat reads it directly")
+    for w in caught:
+        print(f"note: {w.message}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.to)), exist_ok=True)
+    sa.save_checkpoint(args.to, model, stage="export", step=0,
+                       weights=f"released weights {weights} (config {config})")
+    print(f"export: wrote {args.to} ({os.path.getsize(args.to) / 2 ** 20:.1f} MiB) from {weights}")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Train Stable Audio's three stages (paper §4).")
     p.add_argument("stage", choices=[*STAGES, "all", "export"], help="what to train; `all` runs "
@@ -1128,6 +1153,9 @@ def parse_args(argv):
                    "checkpoints/demo.pt")
     p.add_argument("--from", dest="source", default=None, metavar="CKPT", help="export: the "
                    "diffusion or exported checkpoint to read (default OUT/diffusion.pt)")
+    p.add_argument("--from-sat", nargs=2, default=None, metavar=("CONFIG", "WEIGHTS"),
+                   help="export: a stable-audio-tools model instead, its config JSON and its "
+                   ".ckpt or .safetensors weights (the text encoder stays untrained)")
     p.add_argument("--resume", action="store_true", help="continue OUT/STAGE.pt from its step")
     p.add_argument("--force", action="store_true", help="start over even if OUT/STAGE.pt exists")
     p.add_argument("--batch-size", type=int, default=None,
