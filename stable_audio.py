@@ -94,8 +94,7 @@ class UNetConfig:
     mapping_features: int = 1024         # width of the noise-level embedding fed to FiLM
     resnet_groups: int = 16
     symmetric_downsample: bool = False   # checkpoints of format 1: see DownLevel
-    # Not in the paper (see "Where the end is" in the U-Net section); `tiny` turns it on.
-    padding_mask: bool = False           # the requested extent as one more input channel
+    padding_mask: bool = False           # Not the paper's (tiny): see frames_inside
 
 
 @dataclass
@@ -103,7 +102,9 @@ class ModelConfig:
     size: str = "full"
     sample_rate: int = 44100
     window: int = 2 ** 22                # samples: 95.1 s, 4096 latent frames
-    latent_scale: float = 1.0            # diffusion runs on z * latent_scale (released: 1.0)
+    # Not the paper's: diffusion runs on z * latent_scale (released: 1; a briefly trained VAE's
+    # latents are smaller than the schedule assumes); generate divides it out before decoding.
+    latent_scale: float = 1.0
     vae: VAEConfig = field(default_factory=VAEConfig)
     clap: CLAPConfig = field(default_factory=CLAPConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
@@ -134,8 +135,8 @@ SIZES = {
                         mapping_features=512)),
     "tiny": ModelConfig(  # trains in minutes on 2 CPU cores
         # Not the paper's, for CPU-sized training: the VAE's audible init, sinusoid timing tables,
-        # no attention at the first level (2048 frames: 44 % of a CPU forward pass) and the
-        # padding mask as a U-Net input (train.py --paper-timing drops it).
+        # no attention at the first level (self-attention over its 2048 frames dominates a CPU
+        # forward pass) and the padding mask as a U-Net input (train.py --paper-timing drops it).
         size="tiny", window=2 ** 21,
         vae=VAEConfig(encoder_width=16, decoder_width=128, audible_init=True),
         clap=CLAPConfig(text_len=128, text_width=64, text_layers=3, text_heads=4, audio_width=64,
@@ -261,9 +262,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def audible_init(self, latent_dim):
-        """Not the released init (PyTorch's defaults); `tiny` uses it because with the defaults
-        its decoder's output at step 0 barely depends on the latent (biases and Snake's sin^2
-        offsets drown it) and CPU-sized training collapsed to one output for every input. So:
+        """Not the paper's (tiny): the released VAE keeps PyTorch's default init. With it, the
+        tiny decoder's output at step 0 barely depends on the latent (biases and Snake's sin^2
+        offsets drown it) and CPU-sized training collapses to one output for every input. So:
         biases 0; the decoder's convs outside its residual units variance-preserving (std
         1/sqrt(fan in)), the last at a tenth so the tanh starts unsaturated; the posterior
         nearly deterministic (std = softplus(-5) ~ 0.007 rather than 0.69)."""
@@ -295,7 +296,7 @@ class VAE(nn.Module):
 
         Chunks overlap by `overlap` frames and each keeps only its centre: overlap/2 = 16 frames
         exceed the decoder's receptive field (about 10 frames), so the result equals a one-shot
-        decode. Overlap-add would be wrong: the decoder is nonlinear (USERS.md row 6)."""
+        decode. Overlap-add would be wrong: the decoder is nonlinear."""
         L = z.shape[-1]
         if chunk is None or L <= chunk:
             return self.decoder(z)
@@ -315,9 +316,10 @@ class VAE(nn.Module):
 # §3.2, §4.3 A small CLAP: a text transformer and an audio transformer over log-mel frames,
 # trained contrastively so that matching captions and clips land close together. The diffusion
 # model reads the text encoder's next-to-last layer (768 features per token at full size). The
-# paper's text tower is RoBERTa (77 BPE tokens); ours reads raw UTF-8 bytes, so it needs no
-# vocabulary file. A BPE token is ~4 characters, so 77 tokens ~ 300 bytes; metadata prompts are
-# mostly under 128 characters, and attention cost grows with length, so we keep 128 byte tokens.
+# paper's text tower is RoBERTa (77 BPE tokens, frozen); ours reads raw UTF-8 bytes, so it needs
+# no vocabulary file and trains here. `full` keeps the released 77 tokens, so the U-Net's context
+# is 79 as released; `small` and `tiny` read 128 bytes (a BPE token is ~4 characters, and
+# metadata prompts are mostly under 128 characters).
 # -------------------------------------------------------------------------------------------------
 def tokenize(prompts, length):
     """UTF-8 bytes between BOS and EOS, cut to `length`, padded -> tokens (B, S), mask (B, S)."""
@@ -326,12 +328,6 @@ def tokenize(prompts, length):
         ids = [BOS, *p.encode("utf-8")[:length - 2], EOS]
         tokens[i, :len(ids)] = torch.tensor(ids)
     return tokens, tokens != PAD
-
-
-def detokenize(tokens):
-    """Inverse of `tokenize` (a multi-byte character cut by truncation is dropped)."""
-    return [bytes(t for t in row.tolist() if t < 256).decode("utf-8", errors="ignore")
-            for row in tokens]
 
 
 class Attention(nn.Module):
@@ -361,7 +357,7 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, S, C))
 
 
-class EncoderLayer(nn.Module):
+class CLAPLayer(nn.Module):
     """Pre-norm transformer layer used by both CLAP towers."""
     def __init__(self, width, heads):
         super().__init__()
@@ -398,14 +394,14 @@ class CLAP(nn.Module):
         W, A = cfg.text_width, cfg.audio_width
         self.token_embedding = nn.Embedding(VOCAB, W)
         self.position = nn.Parameter(0.02 * torch.randn(cfg.text_len, W))
-        self.text_layers = nn.ModuleList(EncoderLayer(W, cfg.text_heads)
+        self.text_layers = nn.ModuleList(CLAPLayer(W, cfg.text_heads)
                                          for _ in range(cfg.text_layers))
         self.text_norm = nn.LayerNorm(W)
         self.register_buffer("mel", mel_filterbank(cfg.n_fft, cfg.n_mels, sample_rate),
                              persistent=False)
         self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
         self.patchify = nn.Conv1d(cfg.n_mels, A, cfg.patch, stride=cfg.patch)
-        self.audio_layers = nn.ModuleList(EncoderLayer(A, cfg.audio_heads)
+        self.audio_layers = nn.ModuleList(CLAPLayer(A, cfg.audio_heads)
                                           for _ in range(cfg.audio_layers))
         self.audio_norm = nn.LayerNorm(A)
         self.text_proj = nn.Sequential(nn.Linear(W, cfg.embed_dim), nn.GELU(),
@@ -471,9 +467,9 @@ class TimingEmbedding(nn.Module):
         self.max_seconds = cfg.max_seconds
         self.start = nn.Embedding(cfg.max_seconds + 1, features)
         self.total = nn.Embedding(cfg.max_seconds + 1, features)
-        # Released: rows start from N(0, 1). `tiny` starts them as sinusoids of the second (the
-        # paper does not say), so neighbouring seconds start close and what a short run teaches
-        # about 20 s carries over to 21 s before each row has been trained on its own.
+        # Released: rows start from N(0, 1). Not the paper's (tiny): sinusoids of the second, so
+        # neighbouring seconds start close and what a short run teaches about 20 s carries over
+        # to 21 s before each row has been trained on its own.
         if cfg.sinusoid_init:
             for table in (self.start, self.total):
                 table.weight.data.copy_(sinusoids(cfg.max_seconds + 1, features))
@@ -489,22 +485,22 @@ class TimingEmbedding(nn.Module):
 # 1280, downsampling 1, 2, 2, 4 and a 1280 bottleneck; per level 2 residual conv blocks and then
 # transformer blocks (self-attention, cross-attention to text + timing, feed-forward; 1, 3, 3, 3
 # per level, 3 in the bottleneck, 16 heads). The noise level t enters every residual block by FiLM
-# (a per-channel scale and shift). Full size: 907 M parameters. It predicts v (§4.4).
-# Where the end is: the paper's U-Net has no positional encoding, so a frame knows its place only
-# through the zero padding at the window's edges, as far as the convolutions carry it, and the
-# timing tokens reach it only through cross-attention; from these it must learn which frames lie
-# past seconds_total. Not in the paper, and on in `tiny`: the padding mask that the released data
-# pipeline computes (1 up to seconds_total - seconds_start, 0 on the silence after) joins the
-# noisy latent as one more input channel, the way Stable Audio Open feeds its inpainting mask.
-# The tokens stay; the mask tells every frame whether it is inside the requested length.
+# (a per-channel scale and shift). Full size: 906.7 M parameters. It predicts v (§4.4). It has no
+# positional encoding: a frame learns where the requested end lies from the timing tokens (through
+# cross-attention) and the zero padding at the window's edges.
 # -------------------------------------------------------------------------------------------------
 def frames_inside(length, L, device):
-    """The padding mask: length (B,) -> (B, L), True for the first length[b] latent frames."""
+    """Not the paper's (tiny): the padding mask that the released data pipeline computes, True for
+    the first length[b] latent frames, (B,) -> (B, L). With UNetConfig.padding_mask it joins the
+    noisy latent as one more input channel (as Stable Audio Open feeds its inpainting mask), so
+    every frame is told whether it lies inside the request: CPU-sized models never learned that
+    from the timing tokens alone."""
     return torch.arange(L, device=device) < length.to(device)[:, None]
 
 
-class TimeEmbedding(nn.Module):
-    """t in [0, 1] -> [t, sin(2 pi w t), cos(2 pi w t)] with 128 learned w ~ N(0, 1) -> Linear."""
+class NoiseLevelEmbedding(nn.Module):
+    """The noise level t of §4.4 (not the seconds: TimingEmbedding), t in [0, 1] ->
+    [t, sin(2 pi w t), cos(2 pi w t)] with 128 learned w ~ N(0, 1) -> Linear -> GELU."""
     def __init__(self, features, frequencies=128):
         super().__init__()
         self.w = nn.Parameter(torch.randn(frequencies))
@@ -518,13 +514,12 @@ class TimeEmbedding(nn.Module):
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, with the statistics from var_mean on a GPU.
+    """nn.GroupNorm, with the statistics from var_mean on a GPU (the same function).
 
-    PyTorch's CUDA group norm reduces each (sample, group) in one thread block: B x 16 blocks
-    for 132 multiprocessors. Profiled on an H100, that kernel was a third of a full-size U-Net
-    forward (0.2 ms a call at 1024 x 4096). var_mean spreads the reduction over the whole card,
-    and the normalisation folds into one per-channel multiply-add. CPUs keep the fused kernel,
-    which is many times faster there."""
+    PyTorch's CUDA group norm reduces each (sample, group) in one thread block, B x 16 blocks
+    for a card's 100+ multiprocessors, which leaves most of a large GPU idle on this U-Net's
+    long sequences; var_mean spreads the reduction over the whole card, and the normalisation
+    folds into one per-channel multiply-add. CPUs keep the fused kernel, faster there."""
     def forward(self, x):
         return self.spread(x) if x.is_cuda else super().forward(x)
 
@@ -654,7 +649,7 @@ class UNet(nn.Module):
         super().__init__()
         ch, M = cfg.widths, cfg.mapping_features
         self.downsampling = math.prod(cfg.factors)
-        self.to_time = TimeEmbedding(M, cfg.time_frequencies)
+        self.to_time = NoiseLevelEmbedding(M, cfg.time_frequencies)
         self.to_mapping = nn.Sequential(nn.Linear(M, M), nn.GELU(), nn.Linear(M, M), nn.GELU())
         # §4.4: the learned "null" context that replaces text and timing for guidance.
         self.null_context = nn.Parameter(torch.randn(context_len, context_features))
@@ -685,7 +680,7 @@ class UNet(nn.Module):
         L a multiple of self.downsampling. length (B,): latent frames inside the requested
         extent (StableAudio.content_frames), read only with padding_mask; None: the whole window."""
         mapping = self.to_mapping(self.to_time(t))                   # (B, M)
-        if self.padding_mask:
+        if self.padding_mask:                                        # Not the paper's (tiny)
             B, _, L = x.shape
             length = torch.full((B,), L, device=x.device) if length is None else length
             inside = frames_inside(length, L, x.device)             # (B, L)
@@ -753,9 +748,8 @@ def build_model(size="full"):
 # §4.4 Diffusion objective: continuous t ~ U[0, 1], cosine schedule alpha = cos(pi t / 2),
 # sigma = sin(pi t / 2), z_t = alpha z + sigma eps, and the network predicts v = alpha eps - sigma z
 # (mean squared error). 10 % of the samples see the null context, which teaches the unconditional
-# model that classifier-free guidance needs. The schedule assumes z of unit variance: z is the VAE
-# latent times cfg.latent_scale (1 as released; a briefly trained VAE's latents are smaller), and
-# generate divides the factor out before decoding.
+# model that classifier-free guidance needs. The schedule assumes latents of unit variance, as the
+# released VAE's roughly are (see latent_scale in ModelConfig for smaller ones).
 # -------------------------------------------------------------------------------------------------
 def alpha_sigma(t):
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
@@ -798,19 +792,20 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4, lengt
 
     Rescaling pulls the guided v's per-frame std over channels back toward the conditional one
     (phi = 0.4, the released default), which keeps large scales from blowing up the signal.
-    length (B,), for a U-Net that reads the padding mask: frames from `length` on take v_c alone.
-    Both branches see the mask and should agree on silence there, so guidance would only
-    multiply their disagreement (the demo: -32 dBFS past a 10 s rain request at scale 6, -79 at
-    scale 1). Not in the paper, whose unconditional branch knows nothing of the timing."""
+    Not the paper's (tiny): with `length` (B,), for a U-Net that reads the padding mask, frames
+    from `length` on take v_c alone. Both branches see the mask and should agree on silence
+    there, so guiding would only multiply their disagreement. In the paper the unconditional
+    branch knows nothing of the timing, so there is no such choice."""
     if scale == 1:
         return lambda z, t: unet(z, t, context, mask, length)
 
-    both, both_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])   # once
-    both_length = None if length is None else torch.cat([length, length])
+    # The conditional and unconditional halves of one batch, concatenated once.
+    pair, pair_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])
+    pair_length = None if length is None else torch.cat([length, length])
 
     def v_fn(z, t):
-        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), both, both_mask,
-                        both_length).chunk(2)
+        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), pair, pair_mask,
+                        pair_length).chunk(2)
         v = v_u + scale * (v_c - v_u)
         v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))
         v = rescale * v_rescaled + (1 - rescale) * v
@@ -824,87 +819,151 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4, lengt
 def v_to_denoiser(v_fn):
     """Wrap a v-model v_fn(z, t) as a VE denoiser(x, sigma) -> x0 estimate."""
     def denoiser(x, sigma):
-        alpha, sig = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
+        # sigma is the VE noise level; the v-model's own (alpha_t, sigma_t) = (cos, sin)(pi t / 2)
+        # are the point of the unit circle with sigma_t / alpha_t = sigma.
+        alpha_t, sigma_t = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
         t = torch.full((x.shape[0],), 2 / math.pi * math.atan(sigma), device=x.device)
-        z = alpha * x                                                # back to the VP latent
-        return alpha * z - sig * v_fn(z, t)                          # x0 = alpha z - sigma v
+        z = alpha_t * x                                              # back to the VP latent
+        return alpha_t * z - sigma_t * v_fn(z, t)                    # x0 = alpha z - sigma v
     return denoiser
 
 
-def dpmpp_multistep(denoiser, x, sigmas, order, callback=None):
-    """DPM-Solver++ multistep (Lu et al. 2022), order 1-3, data prediction, in lam = -log sigma.
+def dpmpp_multistep(denoiser, x, sigmas, step, callback=None):
+    """The loop the samplers share, in lam = -log sigma (DPM-Solver++, Lu et al. 2022).
 
     The probability-flow ODE dx/dlam = D(x, lam) - x integrates exactly over a step of size h to
-        x_{i+1} = e^{-h} x_i + int_0^h e^{-(h - tau)} D(lam_i + tau) dtau.
-    Expanding D = D_i + tau D' + tau^2 / 2 D'' turns the integral into I0 D_i + I1 D' + I2 D'' with
-        I0 = 1 - e^{-h},   I1 = h - 1 + e^{-h},   I2 = h^2 / 2 - h + 1 - e^{-h},
-    and D', D'' come from the polynomial through the last `order` denoised values. Integrating that
-    polynomial exactly is what makes the error fall as h^order. (The first steps lack history and
-    run at lower order; starting from sigma_max >> the data's scale damps their error away.)"""
+        x_{i+1} = e^{-h} x_i + int_0^h e^{-(h - tau)} D(lam_i + tau) dtau,
+    and each sampler is a `step(x, denoised, lam, h, history)` that approximates the integral
+    from D_i and the past (lam, D) pairs (newest last). The step to sigma = 0 (h = inf) is first
+    order, as in Lu et al. and k-diffusion: it returns D_i, the clean estimate."""
     sigmas = sigmas.tolist()
-    history = []                                                     # (lam, denoised) pairs
+    history = []
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoiser(x, sigma)
-        if sigma_next == 0:                                          # last step: the clean estimate
+        denoised = denoiser(x, sigmas[i])
+        if sigmas[i + 1] == 0:
             x = denoised
         else:
-            lam, lam_next = -math.log(sigma), -math.log(sigma_next)
-            h = lam_next - lam
-            I0 = -math.expm1(-h)
-            I1 = h - I0
-            I2 = h * h / 2 - I1
-            d1, d2 = dpm_derivatives(history[-(order - 1):] if order > 1 else [], lam, denoised)
-            x = math.exp(-h) * x + I0 * denoised + I1 * d1 + I2 * d2
-            history.append((lam, denoised))
+            lam, h = -math.log(sigmas[i]), math.log(sigmas[i] / sigmas[i + 1])
+            x = step(x, denoised, lam, h, history)
+            history = history[-1:] + [(lam, denoised)]               # 3M needs two past values
         if callback is not None:
             callback(i, len(sigmas) - 1)
     return x
 
 
+def ddim_step(x, denoised, h):
+    """D held at D_i over the step: x_{i+1} = e^{-h} x_i + (1 - e^{-h}) D_i (first order)."""
+    return math.exp(-h) * x - math.expm1(-h) * denoised
+
+
 def dpm_derivatives(history, lam, denoised):
-    """D' and D'' at lam from the interpolating polynomial through history + (lam, denoised)."""
+    """p'(lam) and p'' of the polynomial through history + (lam, denoised); 0 where too short."""
     if not history:
-        return 0, 0                                                  # first order (DDIM)
+        return 0, 0
     lam_1, D_1 = history[-1]
     h_1 = lam - lam_1
     d1_0 = (denoised - D_1) / h_1                                    # divided difference
     if len(history) == 1:
-        return d1_0, 0                                               # second order
+        return d1_0, 0
     lam_2, D_2 = history[-2]
     h_2 = lam_1 - lam_2
     f = (d1_0 - (D_1 - D_2) / h_2) / (h_1 + h_2)                     # second divided difference
-    return d1_0 + h_1 * f, 2 * f                                     # p'(lam), p''(lam)
+    return d1_0 + h_1 * f, 2 * f
 
 
 def sample_dpmpp_2m(denoiser, x, sigmas, callback=None):
-    """DPM-Solver++(2M): second order multistep."""
-    return dpmpp_multistep(denoiser, x, sigmas, 2, callback)
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (data prediction, multistep).
+
+    D is held at its value at the step's midpoint, extrapolated along the line through D_{i-1}
+    and D_i: D(lam_i + h/2) ~ D_i + (h/2) (D_i - D_{i-1}) / h_{i-1}; with r = h_{i-1} / h,
+        x_{i+1} = e^{-h} x_i + (1 - e^{-h}) [(1 + 1/(2r)) D_i - 1/(2r) D_{i-1}].
+    The integral is off by O(h^3) per step, so the error falls as h^2. The first step has no
+    D_{i-1} and is first order."""
+    def step(x, denoised, lam, h, history):
+        if not history:
+            return ddim_step(x, denoised, h)
+        lam_1, D_1 = history[-1]
+        r = (lam - lam_1) / h
+        return ddim_step(x, (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * D_1, h)
+    return dpmpp_multistep(denoiser, x, sigmas, step, callback)
 
 
 def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
-    """DPM-Solver++(3M): third order multistep, weights from the exact exponential integral."""
-    return dpmpp_multistep(denoiser, x, sigmas, 3, callback)
+    """DPM-Solver++(3M): D replaced by the quadratic p through the last three denoised values.
+
+    With p = D_i + tau p' + tau^2/2 p'' the integral is exact:
+        x_{i+1} = e^{-h} x_i + I0 D_i + I1 p' + I2 p'',
+        I0 = 1 - e^{-h},  I1 = h - I0,  I2 = h^2/2 - I1   (e^{-(h - tau)} against 1, tau, tau^2/2),
+    and the error falls as h^3. (k-diffusion and diffusers weight p'' by I2 / 2, which is order
+    2.) Order 3 fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps
+    the order and stops the quadratic from overshooting on the long steps of a short schedule,
+    where D settles onto x0 (h ~ 1-2 at 10 steps; docs/samplers.md). The first two steps lack
+    history and run at orders 1 and 2."""
+    def step(x, denoised, lam, h, history):
+        I0 = -math.expm1(-h)
+        I1 = h - I0
+        I2 = h * h / 2 - I1
+        d1, d2 = dpm_derivatives(history, lam, denoised)
+        return math.exp(-h) * x + I0 * denoised + I1 * d1 + I2 / (1 + h) * d2
+    return dpmpp_multistep(denoiser, x, sigmas, step, callback)
 
 
 def sample_euler(denoiser, x, sigmas, callback=None):
-    """Euler on dx/dsigma = (x - D) / sigma: the first-order baseline."""
-    sigmas = sigmas.tolist()
-    for i in range(len(sigmas) - 1):
-        x = x + (sigmas[i + 1] - sigmas[i]) * (x - denoiser(x, sigmas[i])) / sigmas[i]
-        if callback is not None:
-            callback(i, len(sigmas) - 1)
-    return x
+    """Euler on dx/dsigma = (x - D) / sigma: the first-order baseline.
 
+    x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i is the DDIM step with e^{-h} =
+    sigma_{i+1} / sigma_i: on this ODE Euler, DDIM and first-order DPM-Solver++ coincide."""
+    return dpmpp_multistep(denoiser, x, sigmas, lambda x, D, lam, h, history: ddim_step(x, D, h),
+                           callback)
 
 SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": sample_euler}
 
 
 # -------------------------------------------------------------------------------------------------
-# generate: prompts + requested seconds -> stereo audio. The latent always spans the whole
-# window; the timing tokens tell the model where to stop, and the silent tail is trimmed
-# (USERS.md row 7). Sample i of a batch starts from the noise of seed + i, so any one file can be
-# regenerated on its own.
+# Audio at the model's rate (§4.4: 44.1 kHz stereo). For init audio and training data: any rate
+# is resampled with a windowed sinc, and any channel count becomes stereo.
+# -------------------------------------------------------------------------------------------------
+RESAMPLE_ZEROS = 32        # sinc zero crossings on each side of the resampling filter
+RESAMPLE_ROLLOFF = 0.94    # cutoff as a fraction of the lower Nyquist: room for the transition band
+KAISER_BETA = 8.0          # stopband ~ -80 dB
+
+
+def resample(audio, sr_in, sr_out):
+    """Band-limited resampling of (C, N) audio with a Kaiser-windowed sinc, evaluated polyphase."""
+    if sr_in == sr_out:
+        return audio
+    g = math.gcd(sr_in, sr_out)
+    up, down = sr_out // g, sr_in // g          # output j lies at input position j·down/up
+    fc = RESAMPLE_ROLLOFF * min(sr_in, sr_out) / (2 * sr_in)   # cutoff, cycles per input sample
+    half = RESAMPLE_ZEROS / (2 * fc)            # filter half-length in input samples
+    pad = math.ceil(half)
+    # Outputs m·up … m·up + up−1 all read from inputs m·down − pad … m·down + down + pad, so one
+    # convolution with stride `down` and `up` output channels (one per phase) computes them all.
+    taps = down + 2 * pad
+    t = (torch.arange(up, dtype=torch.float64)[:, None] * down / up
+         - (torch.arange(taps, dtype=torch.float64) - pad))       # (up, taps) distance in samples
+    kaiser = torch.special.i0(KAISER_BETA * (1 - (t / half) ** 2).clamp(min=0).sqrt())
+    kaiser = kaiser * (t.abs() <= half) / torch.special.i0(torch.tensor(KAISER_BETA))
+    kernel = 2 * fc * torch.sinc(2 * fc * t) * kaiser
+    C, N = audio.shape
+    n_out = round(N * sr_out / sr_in)
+    x = F.pad(audio[:, None], (pad, taps))                         # (C, 1, N + pad + taps)
+    y = F.conv1d(x, kernel[:, None].to(audio.dtype), stride=down)   # (C, up, frames)
+    return y.transpose(1, 2).reshape(C, -1)[:, :n_out]             # (C, N·up/down)
+
+
+def to_stereo(audio):
+    """(C, N) → (2, N): mono is duplicated, more than two channels are averaged into both sides."""
+    if audio.shape[0] == 2:
+        return audio
+    # A plain average ignores surround layouts (5.1 centre, LFE); good enough for training data.
+    return audio.mean(dim=0, keepdim=True).repeat(2, 1)
+
+
+# -------------------------------------------------------------------------------------------------
+# §3.4 generate: prompts + requested seconds -> stereo audio. The latent always spans the whole
+# window; the timing tokens tell the model where to stop, and the silent tail is trimmed. Sample i
+# of a batch starts from the noise of seed + i, so any one file can be regenerated on its own.
 # -------------------------------------------------------------------------------------------------
 class Stopwatch:
     """Seconds between laps into a dict (nothing when it is None); waits for the GPU first."""
@@ -935,9 +994,86 @@ def inpaint_mask(frames, gap, frame_rate, ramp=4):
 
 
 def default_decode_chunk(device):
-    """128 latent frames keep a CPU's memory low; on an H100, 512-frame chunks decode 95 s in
-    0.20 s against 0.29 s at 128."""
+    """Latent frames per decode chunk: 128 keep a CPU's memory low; a GPU has memory to spare
+    and goes faster with fewer, longer chunks."""
     return 128 if device.type == "cpu" else 512
+
+
+def check_request(cfg, seconds_total, seconds_start, decode_chunk, init_audio, init_strength,
+                  inpaint):
+    """generate's argument checks, each a ValueError that says what to pass instead."""
+    window_seconds = cfg.window / cfg.sample_rate
+    if not 0 < seconds_total <= cfg.timing.max_seconds:
+        raise ValueError(f"seconds_total must be in (0, {cfg.timing.max_seconds}], the timing "
+                         f"embedding's range, got {seconds_total}; it is the whole piece's length")
+    if not 0 <= seconds_start < seconds_total:
+        raise ValueError(f"seconds_start must be in [0, seconds_total = {seconds_total}), got "
+                         f"{seconds_start}; it is where the clip begins within the piece")
+    if decode_chunk is not None and decode_chunk <= DECODE_OVERLAP:
+        raise ValueError(f"decode_chunk must be more than {DECODE_OVERLAP} latent frames")
+    if not 0 < init_strength <= 1:
+        raise ValueError(f"init_strength must be in (0, 1], got {init_strength}")
+    if (init_strength < 1 or inpaint is not None) and init_audio is None:
+        raise ValueError("init_strength < 1 and inpaint need init_audio")
+    if init_audio is not None and init_audio.shape[-1] > cfg.window:
+        raise ValueError(f"init_audio is longer than the model's window of {window_seconds:.1f} s")
+
+
+def unet_at_its_precision(model, device):
+    """The U-Net as a function. Weights already cast to half precision (model.unet.to(dtype))
+    run as they are: autocast would keep every norm, and the casts around it, in float32."""
+    half = model.unet.null_context.dtype
+    if half == torch.float32:
+        return model.unet
+
+    def unet(z, t, context, mask, length):
+        with torch.autocast(device.type, enabled=False):
+            return model.unet(z.to(half), t, context.to(half), mask, length).float()
+    return unet
+
+
+def unconditional(model, context, negative_prompt, start, total):
+    """What guidance steers away from (§3.4): the learned null context, attended in full, or a
+    negative prompt's context with the same timing."""
+    if negative_prompt is None:
+        null = model.unet.null_context.expand_as(context).to(context.dtype)
+        return null, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+    return model.condition([negative_prompt] * len(start), start, total)
+
+
+def seeded_noise(model, seed, B, device):
+    """Sample i's starting noise comes from seed + i alone, so any one file can be remade."""
+    shape = (model.cfg.vae.latent_dim, model.latent_frames)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                        for i in range(B)]).to(device)                       # (B, 64, L)
+
+
+def from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint):
+    """Variations and inpainting (§3.4 in the VE form): a clip noised to the schedule's first
+    sigma is x = z0 + sigma eps. At strength 1 only the kept part of an inpainting starts there."""
+    cfg, L = model.cfg, model.latent_frames
+    audio = init_audio.to(x.device, torch.float32).expand(len(x), cfg.vae.channels, -1)
+    z0 = model.vae.encode(F.pad(audio, (0, cfg.window - audio.shape[-1])))[0]
+    z0 = z0 * cfg.latent_scale                                               # (B, 64, L)
+    keep = (torch.zeros(L) if inpaint is None else
+            inpaint_mask(L, inpaint, cfg.sample_rate / model.vae.hop)).to(x.device)
+    x = x + (z0 if init_strength < 1 else keep * z0)
+    if inpaint is None:
+        return x, denoiser
+    # Holding the denoised estimate at z0 where the input is kept makes every solver step map
+    # z0 + sigma eps to z0 + sigma_next eps there: the kept region is always the input noised to
+    # the sampler's current sigma, and ends as z0.
+    return x, lambda x, sigma: keep * z0 + (1 - keep) * denoiser(x, sigma)
+
+
+def decode_content(model, z, N, decode_chunk):
+    """Latent -> the first N audio samples. Only the frames kept are decoded, plus DECODE_OVERLAP
+    to cover the decoder's receptive field; past the window's end the last frame is repeated, so
+    the decoder's own right edge (a small tick even from a silent latent) stays outside."""
+    z = F.pad(z.float() / model.cfg.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
+    z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
+    audio = model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(z.device))
+    return audio[..., :N]
 
 
 @torch.inference_mode()
@@ -956,84 +1092,41 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     weights are already in that precision (`model.unet.to(dtype)`), runs the U-Net as it is.
     `decode_chunk` latent frames are decoded at a time (default: 128 on a CPU, 512 on a GPU)."""
     cfg, device = model.cfg, next(model.parameters()).device
-    window_seconds = cfg.window / cfg.sample_rate
-    if not 0 < seconds_total <= cfg.timing.max_seconds:
-        raise ValueError(f"seconds_total must be in (0, {cfg.timing.max_seconds}], the timing "
-                         f"embedding's range, got {seconds_total}; it is the whole piece's length")
-    if not 0 <= seconds_start < seconds_total:
-        raise ValueError(f"seconds_start must be in [0, seconds_total = {seconds_total}), got "
-                         f"{seconds_start}; it is where the clip begins within the piece")
-    if decode_chunk is not None and decode_chunk <= DECODE_OVERLAP:
-        raise ValueError(f"decode_chunk must be more than {DECODE_OVERLAP} latent frames")
-    if not 0 < init_strength <= 1:
-        raise ValueError(f"init_strength must be in (0, 1], got {init_strength}")
-    if (init_strength < 1 or inpaint is not None) and init_audio is None:
-        raise ValueError("init_strength < 1 and inpaint need init_audio")
-    if init_audio is not None and init_audio.shape[-1] > cfg.window:
-        raise ValueError(f"init_audio is longer than the model's window of {window_seconds:.1f} s")
+    check_request(cfg, seconds_total, seconds_start, decode_chunk, init_audio, init_strength,
+                  inpaint)
     # Training sees whole seconds: start rounded down, total rounded up (train.crop_or_pad).
-    B, start, total = len(prompts), math.floor(seconds_start), math.ceil(seconds_total)
-    L = model.latent_frames
-    autocast = torch.autocast(device.type, dtype, enabled=dtype != torch.float32)
+    B = len(prompts)
+    start, total = [math.floor(seconds_start)] * B, [math.ceil(seconds_total)] * B
     clock = Stopwatch(device, timings)
-    unet, half = model.unet, model.unet.null_context.dtype
-    if half != torch.float32:
-        # Weights already in half precision run as they are. Autocast would keep every norm, and
-        # the casts around it, in float32: a quarter of a full-size forward on an H100.
-        def unet(z, t, context, mask, length):
-            with torch.autocast(device.type, enabled=False):
-                return model.unet(z.to(half), t, context.to(half), mask, length).float()
-    with autocast:
-        context, mask = model.condition(prompts, [start] * B, [total] * B)
-        if negative_prompt is None:
-            uncond = model.unet.null_context.expand_as(context).to(context.dtype)
-            uncond_mask = torch.ones_like(mask)
-        else:
-            uncond, uncond_mask = model.condition([negative_prompt] * B, [start] * B, [total] * B)
+    with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+        # 1. Condition on the text and the two timing tokens; guidance's other branch.
+        context, mask = model.condition(prompts, start, total)
+        uncond, uncond_mask = unconditional(model, context, negative_prompt, start, total)
         clock.lap("text")
-        length = (model.content_frames([start] * B, [total] * B).to(device)
-                  if cfg.unet.padding_mask else None)              # None: the paper's U-Net
-        denoiser = v_to_denoiser(guided_v(unet, context, mask, uncond, uncond_mask, cfg_scale,
-                                          length=length))
+        length = (model.content_frames(start, total).to(device)      # Not the paper's (tiny):
+                  if cfg.unet.padding_mask else None)                # the padding-mask input
+        denoiser = v_to_denoiser(guided_v(unet_at_its_precision(model, device), context, mask,
+                                          uncond, uncond_mask, cfg_scale, length=length))
+        # 2. The initial latent: the seeds' noise at the first sigma, or the init audio noised.
         sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
-        eps = torch.stack([torch.randn(cfg.vae.latent_dim, L,
-                                       generator=torch.Generator().manual_seed(seed + i))
-                           for i in range(B)]).to(device)              # (B, 64, L)
-        x = sigmas[0].item() * eps
+        x = sigmas[0].item() * seeded_noise(model, seed, B, device)
         if init_audio is not None:
-            audio = init_audio.to(device, torch.float32).expand(B, cfg.vae.channels, -1)
-            z0 = model.vae.encode(F.pad(audio, (0, cfg.window - audio.shape[-1])))[0]
-            z0 = z0 * cfg.latent_scale                                 # (B, 64, L)
-            keep = (torch.zeros(L) if inpaint is None else
-                    inpaint_mask(L, inpaint, cfg.sample_rate / model.vae.hop)).to(device)
-            # §3.4 in the VE form: a clip noised to the schedule's sigma_start is x = z0 + sigma
-            # eps. At strength 1 only the kept part of an inpainting starts from z0.
-            x = x + (z0 if init_strength < 1 else keep * z0)
-            if inpaint is not None:
-                # Holding the denoised estimate at z0 where the input is kept makes every
-                # solver step map z0 + sigma eps to z0 + sigma_next eps there: the kept region
-                # is always the input noised to the sampler's current sigma, and ends as z0.
-                guided = denoiser
-                denoiser = lambda x, sigma: keep * z0 + (1 - keep) * guided(x, sigma)
+            x, denoiser = from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint)
+        # 3. Solve the probability-flow ODE down the schedule.
         z = SAMPLERS[sampler](denoiser, x, sigmas, callback)
     clock.lap("sampling")
     check_finite(z, "latent")
-    # §3.2: a window starting seconds_start into the piece holds content up to seconds_total.
-    content = min(seconds_total - seconds_start, window_seconds)
-    N = round(content * cfg.sample_rate) if trim else cfg.window
-    # Decode only what is kept, plus DECODE_OVERLAP frames to cover the receptive field. Past the
-    # window's end the last frame is repeated: the decoder's own right edge leaves a tick there
-    # (-67 dBFS from an all-silent latent with the demo VAE), which this keeps outside the window.
-    z = F.pad(z.float() / cfg.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
-    z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
-    audio = model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(device))
-    check_finite(audio, "audio")                                 # decoded in float32 (USERS row 4)
+    # 4. Decode, trimmed to the content (§3.2): from seconds_start to seconds_total at most.
+    content = min(seconds_total - seconds_start, cfg.window / cfg.sample_rate)
+    audio = decode_content(model, z, round(content * cfg.sample_rate) if trim else cfg.window,
+                           decode_chunk)
+    check_finite(audio, "audio")                                     # decoded in float32
     clock.lap("decoding")
-    return audio[..., :N]
+    return audio
 
 
 def check_finite(x, what):
-    """Fail loudly instead of writing silence when low precision overflowed (USERS.md row 4)."""
+    """Fail loudly instead of writing silence when low precision overflowed (NaN in fp16)."""
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"the generated {what} has NaN/inf values; run in float32 "
                                  f"(dtype=torch.float32 / --dtype float32) or check the checkpoint")
@@ -1082,7 +1175,7 @@ def upgrade_format_1(ckpt):
 
 
 def pick_device(name="auto"):
-    """auto: cuda, then mps, then cpu (USERS.md row 3). Naming a missing accelerator is an error."""
+    """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
     mps = getattr(torch.backends, "mps", None)
     available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available(),
                  "cpu": True}
@@ -1181,10 +1274,12 @@ def sat_vae_config(d):
             raise ValueError("the decoder's rates must be the encoder's strides reversed")
         return VAEConfig(channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],
                          encoder_width=e["d_model"], decoder_width=c["channels"],
-                         strides=strides, multipliers=tuple(2 ** i for i in range(len(strides) + 1)))
+                         strides=strides,
+                         multipliers=tuple(2 ** i for i in range(len(strides) + 1)))
     if enc["type"] == dec["type"] == "oobleck":
         e, c = enc["config"], dec["config"]
-        if c.get("final_tanh", True) or e.get("antialias_activation") or c.get("use_nearest_upsample"):
+        if c.get("final_tanh", True) or e.get("antialias_activation") or \
+                c.get("use_nearest_upsample"):
             raise ValueError("only Oobleck as Stable Audio Open uses it is supported (final_tanh "
                              "false, no antialiasing, transposed-conv upsampling)")
         mults = (1, *e["c_mults"])
@@ -1208,7 +1303,8 @@ def sat_model_config(d):
         raise ValueError("the U-Net must cross-attend to prompt, seconds_start, seconds_total")
     if len(set(u["num_blocks"])) != 1 or u.get("kernel_multiplier_downsample", 2) != 2 or \
             u.get("use_nearest_upsample") or not u.get("use_skip_scale", True):
-        raise ValueError("this U-Net config differs from Stable Audio 1.0's in a way not built here")
+        raise ValueError("this U-Net config differs from Stable Audio 1.0's in a way not built "
+                         "here")
     seconds = {c["id"]: c["config"] for c in m["conditioning"]["configs"] if c["type"] == "int"}
     if set(seconds) != {"seconds_start", "seconds_total"} or "prompt" not in conds:
         raise ValueError("expected a prompt and int seconds_start/seconds_total conditioners")

@@ -151,15 +151,21 @@ def test_strides_set_the_compression_ratio():
 
 
 # ---------------------------------------------------------------------------------- CLAP
+def detokenize(tokens):
+    """Inverse of `tokenize` (a multi-byte character cut by truncation is dropped)."""
+    return [bytes(t for t in row.tolist() if t < 256).decode("utf-8", errors="ignore")
+            for row in tokens]
+
+
 def test_tokenizer_round_trip_and_truncation():
     prompts = ["ambient rain", "Café, 120 BPM | Mood: 😊", ""]
     tokens, mask = sa.tokenize(prompts, 64)
-    assert sa.detokenize(tokens) == prompts
+    assert detokenize(tokens) == prompts
     assert mask.sum(1).tolist() == [len(p.encode()) + 2 for p in prompts]   # + BOS, EOS
     long = "x" * 500
     tokens, mask = sa.tokenize([long], 128)
     assert tokens.shape == (1, 128) and bool(mask.all())
-    assert sa.detokenize(tokens) == ["x" * 126] and tokens[0, -1] == sa.EOS
+    assert detokenize(tokens) == ["x" * 126] and tokens[0, -1] == sa.EOS
 
 
 def test_clap_loss_matches_closed_form_and_prefers_matched_pairs():
@@ -451,12 +457,55 @@ def test_dpmpp_2m_is_second_order():
 
 
 def test_dpmpp_3m_is_third_order_and_beats_2m_at_20_steps():
-    errors = sampler_errors(sa.sample_dpmpp_3m, STEPS)
-    assert measured_order(errors, STEPS) == pytest.approx(3, abs=0.3)
-    assert errors[0] < sampler_errors(sa.sample_dpmpp_2m, [20])[0] / 3
+    # The 1 / (1 + h) taper is an O(h^4) change, still visible at 20 steps (h = 0.23): the
+    # order is measured where h is small.
+    steps = [40, 80, 160, 320]
+    errors = sampler_errors(sa.sample_dpmpp_3m, steps)
+    assert measured_order(errors, steps) == pytest.approx(3, abs=0.3)
+    assert sampler_errors(sa.sample_dpmpp_3m, [20])[0] < sampler_errors(sa.sample_dpmpp_2m,
+                                                                        [20])[0] / 3
 
 
-def test_sampler_ending_at_sigma_zero_returns_the_denoised_estimate():
+def test_dpmpp_2m_is_algorithm_2_of_lu_et_al_on_a_hand_computed_example():
+    # D(x, sigma) = x / (1 + sigma^2) (data N(0, 1)); sigmas 4, 2, 1/2, 0, starting from x = 1.
+    # step 1, h = log 2, no D_{i-1}: x1 = x / 2 + (1 - 1/2) D(1, 4) = 1/2 + 1/34 = 9/17
+    # step 2, h = log 4, r = log 2 / log 4 = 1/2, so the bracket is 2 D(x1, 2) - D(1, 4)
+    #         = 18/85 - 5/85 = 13/85, and x2 = x1 / 4 + (3/4)(13/85) = 45/340 + 39/340 = 21/85
+    # step 3, to sigma 0: the clean estimate D(x2, 1/2) = (21/85) / (5/4) = 84/425
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append(x.item())
+        return x / (1 + sigma ** 2)
+    out = sa.sample_dpmpp_2m(denoiser, torch.ones(1, dtype=torch.float64),
+                             torch.tensor([4, 2, 0.5, 0], dtype=torch.float64))
+    assert seen == pytest.approx([1, 9 / 17, 21 / 85], rel=1e-12)
+    assert out.item() == pytest.approx(84 / 425, rel=1e-12)
+
+
+def test_dpmpp_3m_integrates_a_quadratic_denoiser_exactly_but_for_the_taper():
+    # D = q(lam) alone, q quadratic in lam = -log sigma: the quadratic through three values is q
+    # itself, so a full-history step misses the exact integral only by the taper's share of the
+    # curvature term, I2 (1 / (1 + h) - 1) q'' with q'' = 2 a.
+    a, b, c = 0.7, -0.4, 0.2
+    q = lambda lam: a * lam ** 2 + b * lam + c
+    lams = [0.0, 0.5, 1.2, 1.9]                              # uneven steps
+    sigmas = torch.tensor([math.exp(-lam) for lam in lams], dtype=torch.float64)
+    states = []
+
+    def denoiser(x, sigma):
+        states.append(x)
+        return torch.full_like(x, q(-math.log(sigma)))
+    x_last = sa.sample_dpmpp_3m(denoiser, torch.tensor([0.3], dtype=torch.float64), sigmas)
+    lam, h = lams[2], lams[3] - lams[2]                      # the third step, full history
+    tau = torch.linspace(0, h, 20001, dtype=torch.float64)   # the integral by quadrature
+    exact = math.exp(-h) * states[2] + torch.trapezoid(torch.exp(-(h - tau)) * q(lam + tau), tau)
+    I2 = h * h / 2 - h + 1 - math.exp(-h)
+    assert (x_last - exact).item() == pytest.approx(I2 * (1 / (1 + h) - 1) * 2 * a, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sa.SAMPLERS)
+def test_sampler_ending_at_sigma_zero_returns_the_denoised_estimate(name):
     x = torch.randn(10, dtype=torch.float64)
     sigmas = sa.get_sigmas(5, 0.5, 10.0)
     assert sigmas[-1] == 0 and len(sigmas) == 6
@@ -465,7 +514,7 @@ def test_sampler_ending_at_sigma_zero_returns_the_denoised_estimate():
     def denoiser(x, sigma):
         seen.append(x.clone())
         return gaussian_denoiser(x, sigma)
-    out = sa.sample_dpmpp_3m(denoiser, x, sigmas)
+    out = sa.SAMPLERS[name](denoiser, x, sigmas)
     torch.testing.assert_close(out, gaussian_denoiser(seen[-1], 0.5))
     assert len(seen) == 5                                    # one model call per step
 
@@ -751,8 +800,8 @@ def released(sat, mutate=None):
     """The fixture's diffusion model through from_sat, optionally with one weight changed."""
     weights = floats(sat["diffusion"]["state_dict"])
     if mutate is not None:
-        weights[mutate] = weights[mutate] + 0.5 * torch.randn(weights[mutate].shape,
-                                                             generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(weights[mutate].shape, generator=torch.Generator().manual_seed(0))
+        weights[mutate] = weights[mutate] + 0.5 * noise
     with pytest.warns(UserWarning, match="LAION CLAP"):
         return sa.from_sat(sat["diffusion"]["config"], weights)
 
@@ -843,7 +892,8 @@ def test_released_weights_load_from_a_lightning_ckpt_and_refuse_a_dit(sat, tmp_p
     config = tmp_path / "model_config.json"
     config.write_text(json.dumps(sat["oobleck"]["config"]))
     vae = sa.from_sat(str(config), str(path))
-    assert relative_error(vae.decode(sat["oobleck"]["z"]).detach(), sat["oobleck"]["decoded"]) <= 1e-4
+    with torch.no_grad():
+        assert relative_error(vae.decode(sat["oobleck"]["z"]), sat["oobleck"]["decoded"]) <= 1e-4
     dit = dict(sat["diffusion"]["config"], model={**sat["diffusion"]["config"]["model"],
                                                   "diffusion": {"type": "dit", "config": {}}})
     with pytest.raises(ValueError, match="vae_only=True"):
@@ -939,34 +989,34 @@ def rms(x):
                                                  (SR, 48000, 10000)])
 def test_resample_keeps_a_sine_below_the_new_nyquist(sr_in, sr_out, freq):
     x = sine(freq, sr_in, 2 * sr_in).float().repeat(2, 1)
-    y = train.resample(x, sr_in, sr_out)
+    y = sa.resample(x, sr_in, sr_out)
     expected = sine(freq, sr_out, y.shape[-1]).float().repeat(2, 1)
     assert rms(interior(y - expected)) < 1e-3 * rms(interior(expected))
 
 
 def test_resample_removes_a_tone_above_the_new_nyquist():
     x = sine(30000, 96000, 2 * 96000).float()[None]
-    y = train.resample(x, 96000, SR)
+    y = sa.resample(x, 96000, SR)
     assert 20 * math.log10(rms(interior(y)) / rms(x)) < -40
 
 
 @pytest.mark.parametrize("n", [1, 999, 48000, 123457])
 @pytest.mark.parametrize("sr_in, sr_out", [(48000, SR), (96000, SR), (8000, SR), (SR, 48000)])
 def test_resample_output_length_is_n_times_the_rate_ratio(n, sr_in, sr_out):
-    y = train.resample(torch.randn(2, n), sr_in, sr_out)
+    y = sa.resample(torch.randn(2, n), sr_in, sr_out)
     assert y.shape == (2, round(n * sr_out / sr_in))
 
 
 def test_resample_at_equal_rates_is_the_identity():
     x = torch.randn(2, 1000)
-    assert torch.equal(train.resample(x, SR, SR), x)
+    assert torch.equal(sa.resample(x, SR, SR), x)
 
 
 def test_to_stereo_duplicates_mono_keeps_stereo_and_averages_more_channels():
     mono, stereo, six = torch.randn(1, 50), torch.randn(2, 50), torch.randn(6, 50)
-    assert torch.equal(train.to_stereo(mono), mono.repeat(2, 1))
-    assert torch.equal(train.to_stereo(stereo), stereo)
-    out = train.to_stereo(six)
+    assert torch.equal(sa.to_stereo(mono), mono.repeat(2, 1))
+    assert torch.equal(sa.to_stereo(stereo), stereo)
+    out = sa.to_stereo(six)
     assert out.shape == (2, 50)
     torch.testing.assert_close(out[0], six.mean(0))
     torch.testing.assert_close(out[1], six.mean(0))
@@ -978,7 +1028,7 @@ def test_read_audio_raises_value_error_for_unreadable_and_empty_files(tmp_path):
     sf.write(str(empty), np.zeros((0, 2), dtype=np.float32), SR)
     for path in (broken, empty):
         with pytest.raises(ValueError, match=path.name):
-            train.read_audio(path, SR)
+            sample.read_audio(path, SR)
 
 
 # --- the sound world ------------------------------------------------------------------------------
@@ -1224,17 +1274,17 @@ def test_folder_files_load_as_stereo_at_the_model_rate(tmp_path):
     write_folder(tmp_path)
     items, _ = train.scan_folder(tmp_path)
     for item in items:
-        audio = train.read_audio(item["path"], SR)
+        audio = sample.read_audio(item["path"], SR)
         n = round(item["seconds"] * item["sample_rate"])
         assert audio.dtype == torch.float32
         assert audio.shape == (2, round(n * SR / item["sample_rate"]))
-    hi = train.read_audio(tmp_path / "hi.wav", SR)            # 96 kHz, 1 kHz sine
+    hi = sample.read_audio(tmp_path / "hi.wav", SR)            # 96 kHz, 1 kHz sine
     expected = 0.5 * sine(1000, SR, hi.shape[-1], phase=0.0).float()
     assert rms(interior(hi - expected)) < 1e-3
-    u8 = train.read_audio(tmp_path / "u8.wav", SR)            # 8-bit, 22.05 kHz
+    u8 = sample.read_audio(tmp_path / "u8.wav", SR)            # 8-bit, 22.05 kHz
     expected = 0.5 * sine(440, SR, u8.shape[-1], phase=0.0).float()
     assert rms(interior(u8 - expected)) < 0.02                # 8-bit quantisation noise
-    six = train.read_audio(tmp_path / "six.wav", SR)           # 6 channels, 48 kHz
+    six = sample.read_audio(tmp_path / "six.wav", SR)           # 6 channels, 48 kHz
     expected = 0.5 * 3.5 / 6 * sine(440, SR, six.shape[-1], phase=0.0).float()
     assert torch.equal(six[0], six[1]) and rms(interior(six - expected)) < 1e-3
 

@@ -4,8 +4,10 @@ latent diffusion U-Net, on a folder of audio with captions or on a built-in proc
     python train.py vae --size tiny --data toy --steps 2000
     python train.py clap --size tiny --data toy --steps 2000
     python train.py diffusion --size tiny --data toy --steps 4000
+    torchrun --nproc_per_node 8 train.py diffusion --size full --data DIR --grad-accum 4
 
-Each stage writes OUT/STAGE.pt (resumable with --resume) and OUT/STAGE.log.
+Each stage writes OUT/STAGE.pt (resumable with --resume) and OUT/STAGE.log. Under torchrun each
+rank trains on its own share of every batch (DistributedDataParallel); rank 0 alone writes.
 Shape alphabet: B batch, C channels, L latent frames, N samples.
 """
 import argparse
@@ -13,21 +15,27 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.parametrizations import weight_norm
 from tqdm import tqdm
 
 import stable_audio as sa
+from sample import read_audio
 
 # -------------------------------------------------------------------------------------------------
 # Data (§4.4, §4.5). Every clip becomes stereo at the model's rate, a window cropped at random or
@@ -35,9 +43,6 @@ import stable_audio as sa
 # seconds_total (the whole file's length, rounded up) for the timing tokens, and a prompt built
 # from metadata. Sources: a folder of audio files with captions, or a procedural sound world.
 # -------------------------------------------------------------------------------------------------
-RESAMPLE_ZEROS = 32        # sinc zero crossings on each side of the resampling filter
-RESAMPLE_ROLLOFF = 0.94    # cutoff as a fraction of the lower Nyquist: room for the transition band
-KAISER_BETA = 8.0          # stopband ~ -80 dB
 # Every format libsndfile reads, except headerless RAW, which cannot be read without being told how.
 AUDIO_EXTENSIONS = {"." + f.lower() for f in sf.available_formats() if f != "RAW"}
 AUDIO_EXTENSIONS |= {".aif", ".oga", ".opus"}
@@ -45,49 +50,6 @@ PROMPT_MAIN = ("sound", "description")   # the first of these present is in ever
 NOT_IN_PROMPT = {"seconds"}              # timing reaches the model through the timing tokens
 MAX_PROMPT_BYTES = 126     # the tokenizer keeps 128 bytes including BOS and EOS
 TOY_OVERHANG = 1.25        # toy clips last up to 1.25 windows: most are padded, some get cropped
-
-
-def resample(audio, sr_in, sr_out):
-    """Band-limited resampling of (C, N) audio with a Kaiser-windowed sinc, evaluated polyphase."""
-    if sr_in == sr_out:
-        return audio
-    g = math.gcd(sr_in, sr_out)
-    up, down = sr_out // g, sr_in // g          # output j lies at input position j·down/up
-    fc = RESAMPLE_ROLLOFF * min(sr_in, sr_out) / (2 * sr_in)   # cutoff, cycles per input sample
-    half = RESAMPLE_ZEROS / (2 * fc)            # filter half-length in input samples
-    pad = math.ceil(half)
-    # Outputs m·up … m·up + up−1 all read from inputs m·down − pad … m·down + down + pad, so one
-    # convolution with stride `down` and `up` output channels (one per phase) computes them all.
-    taps = down + 2 * pad
-    t = (torch.arange(up, dtype=torch.float64)[:, None] * down / up
-         - (torch.arange(taps, dtype=torch.float64) - pad))       # (up, taps) distance in samples
-    kaiser = torch.special.i0(KAISER_BETA * (1 - (t / half) ** 2).clamp(min=0).sqrt())
-    kaiser = kaiser * (t.abs() <= half) / torch.special.i0(torch.tensor(KAISER_BETA))
-    kernel = 2 * fc * torch.sinc(2 * fc * t) * kaiser
-    C, N = audio.shape
-    n_out = round(N * sr_out / sr_in)
-    x = F.pad(audio[:, None], (pad, taps))                         # (C, 1, N + pad + taps)
-    y = F.conv1d(x, kernel[:, None].to(audio.dtype), stride=down)   # (C, up, frames)
-    return y.transpose(1, 2).reshape(C, -1)[:, :n_out]             # (C, N·up/down)
-
-
-def to_stereo(audio):
-    """(C, N) → (2, N): mono is duplicated, more than two channels are averaged into both sides."""
-    if audio.shape[0] == 2:
-        return audio
-    # A plain average ignores surround layouts (5.1 centre, LFE); good enough for training data.
-    return audio.mean(dim=0, keepdim=True).repeat(2, 1)
-
-
-def read_audio(path, sample_rate):
-    """A file libsndfile reads → float32 stereo (2, N) at `sample_rate` (§4.4: 44.1 kHz stereo)."""
-    try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)    # (N, C)
-    except sf.SoundFileError as err:
-        raise ValueError(f"cannot read audio file {path}: {err}") from err
-    if len(data) == 0:
-        raise ValueError(f"audio file {path} is empty (0 frames)")
-    return resample(to_stereo(torch.from_numpy(data.T.copy())), sr, sample_rate)
 
 
 # The procedural sound world ("--data toy"): eleven sounds that differ by ear and by simple
@@ -651,7 +613,9 @@ def generator_losses(disc, x, x_hat):
 
 # -------------------------------------------------------------------------------------------------
 # Training machinery shared by the three stages: device choice, EMA, checkpoints that can be
-# resumed exactly, a NaN guard and Ctrl-C handling.
+# resumed exactly, a NaN guard and Ctrl-C handling. Data parallelism: under torchrun, R ranks each
+# take K micro-batches (--grad-accum) of B clips per optimizer step, an effective batch of B·R·K
+# (the paper: 256 on 64 A100s for the U-Net); DistributedDataParallel averages the gradients.
 # -------------------------------------------------------------------------------------------------
 DEFAULTS = {  # stage: {size: (batch size, learning rate)}; full-size rates are the paper's
     "vae": {"full": (8, 1e-4), "small": (8, 1e-4), "tiny": (4, 5e-4)},
@@ -662,6 +626,144 @@ DEFAULTS = {  # stage: {size: (batch size, learning rate)}; full-size rates are 
 
 class TrainingError(Exception):
     """A problem the user can fix; printed as one line."""
+
+
+class Stop(TrainingError):
+    """A stop every rank reaches at the same step (Ctrl-C, a non-finite loss, a rank whose data
+    failed): rank 0 alone says why, if anyone has not already."""
+
+
+# Longer than rank 0 takes to write a full-size checkpoint (15.5 GB) while the others wait; a rank
+# stuck for this long stops the run instead of holding every GPU.
+DIST_TIMEOUT = timedelta(minutes=10)
+
+
+def micro_index(step, m, rank, world, accum):
+    """The data's batch index for micro-batch m of `step` on `rank`. A step's R·K micro-batches
+    are consecutive batches of B: together the items one process draws in one batch of R·K·B."""
+    return (step * world + rank) * accum + m
+
+
+def stream_seed(seed, j):
+    """Seed of the noise stream of micro-batch j = rank·K + m; stream 0 is the one-process run's."""
+    return seed if j == 0 else int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
+
+
+class Ranks:
+    """This process's place among the ranks torchrun started (rank 0 of 1 without torchrun): the
+    process group, DistributedDataParallel, and the few values the ranks agree on each step."""
+
+    def __init__(self, rank=0, world=1, local_rank=0, device=None):
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.on, self.device = device is not None, device       # device: where collectives run
+        self.main = rank == 0
+        self.prefix = f"rank {rank}: " if world > 1 else ""   # for errors only one rank may have
+
+    @classmethod
+    def start(cls, device_name):
+        """Join torchrun's process group (NCCL on CUDA, gloo on a CPU), or none without torchrun."""
+        if "RANK" not in os.environ:
+            return cls()
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device = sa.pick_device(device_name)
+        if device.type == "mps":
+            raise ValueError("torchrun with --device mps: there is no process group for MPS; "
+                             "use cuda or cpu")
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise ValueError(f"local rank {local_rank} but {torch.cuda.device_count()} GPUs "
+                                 f"visible; give torchrun --nproc_per_node at most that")
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        if rank != 0:
+            sys.stdout = open(os.devnull, "w")      # rank 0 alone reports; errors use stderr
+        return cls(rank, world, local_rank, device)
+
+    def close(self):
+        if self.on:
+            dist.destroy_process_group()
+            if not self.main:
+                sys.stdout.close()
+                sys.stdout = sys.__stdout__
+
+    def index(self, step, m, accum):
+        return micro_index(step, m, self.rank, self.world, accum)
+
+    def wrap(self, module):
+        """DistributedDataParallel around what a stage trains, so that the backward pass averages
+        its gradients over the ranks. No trained part keeps running statistics: no buffers."""
+        if not self.on:
+            return module
+        return DistributedDataParallel(module, broadcast_buffers=False, device_ids=(
+            [self.local_rank] if self.device.type == "cuda" else None))
+
+    def sync(self, net, last):
+        """Average the gradients on a step's last micro-batch only; the others accumulate."""
+        return net.no_sync() if self.on and not last else nullcontext()
+
+    def mean(self, values):
+        """{name: float} averaged over the ranks."""
+        if not self.on:
+            return values
+        total = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return dict(zip(values, (total / self.world).tolist()))
+
+    def any(self, *flags):
+        """Whether each flag is set on any rank."""
+        if not self.on:
+            return flags
+        flags = torch.tensor(flags, dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return tuple(bool(f) for f in flags.tolist())
+
+    def collect(self, obj):
+        """[rank 0's obj, rank 1's obj, …] on every rank."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def concat(self, x):
+        """(B, D) on each rank -> (R·B, D) in rank order, gradients flowing back to this rank's."""
+        return ConcatRanks.apply(x, self.rank, self.world) if self.on else x
+
+
+class ConcatRanks(torch.autograd.Function):
+    """All-gather whose backward keeps this rank's rows, times R: every rank computes the same loss
+    from the gathered rows, so the gradient summed over the ranks is R times this rank's own."""
+    @staticmethod
+    def forward(ctx, x, rank, world):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(rank * len(x), (rank + 1) * len(x))
+        ctx.world = world
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rows] * ctx.world, None, None
+
+
+class Forward(nn.Module):
+    """`fn(module, *inputs)` as a forward pass. DistributedDataParallel syncs the gradients of what
+    its forward computes, and the stages' losses call methods (encode, embed_text), not forward."""
+    def __init__(self, module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *inputs):
+        return self.fn(self.module, *inputs)
+
+
+def accumulate(totals, values, K):
+    """totals += values / K: a step's losses are the means over its K micro-batches."""
+    for k, v in values.items():
+        totals[k] = totals.get(k, 0.0) + float(v) / K
+    return totals
 
 
 STAGE_PARTS = {"vae": ("vae.",), "clap": ("clap.",), "diffusion": ("unet.", "timing.")}
@@ -689,49 +791,107 @@ class EMA:
 
 
 class Trainer:
-    """One stage's loop: batches by step, optimizer steps, EMA, logging, checkpoints."""
+    """One stage's loop: batches by step, optimizer steps, EMA, logging, checkpoints. A step is
+    --grad-accum micro-batches on each rank; rank 0 alone logs and saves."""
     def __init__(self, args, model, optimizers, ckpt_path, resume_state, extra=dict):
         self.args, self.model, self.optimizers, self.path = args, model, optimizers, ckpt_path
+        self.ranks, self.interrupted = args.ranks, False
         self.extra = extra                       # more state to save, e.g. the discriminator
         self.ema = EMA(model, STAGE_PARTS[args.stage],
                        state=resume_state.get("ema") if resume_state else None)
-        self.generator = torch.Generator().manual_seed(args.seed)
+        # One noise stream per micro-batch of a step, so that how the R·K micro-batches are spread
+        # over ranks and --grad-accum does not change the run.
+        K = args.grad_accum
+        self.streams = range(self.ranks.rank * K, (self.ranks.rank + 1) * K)
+        self.generators = [torch.Generator().manual_seed(stream_seed(args.seed, j))
+                           for j in self.streams]
         self.step = 0
         if resume_state:
             self.step = resume_state["step"]
-            self.generator.set_state(resume_state["rng"])
+            rng = resume_state["rng"]
+            states = rng if isinstance(rng, list) else [rng]     # one stream before --grad-accum
+            for j, generator in zip(self.streams, self.generators):
+                if j < len(states):
+                    generator.set_state(states[j])
             for opt, state in zip(optimizers, resume_state["optimizers"]):
                 opt.load_state_dict(state)                   # restores the old rate too
                 for group in opt.param_groups:
                     group["lr"] = group["lr"] if args.lr_from_checkpoint else args.lr
+            self.note_new_split(resume_state.get("args", {}))
         self.first_step = self.step
-        self.log = open(os.path.join(args.out, f"{args.stage}.log"), "a", buffering=1)
+        self.log = (open(os.path.join(args.out, f"{args.stage}.log"), "a", buffering=1)
+                    if self.ranks.main else None)
+
+    def note_new_split(self, old):
+        """--resume with other ranks × --grad-accum or --batch-size works, but is another run."""
+        if "batch_size" not in old:
+            return
+        before = (old.get("ranks", 1) * old.get("grad_accum", 1), old["batch_size"])
+        now = (self.ranks.world * self.args.grad_accum, self.args.batch_size)
+        if before != now:
+            print(f"note: {self.path} was trained on {before[0]} micro-batches of {before[1]} per "
+                  f"step (ranks x --grad-accum), this run takes {now[0]} of {now[1]}: the "
+                  f"effective batch goes from {math.prod(before)} to {math.prod(now)} and the "
+                  f"data order and noise change; keep both numbers to continue it exactly")
 
     def save(self):
+        states = [s for rank in self.ranks.collect([g.get_state() for g in self.generators])
+                  for s in rank]
+        if not self.ranks.main:
+            return
         try:
-            self._save()
+            self._save(states)
         except (OSError, RuntimeError) as e:
             raise TrainingError(f"could not write {self.path} ({str(e).splitlines()[0]}); is the "
                                 f"disk full? The previous checkpoint is untouched") from None
 
-    def _save(self):
+    def _save(self, rng):
         sa.save_checkpoint(self.path, self.model, stage=self.args.stage, step=self.step,
-                           ema=self.ema.shadow, rng=self.generator.get_state(),
+                           ema=self.ema.shadow, rng=rng,
                            optimizers=[opt.state_dict() for opt in self.optimizers],
                            **self.extra(),
-                           args={k: v for k, v in vars(self.args).items()
-                                 if isinstance(v, (str, int, float, bool)) or v is None})
+                           args={**{k: v for k, v in vars(self.args).items()
+                                    if isinstance(v, (str, int, float, bool)) or v is None},
+                                 "ranks": self.ranks.world})
 
-    def run(self, step_fn):
-        """Call step_fn(step) -> {name: loss} until --steps, saving every --save-every steps."""
-        args = self.args
-        bar = tqdm(total=args.steps, initial=self.step, desc=args.stage, dynamic_ncols=True)
+    def on_ctrl_c(self, signum, frame):
+        self.interrupted = True
+
+    def fetch(self, batch_fn):
+        """This rank's micro-batches of the step, [(batch, noise generator), …]. Under torchrun
+        the ranks first agree that each has its data and that nobody pressed Ctrl-C."""
+        K, error = self.args.grad_accum, None
+        try:
+            micro = [(batch_fn(self.ranks.index(self.step, m, K)), generator)
+                     for m, generator in enumerate(self.generators)]
+        except Exception as e:
+            if not self.ranks.on:
+                raise
+            error = e
+        failed, interrupted = self.ranks.any(error is not None, self.interrupted)
+        if error is not None:
+            raise error                          # this rank says why
+        if failed:
+            raise Stop("")                       # the rank that failed has said why
+        if interrupted:
+            raise KeyboardInterrupt
+        return micro
+
+    def run(self, step_fn, batch_fn):
+        """Call step_fn(step, micro-batches) -> {name: loss} until --steps, saving every
+        --save-every steps; batch_fn(index) -> the data's batch `index` (see micro_index)."""
+        args, ranks = self.args, self.ranks
+        bar = tqdm(total=args.steps, initial=self.step, desc=args.stage, dynamic_ncols=True,
+                   disable=not ranks.main)
         start, losses = time.time(), {}
+        # Under torchrun Ctrl-C reaches every rank (and torchrun passes it on): each finishes its
+        # step and they stop together; torchrun kills them after --shutdown_timeout (30 s).
+        ctrl_c = signal.signal(signal.SIGINT, self.on_ctrl_c) if ranks.on else None
         try:
             while self.step < args.steps:
-                losses = step_fn(self.step)
+                losses = ranks.mean(step_fn(self.step, self.fetch(batch_fn)))
                 if not all(math.isfinite(v) for v in losses.values()):
-                    raise TrainingError(
+                    raise Stop(
                         f"{args.stage}: loss is not finite at step {self.step} ({losses}); the "
                         f"last good checkpoint {self.path} is untouched; lower --lr or use "
                         f"--dtype float32")
@@ -741,16 +901,20 @@ class Trainer:
                 bar.set_postfix_str(text)
                 bar.update()
                 per_step = (time.time() - start) / (self.step - self.first_step)
-                self.log.write(f"step {self.step} {text} {per_step:.3f} s/step\n")
+                if self.log:
+                    self.log.write(f"step {self.step} {text} {per_step:.3f} s/step\n")
                 if self.step % args.save_every == 0 or self.step == args.steps:
                     self.save()
         except KeyboardInterrupt:
             self.save()
-            raise TrainingError(f"interrupted after step {self.step}; saved {self.path}; "
-                                f"continue with --resume") from None
+            raise Stop(f"interrupted after step {self.step}; saved {self.path}; "
+                       f"continue with --resume") from None
         finally:
+            if ctrl_c is not None:
+                signal.signal(signal.SIGINT, ctrl_c)
             bar.close()
-            self.log.close()
+            if self.log:
+                self.log.close()
         return losses
 
 
@@ -820,16 +984,27 @@ def make_data(args, cfg):
 
 
 class Batches(torch.utils.data.Dataset):
-    """Batch k is data.batch(B, first + k, window): the batches a run in one process sees."""
-    def __init__(self, data, batch_size, first, last, window):
-        self.data, self.batch_size, self.first, self.last = data, batch_size, first, last
-        self.window = window
+    """The k-th micro-batch this rank trains on from step `first`: data.batch(B, index, window),
+    index from micro_index. In one process without --grad-accum, batch k is first + k."""
+    def __init__(self, data, args, first, window):
+        self.data, self.batch_size, self.first, self.window = data, args.batch_size, first, window
+        self.rank, self.world, self.accum = args.ranks.rank, args.ranks.world, args.grad_accum
+        self.n = (args.steps - first) * args.grad_accum
 
     def __len__(self):
-        return self.last - self.first
+        return self.n
+
+    def index(self, k):
+        step, m = divmod(k, self.accum)
+        return micro_index(self.first + step, m, self.rank, self.world, self.accum)
 
     def __getitem__(self, k):
-        return self.data.batch(self.batch_size, self.first + k, self.window)
+        return self.data.batch(self.batch_size, self.index(k), self.window)
+
+
+def ignore_ctrl_c(worker_id):
+    """Data workers leave Ctrl-C to the trainer, which may need one more batch before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Prefetch:
@@ -837,19 +1012,24 @@ class Prefetch:
     DataLoader). The sound world is synthesised on the CPU, which a GPU would otherwise wait for;
     batches stay the same as in one process, since batch k depends only on (seed, k)."""
     def __init__(self, data, args, first, window=None):
-        batches = Batches(data, args.batch_size, first, args.steps, window)
+        self.order = Batches(data, args, first, window)
         self.batches = iter(torch.utils.data.DataLoader(
-            batches, batch_size=None, num_workers=args.workers, prefetch_factor=4))
-        self.next = first
+            self.order, batch_size=None, num_workers=args.workers, prefetch_factor=4,
+            worker_init_fn=ignore_ctrl_c))
+        self.next = 0
 
-    def batch(self, batch_size, step, window=None):
-        assert step == self.next, "Prefetch serves the steps in order"
+    def batch(self, batch_size, index, window=None):
+        assert index == self.order.index(self.next), "Prefetch serves the batches in order"
         self.next += 1
         return next(self.batches)
 
 
 def prefetch(data, args, first, window=None):
     return Prefetch(data, args, first, window) if args.workers else data
+
+
+def copy_of(generator):
+    return torch.Generator().set_state(generator.get_state())
 
 
 def clip_and_step(optimizer, params, max_norm):
@@ -884,30 +1064,51 @@ def train_vae(args):
     crop = args.crop or 65536
     data = prefetch(make_data(args, cfg), args, trainer.first_step, window=crop)
 
-    def step(i):
-        x = data.batch(args.batch_size, i, window=crop)["audio"].to(device)   # (B, 2, N)
+    def reconstruct(vae, x, generator):
+        """Audio (B, 2, N) -> x_hat (B, 2, N), posterior mean and std (B, 64, L)."""
         with autocast(device, args.dtype):
             mean, std = vae.encode(x)
-            z = mean + std * sa.randn(mean.shape, trainer.generator, mean)
-            x_hat = vae.decode(z)[..., :x.shape[-1]].float()
-        losses = {"spectral": stereo_loss(x_hat, x, cfg.sample_rate),
-                  "kl": sa.kl_divergence(mean.float(), std.float())}
-        logs = {}
+            z = mean + std * sa.randn(mean.shape, generator, mean)
+            return vae.decode(z)[..., :x.shape[-1]].float(), mean.float(), std.float()
+    net = args.ranks.wrap(Forward(vae, reconstruct))
+    critic = args.ranks.wrap(Forward(disc, discriminator_loss))
+
+    def step(i, micro):
+        K, losses, logs, graphs = len(micro), {}, {}, [None] * len(micro)
+        audio = [batch["audio"].to(device) for batch, _ in micro]             # (B, 2, N) each
         # The released wrapper's `warmup_steps` (0 in the paper's config): before it, only the
         # reconstruction and KL terms train, at ~2/5 of the time per step on a CPU.
         if i >= args.disc_start:
-            d_loss = discriminator_loss(disc, x, x_hat)
+            # The discriminator learns first, then the generator meets the updated one. With
+            # several micro-batches, each is reconstructed again below from the same noise, so
+            # that one graph at a time is alive; a single one keeps its graph for both.
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            for m, (x, (_, generator)) in enumerate(zip(audio, micro)):
+                if K == 1:
+                    graphs[m] = net(x, generator)
+                    x_hat = graphs[m][0]
+                else:
+                    with torch.no_grad():
+                        x_hat = net(x, copy_of(generator))[0]
+                with args.ranks.sync(critic, m == K - 1):
+                    d_loss = critic(x, x_hat)
+                    (d_loss / K).backward()
+                accumulate(logs, {"disc": d_loss}, K)
             clip_and_step(opt_d, disc.parameters(), args.clip)
-            losses["adversarial"], losses["feature"] = generator_losses(disc, x, x_hat)
-            logs["disc"] = d_loss.item()
-        loss = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
         opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        for m, (x, (_, generator)) in enumerate(zip(audio, micro)):
+            with args.ranks.sync(net, m == K - 1):
+                x_hat, mean, std = graphs[m] or net(x, generator)
+                parts = {"spectral": stereo_loss(x_hat, x, cfg.sample_rate),
+                         "kl": sa.kl_divergence(mean, std)}
+                if i >= args.disc_start:
+                    parts["adversarial"], parts["feature"] = generator_losses(disc, x, x_hat)
+                loss = sum(LOSS_WEIGHTS[k] * v for k, v in parts.items())
+                (loss / K).backward()
+            accumulate(losses, parts, K)
         clip_and_step(opt_g, vae.parameters(), args.clip)
-        return {**{k: v.item() for k, v in losses.items()}, **logs}
-    return trainer.run(step)
+        return {**losses, **logs}
+    return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop))
 
 
 def train_clap(args):
@@ -921,17 +1122,26 @@ def train_clap(args):
     crop = min(args.crop or 10 * cfg.sample_rate, cfg.window)
     data = prefetch(make_data(args, cfg), args, trainer.first_step, window=crop)
 
-    def step(i):
-        batch = data.batch(args.batch_size, i, window=crop)
-        tokens, mask = clap.tokenize(batch["prompts"])
+    def contrastive_loss(clap, tokens, mask, audio):
+        # On R ranks every caption meets every clip of the R micro-batches, as in one process at
+        # R times the batch (LAION-CLAP gathers the same way); --grad-accum averages K such losses.
         with autocast(device, args.dtype):
-            loss = clap.loss(clap.embed_text(tokens, mask),
-                             clap.embed_audio(batch["audio"].to(device))).float()
+            return clap.loss(args.ranks.concat(clap.embed_text(tokens, mask)),
+                             args.ranks.concat(clap.embed_audio(audio))).float()
+    net = args.ranks.wrap(Forward(clap, contrastive_loss))
+
+    def step(i, micro):
+        K, losses = len(micro), {}
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for m, (batch, _) in enumerate(micro):
+            tokens, mask = clap.tokenize(batch["prompts"])
+            with args.ranks.sync(net, m == K - 1):
+                loss = net(tokens, mask, batch["audio"].to(device))
+                (loss / K).backward()
+            accumulate(losses, {"loss": loss}, K)
         clip_and_step(opt, clap.parameters(), args.clip)
-        return {"loss": loss.item()}
-    return trainer.run(step)
+        return losses
+    return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop))
 
 
 def load_part(model, part, path):
@@ -959,15 +1169,15 @@ def load_part(model, part, path):
 
 
 class Windows(torch.utils.data.Dataset):
-    """Items 0 … n-1 of the data at a window, for the latent cache (made by --workers)."""
-    def __init__(self, data, window, n):
-        self.data, self.window, self.n = data, window, n
+    """Some items of the data at a window, for the latent cache (made by --workers)."""
+    def __init__(self, data, window, indices):
+        self.data, self.window, self.indices = data, window, indices
 
     def __len__(self):
-        return self.n
+        return len(self.indices)
 
-    def __getitem__(self, index):
-        return self.data.item(index, self.window)
+    def __getitem__(self, k):
+        return self.data.item(self.indices[k], self.window)
 
 
 class LatentCache:
@@ -975,34 +1185,39 @@ class LatentCache:
     window, with prompt and timing. Each step draws a batch from them and samples z afresh.
     Encoding dominates a diffusion step on a CPU, so this is what makes the stage fast there;
     the price is n fixed windows instead of an endless stream. Saved next to the checkpoint and
-    reused while the VAE, window, data, seed and n are the same."""
+    reused while the VAE, window, data, seed and n are the same. Under torchrun rank r encodes
+    items r, r + R, … and every rank then holds all n; OUT must be a folder every rank sees."""
 
     def __init__(self, model, data, n, device, args):
-        self.seed = args.seed
+        self.seed, ranks = args.seed, args.ranks
         key = {"vae": hash_state(model.vae), "window": model.cfg.window, "data": args.data,
                "seed": args.seed, "n": n, "overfit": args.overfit}
         path = os.path.join(args.out, "latents.pt")
         cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
-        if cached is not None and cached["key"] == key:
+        if not ranks.any(cached is None or cached["key"] != key)[0]:
             print(f"diffusion: using {n} cached latents from {path}")
         else:
-            items = []
-            windows = torch.utils.data.DataLoader(Windows(data, model.cfg.window, n),
+            mine, items = range(ranks.rank, n, ranks.world), []
+            windows = torch.utils.data.DataLoader(Windows(data, model.cfg.window, mine),
                                                   batch_size=None, num_workers=args.workers)
-            for audio, prompt, start, total in tqdm(windows, desc="encoding latents", total=n,
-                                                    dynamic_ncols=True):
+            for audio, prompt, start, total in tqdm(windows, desc="encoding latents",
+                                                    total=len(mine), dynamic_ncols=True,
+                                                    disable=not ranks.main):
                 with torch.no_grad():
                     mean, std = model.vae.encode(audio[None].to(device).float())
                 items.append((mean[0].cpu(), std[0].cpu(), prompt, start, total))
-            mean, std, prompts, start, total = zip(*items)
+            shares = ranks.collect(items)                 # item i is on rank i % R
+            mean, std, prompts, start, total = zip(*(shares[i % ranks.world][i // ranks.world]
+                                                     for i in range(n)))
             cached = {"key": key, "mean": torch.stack(mean), "std": torch.stack(std),
                       "prompts": list(prompts), "seconds_start": torch.tensor(start),
                       "seconds_total": torch.tensor(total)}
-            sa.atomic_save(cached, path)
+            if ranks.main:
+                sa.atomic_save(cached, path)
         self.cached = cached
 
-    def batch(self, batch_size, step, window=None):
-        pick = torch.as_tensor(np.random.default_rng([self.seed, 1, step]).integers(
+    def batch(self, batch_size, index, window=None):
+        pick = torch.as_tensor(np.random.default_rng([self.seed, 1, index]).integers(
             len(self.cached["prompts"]), size=batch_size))
         return {"mean": self.cached["mean"][pick], "std": self.cached["std"][pick],
                 "prompts": [self.cached["prompts"][j] for j in pick.tolist()],
@@ -1051,6 +1266,7 @@ def train_diffusion(args):
     model.to(device).train()
     for frozen in (model.vae, model.clap):
         frozen.requires_grad_(False).eval()
+    model.timing.requires_grad_(cfg.timing.enabled)      # --no-timing leaves the tables unused
     model.unet.set_checkpointing(args.grad_checkpointing)
     params = [*model.unet.parameters(), *model.timing.parameters()]
     opt = torch.optim.Adam(params, args.lr)               # the paper: Adam, no weight decay
@@ -1064,29 +1280,36 @@ def train_diffusion(args):
     if not args.latent_cache:
         data = prefetch(data, args, trainer.first_step)
 
-    def step(i):
-        batch = data.batch(args.batch_size, i)
-        with torch.no_grad(), autocast(device, args.dtype):
-            if "mean" in batch:
-                mean, std = batch["mean"].to(device), batch["std"].to(device)
-            else:
-                mean, std = encode_clips(model.vae, batch["audio"], device)
-            z = mean + std * sa.randn(mean.shape, trainer.generator, mean)   # (B, 64, L)
-            z = z * cfg.latent_scale
+    def v_loss(model, z, prompts, seconds_start, seconds_total, generator):
         with autocast(device, args.dtype):
-            context, mask = model.condition(batch["prompts"], batch["seconds_start"],
-                                            batch["seconds_total"])
-            length = model.content_frames(batch["seconds_start"], batch["seconds_total"])
-            loss = sa.diffusion_loss(model.unet, z, context, mask, trainer.generator,
+            context, mask = model.condition(prompts, seconds_start, seconds_total)
+            length = model.content_frames(seconds_start, seconds_total)
+            return sa.diffusion_loss(model.unet, z, context, mask, generator,
                                      length=length.to(device))
+    net = args.ranks.wrap(Forward(model, v_loss))    # the U-Net and timing: the rest is frozen
+
+    def step(i, micro):
+        K, losses = len(micro), {}
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for m, (batch, generator) in enumerate(micro):
+            with torch.no_grad(), autocast(device, args.dtype):
+                if "mean" in batch:
+                    mean, std = batch["mean"].to(device), batch["std"].to(device)
+                else:
+                    mean, std = encode_clips(model.vae, batch["audio"], device)
+                z = mean + std * sa.randn(mean.shape, generator, mean)   # (B, 64, L)
+                z = z * cfg.latent_scale
+            with args.ranks.sync(net, m == K - 1):
+                loss = net(z, batch["prompts"], batch["seconds_start"], batch["seconds_total"],
+                           generator)
+                (loss / K).backward()
+            accumulate(losses, {"loss": loss, "latent_std": z.float().std()}, K)
         clip_and_step(opt, params, args.clip)
         if i == trainer.first_step and device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
             print(f"peak GPU memory after one step: {peak:.1f} GiB")
-        return {"loss": loss.item(), "latent_std": z.float().std().item()}
-    return trainer.run(step)
+        return losses
+    return trainer.run(step, lambda index: data.batch(args.batch_size, index))
 
 
 STAGES = {"vae": train_vae, "clap": train_clap, "diffusion": train_diffusion}
@@ -1159,7 +1382,10 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue OUT/STAGE.pt from its step")
     p.add_argument("--force", action="store_true", help="start over even if OUT/STAGE.pt exists")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="per step (default per stage and size; tiny: vae 4, clap 16, diffusion 4)")
+                   help="per micro-batch on each rank (default per stage and size; tiny: vae 4, "
+                   "clap 16, diffusion 4)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches per "
+                   "optimizer step: the effective batch is --batch-size x ranks x K (default 1)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default per stage and "
                    "size; full size: vae 1e-4, clap 1e-4, diffusion 4e-5 as in the paper; "
                    "with --resume: the checkpoint's rate unless given)")
@@ -1225,7 +1451,7 @@ def parse_args(argv):
     if args.init and (args.stage not in ("vae", "diffusion", "all") or args.resume):
         p.error("--init starts a fresh vae or diffusion run; it cannot go with another stage "
                 "or --resume")
-    for name in ("steps", "save_every"):
+    for name in ("steps", "save_every", "grad_accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     args.out = args.out or os.path.join("runs", args.size)
@@ -1238,6 +1464,9 @@ def run_stage(args, stage):
     batch, lr = DEFAULTS[stage][args.size]
     stage_args = replace_args(args, stage=stage, batch_size=args.batch_size or batch,
                               lr=args.lr or lr, lr_from_checkpoint=args.lr is None)
+    B, R, K = stage_args.batch_size, args.ranks.world, args.grad_accum
+    if R * K > 1:
+        print(f"{stage}: effective batch {B * R * K} = batch {B} x {R} ranks x --grad-accum {K}")
     losses = STAGES[stage](stage_args)
     print(f"{stage}: done, step {stage_args.steps}, "
           + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
@@ -1250,20 +1479,34 @@ def replace_args(args, **changes):
 
 
 def main(argv=None):
+    ranks = Ranks()
     try:
         args = parse_args(argv)
         if args.stage == "export":
             export(args)
             return 0
+        args.ranks = ranks = Ranks.start(args.device)     # under torchrun: its process group
         for stage in ([*STAGES] if args.stage == "all" else [args.stage]):
             run_stage(args, stage)
+    except Stop as e:
+        if ranks.main and str(e):
+            print(f"error: {e}", file=sys.stderr)
+        ranks.close()
+        return 2
     except torch.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size, add --grad-checkpointing (diffusion) "
-              "or pick a smaller --size; the last checkpoint is untouched", file=sys.stderr)
+        print(f"error: {ranks.prefix}out of GPU memory; lower --batch-size (a larger --grad-accum "
+              f"keeps the effective batch), add --grad-checkpointing (diffusion) or pick a "
+              f"smaller --size; the last checkpoint is untouched", file=sys.stderr)
         return 2
     except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {ranks.prefix}{e}", file=sys.stderr)
         return 2
+    except dist.DistError as e:        # a rank that failed has said why; its loss reached us here
+        if ranks.main:
+            print(f"error: lost contact with another rank ({str(e).splitlines()[0][:200]})",
+                  file=sys.stderr)
+        return 2
+    ranks.close()
     return 0
 
 
