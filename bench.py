@@ -8,7 +8,7 @@ and prompt adherence. Prints a markdown table per measurement and writes the sam
 Sections (run in this order; --only picks some):
   speed       wall time of `generate` for 10 s, 30 s and the whole window, split into text
               encoding, diffusion steps and VAE decoding (median of --repeats after a warm-up), and
-              seconds of audio per second. cli: the design card command
+              seconds of audio per second. cli: the README's sample.py command
               `python sample.py "ambient rain" --seconds 30 ...` as a subprocess, start-up included.
   throughput  U-Net forward (batch 2: the CFG pair) and VAE decode per latent length, peak memory;
               on CUDA also the largest training batch with and without gradient checkpointing.
@@ -61,7 +61,7 @@ SPEED_PROMPT = "ambient rain"
 PAPER_STEPS = 100
 H100_TARGET_S = 4.0          # 95 s, 100 steps, CFG 6, batch 1, bf16 (the paper: 8 s on an A100)
 CLI_SECONDS = 30
-CLI_TARGET_S = 20.0                         # the design card: at most 20 s on 2 CPU cores
+CLI_TARGET_S = 20.0                         # the README's command: at most 20 s on 2 CPU cores
 TIME_LINE = re.compile(r"time: loading ([\d.]+) s \+ sampling and decoding ([\d.]+) s")
 
 # throughput
@@ -231,7 +231,7 @@ def speed_rows(model, steps, dtype, repeats):
 
 
 def time_cli(ckpt, device):
-    """Wall time of the design card command as a subprocess, split by its own `time:` line."""
+    """Wall time of the README's sample.py command as a subprocess, split by its own `time:` line."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, str(HERE / "sample.py"), SPEED_PROMPT,
                    "--seconds", str(CLI_SECONDS), "--ckpt", str(ckpt), "--out", f"{tmp}/x.wav",
@@ -275,7 +275,7 @@ def bench_speed(setup):
         row["target s (2 CPU cores)"] = f"<= {CLI_TARGET_S:g}"
         row["met"] = row["wall s"] <= CLI_TARGET_S
     yield table("speed: cli", machine(setup["device"], torch.float32), [row],
-                "the design card command as a subprocess (start-up included), "
+                "the README's sample.py command as a subprocess (start-up included), "
                 f"checkpoint {setup['ckpt']}, float32, the same torch threads as this process")
 
 

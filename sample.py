@@ -2,7 +2,7 @@
 
 Writes one file per sample (wav, flac or ogg, from the --out extension) at the checkpoint's sample
 rate, and a spectrogram PNG beside it. Sample i starts from the noise of seed + i and its file name
-carries that seed, so `--seed S` alone re-makes any one file of a batch (USERS.md rows 17, 18).
+carries that seed, so `--seed S` alone re-makes any one file of a batch.
 """
 import argparse
 import json
