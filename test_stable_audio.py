@@ -1638,6 +1638,9 @@ def test_export_from_sat_writes_a_checkpoint_sample_py_loads(sat, tmp_path, caps
     assert sample.main(["rain", "--ckpt", str(out), "--steps", "2",
                         "--out", str(tmp_path / "a.wav")]) == 0
     assert sf.info(str(tmp_path / "a.wav")).frames == model.cfg.window     # the whole window
+    assert sample.main(["rain", "--from-sat", config, weights, "--steps", "2",     # directly
+                        "--out", str(tmp_path / "b.wav")]) == 0
+    assert sf.info(str(tmp_path / "b.wav")).frames == model.cfg.window
     vae_config, vae_weights = released_files(sat, tmp_path, "oobleck")
     assert run_train("export", "--from-sat", vae_config, vae_weights, "--to",
                      tmp_path / "vae.pt") == 2
@@ -2263,6 +2266,249 @@ def test_bench_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
     assert bench.main(["--device", "cuda", "--only", "samplers",
                        "--out", str(tmp_path / "b.json")]) == 2
     assert capsys.readouterr().err.startswith("error: --device cuda but no CUDA GPU")
+
+
+# ------------------------------------------------------------------- data-parallel training
+# train.py under torchrun: R ranks x K micro-batches (--grad-accum) of B clips per optimizer step
+# train like one process at batch R·K·B. Two ranks on gloo, the tiny model, a half-second window,
+# a few steps; every launch has a timeout, so a hang fails its test instead of blocking.
+import signal       # noqa: E402 (this section's own)
+import subprocess   # noqa: E402
+import sys          # noqa: E402
+import time         # noqa: E402
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+RANK_SCRIPT = ("import sys\nimport test_stable_audio\n"
+               "sys.exit(test_stable_audio.rank_main(sys.argv[1:]))\n")
+CLIPS = ["--window-seconds", 0.5, "--save-every", 1, "--device", "cpu"]
+DIFFUSION_LOSS = sa.diffusion_loss
+
+
+def launch(script, *argv):
+    """Two ranks of `script` under torchrun, in a process group of their own."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.Popen([*TORCHRUN, str(script), *map(str, argv)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def finish(proc, timeout=150):
+    """(exit status, stdout, stderr); a launch still running after `timeout` s fails the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"two ranks still running after {timeout} s: a hang")
+    return proc.returncode, out, err
+
+
+def torchrun(*argv, script=os.path.join(REPO, "train.py")):
+    return finish(launch(script, *argv))
+
+
+def no_noise(shape, generator, like):
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def per_clip_loss(unet, z, context, mask, generator, length=None, **kwargs):
+    """The v-objective at one fixed draw of (t, eps, dropout) for every clip, clip by clip: the
+    loss of a batch is then the mean of its clips' losses, however the batch is split. (The real
+    draws come from one generator per micro-batch, so they depend on the split.)"""
+    return torch.stack([DIFFUSION_LOSS(unet, z[i:i + 1], context[i:i + 1], mask[i:i + 1],
+                                       torch.Generator().manual_seed(0), length=length[i:i + 1])
+                        for i in range(len(z))]).mean()
+
+
+FIXED_NOISE = {"randn": no_noise, "diffusion_loss": per_clip_loss}
+
+
+def rank_main(argv):
+    """One rank of a test launch: MODE then train.py's arguments. fixed-noise: per_clip_loss;
+    rank-1-fails: rank 1 cannot read its second batch."""
+    mode, argv = argv[0], argv[1:]
+    if mode == "fixed-noise":
+        for name, fn in FIXED_NOISE.items():
+            setattr(sa, name, fn)
+    if mode == "rank-1-fails" and os.environ["RANK"] == "1":
+        batch = train.AudioData.batch
+
+        def failing(self, batch_size, index, window=None):
+            if index >= 2:
+                raise ValueError(f"cannot read audio file clip_{index:03d}.wav: test")
+            return batch(self, batch_size, index, window)
+        train.AudioData.batch = failing
+    return train.main(argv)
+
+
+def error_lines(stderr):
+    """Lines that start with "error:", also after rank 0's progress bar (which ends in \\r)."""
+    return [line for line in re.split(r"[\r\n]", stderr) if line.startswith("error:")]
+
+
+def fresh_out(root, name):
+    """A new output folder holding the untrained VAE and CLAP of `root`."""
+    out = root / name
+    out.mkdir()
+    for part in ("vae", "clap"):
+        (out / f"{part}.pt").write_bytes((root / f"{part}.pt").read_bytes())
+    return out
+
+
+def assert_same_checkpoints(path_a, path_b, exact=False):
+    """Same step, gradients (Adam's moments) and weights: bit for bit, or to float32 rounding.
+    A weight may move by up to 1e-4 more: Adam divides by sqrt(v) + 1e-8, which magnifies the
+    rounding of a gradient that cancels to ~1e-8 (averaging over ranks adds in another order)."""
+    a, b = (torch.load(p, weights_only=True) for p in (path_a, path_b))
+    assert a["step"] == b["step"]
+    weights = [(f"{key} {name}", x, b[key][name]) for key in ("model", "ema")
+               for name, x in a[key].items()]
+    moments = [(f"optimizer {i} {key}", x[key], y[key])
+               for opt_a, opt_b in zip(a["optimizers"], b["optimizers"])
+               for i, (x, y) in enumerate(zip(opt_a["state"].values(), opt_b["state"].values()))
+               for key in ("exp_avg", "exp_avg_sq")]
+    for what, x, y in weights + moments:
+        if exact:
+            assert torch.equal(x, y), what
+        else:
+            scale = 1.0 if what.startswith(("model", "ema")) else x.abs().max().item()
+            assert (x - y).abs().max().item() <= 1e-4 * scale, what
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Untrained parts as `parts` writes them, and a 4-step diffusion run on 2 ranks x batch 1."""
+    root = tmp_path_factory.mktemp("ranks")
+    torch.manual_seed(0)
+    model = sa.build_model(sa.SIZES["tiny"])
+    with torch.no_grad():
+        model.vae.encoder[-1].bias[64:] = -10
+    for part in ("vae", "clap"):
+        sa.save_checkpoint(root / f"{part}.pt", model, stage=part, step=0)
+    (root / "rank.py").write_text(RANK_SCRIPT)
+    out = fresh_out(root, "straight")
+    status, stdout, stderr = torchrun("diffusion", "--steps", 4, "--out", out, *CLIPS,
+                                      "--batch-size", 1)
+    assert status == 0, stderr[-3000:]
+    return root, out, stdout
+
+
+@pytest.fixture(scope="module")
+def batch_of_two(two_ranks):
+    """One process at batch 2, each clip's loss at one fixed noise draw (per_clip_loss)."""
+    out = fresh_out(two_ranks[0], "batch_of_two")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name, fn in FIXED_NOISE.items():
+            monkeypatch.setattr(sa, name, fn)
+        assert run_train("diffusion", "--steps", 2, "--out", out, *CLIPS, "--batch-size", 2) == 0
+    return out / "diffusion.pt"
+
+
+def test_two_ranks_at_batch_b_reach_the_weights_of_one_process_at_batch_2b(two_ranks,
+                                                                           batch_of_two):
+    """Rank r's micro-batch holds items r·B … r·B + B - 1 of the one-process batch, and DDP
+    averages the gradients: the same clips, the same update."""
+    root = two_ranks[0]
+    out = fresh_out(root, "fixed_noise_ranks")
+    status, _, stderr = torchrun("fixed-noise", "diffusion", "--steps", 2, "--out", out, *CLIPS,
+                                 "--batch-size", 1, script=root / "rank.py")
+    assert status == 0, stderr[-3000:]
+    assert_same_checkpoints(batch_of_two, out / "diffusion.pt")
+
+
+def test_grad_accum_2_at_batch_b_reaches_the_weights_of_batch_2b(two_ranks, batch_of_two,
+                                                                 monkeypatch):
+    out = fresh_out(two_ranks[0], "fixed_noise_accum")
+    for name, fn in FIXED_NOISE.items():
+        monkeypatch.setattr(sa, name, fn)
+    assert run_train("diffusion", "--steps", 2, "--out", out, *CLIPS, "--batch-size", 1,
+                     "--grad-accum", 2) == 0
+    assert_same_checkpoints(batch_of_two, out / "diffusion.pt")
+
+
+def test_ranks_and_grad_accum_are_interchangeable_with_the_real_noise(two_ranks):
+    """Micro-batch j = rank·K + m takes the same clips and noise stream whether j counts ranks
+    or accumulation steps: 2 ranks x 1 = 1 process x --grad-accum 2."""
+    root, straight, _ = two_ranks
+    out = fresh_out(root, "accum")
+    assert run_train("diffusion", "--steps", 4, "--out", out, *CLIPS, "--batch-size", 1,
+                     "--grad-accum", 2) == 0
+    assert_same_checkpoints(straight / "diffusion.pt", out / "diffusion.pt")
+
+
+def test_clap_on_two_ranks_contrasts_every_caption_with_every_clip_of_the_step(two_ranks):
+    """The contrastive loss on 2 ranks x 2 pairs sees all 4 pairs, as one process at batch 4."""
+    root = two_ranks[0]
+    flags = ["--steps", 2, "--crop", 16384, "--save-every", 2, "--device", "cpu"]
+    ranks, one = fresh_out(root, "clap_ranks"), fresh_out(root, "clap_one")
+    status, _, stderr = torchrun("clap", "--out", ranks, *flags, "--batch-size", 2, "--force")
+    assert status == 0, stderr[-3000:]
+    assert run_train("clap", "--out", one, *flags, "--batch-size", 4, "--force") == 0
+    assert_same_checkpoints(one / "clap.pt", ranks / "clap.pt")
+
+
+def test_resuming_a_two_rank_run_gives_the_weights_of_the_uninterrupted_run(two_ranks):
+    root, straight, _ = two_ranks
+    split = fresh_out(root, "split")
+    for steps, resume in ((2, []), (4, ["--resume"])):
+        status, _, stderr = torchrun("diffusion", "--steps", steps, "--out", split, *CLIPS,
+                                     "--batch-size", 1, *resume)
+        assert status == 0, stderr[-3000:]
+    assert_same_checkpoints(straight / "diffusion.pt", split / "diffusion.pt", exact=True)
+
+
+def test_resuming_on_another_number_of_ranks_says_what_changes(two_ranks, capsys):
+    root, straight, _ = two_ranks
+    out = fresh_out(root, "one_rank")
+    (out / "diffusion.pt").write_bytes((straight / "diffusion.pt").read_bytes())
+    assert run_train("diffusion", "--steps", 5, "--out", out, *CLIPS, "--batch-size", 1,
+                     "--resume") == 0
+    assert ("trained on 2 micro-batches of 1 per step (ranks x --grad-accum), this run takes 1 "
+            "of 1: the effective batch goes from 2 to 1" in capsys.readouterr().out)
+
+
+def test_rank_0_alone_writes_the_log_the_checkpoint_and_the_output(two_ranks):
+    """One log line per step, one checkpoint of plain weight names (what sample.py loads), and
+    one copy of what the run prints."""
+    _, out, stdout = two_ranks
+    assert sorted(p.name for p in out.iterdir()) == ["clap.pt", "diffusion.log", "diffusion.pt",
+                                                     "vae.pt"]
+    assert [line.split()[1] for line in (out / "diffusion.log").read_text().splitlines()] == [
+        "1", "2", "3", "4"]
+    assert stdout.count("diffusion: done") == 1
+    assert "effective batch 2 = batch 1 x 2 ranks x --grad-accum 1" in stdout
+    _, ckpt = sa.load_checkpoint(out / "diffusion.pt")       # strict: no "module." prefixes
+    assert ckpt["args"]["ranks"] == 2 and len(ckpt["rng"]) == 2   # one noise stream per rank
+
+
+def test_a_rank_that_raises_stops_every_rank_with_one_line(two_ranks):
+    root = two_ranks[0]
+    out = fresh_out(root, "failing")
+    status, _, stderr = torchrun("rank-1-fails", "diffusion", "--steps", 4, "--out", out, *CLIPS,
+                                 "--batch-size", 1, script=root / "rank.py")
+    errors = error_lines(stderr)
+    assert status != 0 and errors == ["error: rank 1: cannot read audio file clip_003.wav: test"]
+    assert torch.load(out / "diffusion.pt", weights_only=True)["step"] == 1   # the last good one
+
+
+def test_ctrl_c_on_two_ranks_finishes_the_step_saves_once_and_stops_both(two_ranks):
+    """Ctrl-C in a terminal reaches torchrun and both ranks: they stop together after a step."""
+    root = two_ranks[0]
+    out = fresh_out(root, "ctrl_c")
+    proc = launch(os.path.join(REPO, "train.py"), "diffusion", "--steps", 1000, "--out", out,
+                  *CLIPS[:2], "--save-every", 1000, "--device", "cpu", "--batch-size", 1)
+    log, waited = out / "diffusion.log", 0.0
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and waited < 120:
+        time.sleep(0.2)
+        waited += 0.2
+    os.killpg(proc.pid, signal.SIGINT)
+    status, _, stderr = finish(proc)
+    step = torch.load(out / "diffusion.pt", weights_only=True)["step"]
+    errors = error_lines(stderr)
+    assert status != 0 and errors == [f"error: interrupted after step {step}; saved "
+                                      f"{out / 'diffusion.pt'}; continue with --resume"]
+    assert len(log.read_text().splitlines()) == step >= 2
 
 
 # ================================================================================== exercises

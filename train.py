@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 from dataclasses import replace
@@ -527,7 +528,7 @@ def a_weighting(freqs):
 
 def stft_loss(x_hat, x, sample_rate):
     """A-weighted multi-resolution STFT loss between (B, N) signals, averaged over resolutions."""
-    x_hat, x = x_hat.float(), x.float()            # STFT losses in float32 (USERS.md row 11)
+    x_hat, x = x_hat.float(), x.float()            # STFT losses in float32: fp16 overflows
     total = 0.0
     for n_fft in STFT_SIZES:
         window = torch.hann_window(n_fft, device=x.device)
@@ -657,7 +658,6 @@ class Ranks:
         self.rank, self.world, self.local_rank = rank, world, local_rank
         self.on, self.device = device is not None, device       # device: where collectives run
         self.main = rank == 0
-        self.prefix = f"rank {rank}: " if world > 1 else ""   # for errors only one rank may have
 
     @classmethod
     def start(cls, device_name):
@@ -681,8 +681,21 @@ class Ranks:
             sys.stdout = open(os.devnull, "w")      # rank 0 alone reports; errors use stderr
         return cls(rank, world, local_rank, device)
 
-    def close(self):
+    def error(self, text):
+        """One line on stderr; under torchrun on a line of its own (rank 0's progress bar leaves
+        its line open) and naming the rank, since the others may not share the problem."""
+        print(f"\nerror: rank {self.rank}: {text}" if self.on else f"error: {text}",
+              file=sys.stderr)
+
+    def barrier(self):
         if self.on:
+            dist.barrier()
+
+    def close(self):
+        """Leave together: torchrun ends every rank as soon as one exits with an error, and rank 0
+        may still be saying why the run stopped."""
+        if self.on:
+            dist.barrier()
             dist.destroy_process_group()
             if not self.main:
                 sys.stdout.close()
@@ -693,10 +706,10 @@ class Ranks:
 
     def wrap(self, module):
         """DistributedDataParallel around what a stage trains, so that the backward pass averages
-        its gradients over the ranks. No trained part keeps running statistics: no buffers."""
+        its gradients over the ranks (the frozen parts inside it have none to average)."""
         if not self.on:
             return module
-        return DistributedDataParallel(module, broadcast_buffers=False, device_ids=(
+        return DistributedDataParallel(module, device_ids=(
             [self.local_rank] if self.device.type == "cuda" else None))
 
     def sync(self, net, last):
@@ -762,7 +775,7 @@ class Forward(nn.Module):
 def accumulate(totals, values, K):
     """totals += values / K: a step's losses are the means over its K micro-batches."""
     for k, v in values.items():
-        totals[k] = totals.get(k, 0.0) + float(v) / K
+        totals[k] = totals.get(k, 0.0) + v.item() / K
     return totals
 
 
@@ -837,13 +850,14 @@ class Trainer:
     def save(self):
         states = [s for rank in self.ranks.collect([g.get_state() for g in self.generators])
                   for s in rank]
-        if not self.ranks.main:
-            return
-        try:
-            self._save(states)
-        except (OSError, RuntimeError) as e:
-            raise TrainingError(f"could not write {self.path} ({str(e).splitlines()[0]}); is the "
-                                f"disk full? The previous checkpoint is untouched") from None
+        if self.ranks.main:
+            try:
+                self._save(states)
+            except (OSError, RuntimeError) as e:
+                raise TrainingError(f"could not write {self.path} ({str(e).splitlines()[0]}); "
+                                    f"is the disk full? The previous checkpoint is untouched"
+                                    ) from None
+        self.ranks.barrier()           # `all`: the next stage reads this checkpoint on every rank
 
     def _save(self, rng):
         sa.save_checkpoint(self.path, self.model, stage=self.args.stage, step=self.step,
@@ -860,17 +874,18 @@ class Trainer:
     def fetch(self, batch_fn):
         """This rank's micro-batches of the step, [(batch, noise generator), …]. Under torchrun
         the ranks first agree that each has its data and that nobody pressed Ctrl-C."""
-        K, error = self.args.grad_accum, None
+        K, micro = self.args.grad_accum, None
         try:
             micro = [(batch_fn(self.ranks.index(self.step, m, K)), generator)
                      for m, generator in enumerate(self.generators)]
         except Exception as e:
             if not self.ranks.on:
                 raise
-            error = e
-        failed, interrupted = self.ranks.any(error is not None, self.interrupted)
-        if error is not None:
-            raise error                          # this rank says why
+            if isinstance(e, (TrainingError, ValueError, OSError)):    # a bad file, say
+                self.ranks.error(e)
+            else:
+                traceback.print_exc()
+        failed, interrupted = self.ranks.any(micro is None, self.interrupted)
         if failed:
             raise Stop("")                       # the rank that failed has said why
         if interrupted:
@@ -1494,17 +1509,16 @@ def main(argv=None):
         ranks.close()
         return 2
     except torch.OutOfMemoryError:
-        print(f"error: {ranks.prefix}out of GPU memory; lower --batch-size (a larger --grad-accum "
-              f"keeps the effective batch), add --grad-checkpointing (diffusion) or pick a "
-              f"smaller --size; the last checkpoint is untouched", file=sys.stderr)
+        ranks.error("out of GPU memory; lower --batch-size (a larger --grad-accum keeps the "
+                    "effective batch), add --grad-checkpointing (diffusion) or pick a smaller "
+                    "--size; the last checkpoint is untouched")
         return 2
     except (TrainingError, ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {ranks.prefix}{e}", file=sys.stderr)
+        ranks.error(e)
         return 2
     except dist.DistError as e:        # a rank that failed has said why; its loss reached us here
         if ranks.main:
-            print(f"error: lost contact with another rank ({str(e).splitlines()[0][:200]})",
-                  file=sys.stderr)
+            ranks.error(f"lost contact with another rank ({str(e).splitlines()[0][:200]})")
         return 2
     ranks.close()
     return 0
