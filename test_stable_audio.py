@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import shlex
 import struct
 import zlib
 from dataclasses import replace
@@ -2511,48 +2510,115 @@ def test_ctrl_c_on_two_ranks_finishes_the_step_saves_once_and_stops_both(two_ran
     assert len(log.read_text().splitlines()) == step >= 2
 
 
-# ================================================================================== exercises
-# Every command of the README's exercises runs, at a couple of steps and a 2-second window, and
-# prints the figure its exercise asks about.
-EXERCISE_FIGURES = {1: "abs error s (mean)", 2: "Fréchet distance to real", 3: "dpmpp-3m order",
-                    4: "STFT loss", 5: "top-1 accuracy", 6: "compression"}
-SCRIPTS = {"train.py": train.main, "bench.py": bench.main, "sample.py": sample.main}
-FEWER = {"--steps": "2", "--latent-cache": "2", "--seconds": "2"}
-FASTER = {"train.py": ["--window-seconds", "2", "--batch-size", "2", "--crop", "4096"],
-          "bench.py": ["--eval-steps", "2", "--seeds", "1", "--repeats", "1"], "sample.py": []}
+# ---------------------------------------------------------------------------------- exercises
+import exercises
+
+# Figures where each exercise's effect is plainly there, and the same with it gone: what
+# --check reads, in the form the exercise returns them.
+EXERCISE_PASS = {
+    1: {"ending error, with the tokens": 0.02, "ending error, tokens zeroed": 0.25},
+    2: {"scale 1: CLAP own prompt": 0.19, "scale 6: CLAP own prompt": 0.34,
+        "scale 12: latent RMS": 5.07, "scale 12, no rescale: latent RMS": 6.16},
+    3: {"euler: Gaussian order": 0.99, "dpmpp-2m: Gaussian order": 1.80,
+        "dpmpp-3m: Gaussian order": 3.13, "euler: model, 20 steps": 0.2,
+        "dpmpp-3m: model, 20 steps": 0.07},
+    4: {"snake: fit error": 0.1, "relu: fit error": 0.93, "elu: fit error": 0.85},
+    5: {"512x: energy lost": 0.27, "1024x: energy lost": 0.36, "2048x: energy lost": 0.47,
+        "512x: U-Net GFLOPs per second": 54, "1024x: U-Net GFLOPs per second": 24,
+        "2048x: U-Net GFLOPs per second": 11},
+    6: {"v: ending error, 10 steps": 0.01, "eps: ending error, 10 steps": 0.36},
+}
+EXERCISE_FAIL = {  # one change each: the effect gone
+    1: {"ending error, with the tokens": 0.24, "ending error, tokens zeroed": 0.25},
+    2: {"scale 1: CLAP own prompt": 0.19, "scale 6: CLAP own prompt": 0.2,
+        "scale 12: latent RMS": 5.07, "scale 12, no rescale: latent RMS": 6.16},
+    3: {"euler: Gaussian order": 0.99, "dpmpp-2m: Gaussian order": 1.80,
+        "dpmpp-3m: Gaussian order": 2.0, "euler: model, 20 steps": 0.2,
+        "dpmpp-3m: model, 20 steps": 0.07},
+    4: {"snake: fit error": 0.9, "relu: fit error": 0.93, "elu: fit error": 0.85},
+    5: {"512x: energy lost": 0.3, "1024x: energy lost": 0.3, "2048x: energy lost": 0.3,
+        "512x: U-Net GFLOPs per second": 54, "1024x: U-Net GFLOPs per second": 24,
+        "2048x: U-Net GFLOPs per second": 11},
+    6: {"v: ending error, 10 steps": 0.3, "eps: ending error, 10 steps": 0.36},
+}
 
 
-def readme_exercises():
-    """{exercise number: [command, ...]} from the bash blocks of the README's Exercises."""
-    text = open(os.path.join(os.path.dirname(__file__), "README.md"), encoding="utf-8").read()
-    part = text[text.index("## Exercises"):]
-    part = part[:part.index("\n## ", 1)] if "\n## " in part[1:] else part
-    found = {}
-    for number, body in zip(*[iter(re.split(r"^### Exercise (\d+)", part, flags=re.M)[1:])] * 2):
-        blocks = re.findall(r"```bash\n(.*?)```", body, flags=re.S)
-        found[int(number)] = [line for block in blocks for line in block.splitlines()
-                              if line.startswith("python ")]
-    return found
-
-
-def test_readme_has_six_exercises_each_with_commands():
-    exercises = readme_exercises()
-    assert sorted(exercises) == [1, 2, 3, 4, 5, 6]
-    assert all(len(commands) >= 2 for commands in exercises.values())
-
-
-def test_every_exercise_runs_as_written_and_prints_its_figure(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    demo = tmp_path / "checkpoints" / "demo.pt"             # stands in for the trained demo
-    demo.parent.mkdir()
+@pytest.fixture
+def short_demo(tmp_path, monkeypatch):
+    """An untrained model with a 3 s window in place of the bundled demo: the guidance and
+    sampler exercises run their code paths in seconds (their figures mean nothing)."""
+    path = tmp_path / "demo.pt"
     torch.manual_seed(0)
-    sa.save_checkpoint(demo, sa.build_model(SHORT), stage="export", step=0)
-    monkeypatch.setattr(bench, "DEMO_CKPT", demo)
-    monkeypatch.setattr(sample, "DEMO_CKPT", demo)
-    for number, commands in readme_exercises().items():
-        for command in commands:
-            _, script, *argv = shlex.split(command)
-            argv = [FEWER.get(before, a) for before, a in zip([None, *argv], argv)]
-            assert SCRIPTS[script]([*argv, *FASTER[script]]) == 0, command
-        out = capsys.readouterr().out
-        assert EXERCISE_FIGURES[number] in out, (number, out[-2000:])
+    sa.save_checkpoint(path, sa.build_model(SHORT), stage="export", step=0)
+    monkeypatch.setattr(exercises, "DEMO", str(path))
+    monkeypatch.setattr(exercises, "SECONDS", 2)
+
+
+def smoke(number):
+    """Exercise `number` at smoke scale, checking that its figures are the check's and finite."""
+    figures = exercises.EXERCISES[number][1](0, scale=0.02)
+    assert all(math.isfinite(v) for v in figures.values())
+    assert set(EXERCISE_PASS[number]) <= set(figures)
+    return figures
+
+
+def test_exercise_1_timing_world_runs_and_ends_windows_where_the_sound_stops():
+    figures = smoke(1)
+    assert all(0 <= v <= 1 for v in figures.values())
+    # The detector finds the end of the world's own windows exactly.
+    z, seconds_total = exercises.latent_world(64, torch.Generator().manual_seed(0))
+    assert torch.equal(exercises.detected_end(exercises.sound_level(z)), seconds_total)
+
+
+def test_exercise_2_guidance_runs_with_and_without_the_rescale(short_demo):
+    figures = smoke(2)
+    assert len(figures) == 4 * (2 * len(exercises.GUIDANCE_SCALES) - 1)
+
+
+def test_exercise_3_samplers_run_on_gaussian_data_and_a_model(short_demo):
+    figures = smoke(3)
+    assert 0.8 < figures["euler: Gaussian order"] < 1.2        # exact data: scale-independent
+
+
+def test_exercise_4_snake_mlp_runs():
+    smoke(4)
+
+
+def test_exercise_5_linear_code_and_unet_cost_run():
+    figures = smoke(5)
+    # Halving the latent rate at least halves the U-Net's work per second of audio.
+    assert figures["512x: U-Net GFLOPs per second"] > 2 * figures["1024x: U-Net GFLOPs per second"]
+
+
+def test_exercise_6_v_and_eps_objectives_run():
+    smoke(6)
+
+
+@pytest.mark.parametrize("number", sorted(EXERCISE_PASS))
+def test_exercise_check_passes_with_the_effect_and_fails_without(number):
+    check = exercises.EXERCISES[number][2]
+    assert check(EXERCISE_PASS[number]) is None
+    failure = check(EXERCISE_FAIL[number])
+    assert isinstance(failure, str) and "\n" not in failure
+
+
+def test_zeroed_timing_tokens_fail_the_timing_check(monkeypatch):
+    """Break §3.2's mechanism (the timing tokens carry nothing) and exercise 1's check fails. At
+    this quarter of the training the intact tokens place the end at 0.10 of the window (seed 0)."""
+    zeros = lambda self, start, total: torch.zeros(len(total), 2, self.total.embedding_dim)
+    monkeypatch.setattr(sa.TimingEmbedding, "forward", zeros)
+    broken = exercises.exercise_1(0, scale=0.25)                  # 200 training steps, not 800
+    assert exercises.check_1(broken) is not None
+    # The model "with the tokens" is now the one without them, and ends no better than a guess.
+    assert broken["ending error, with the tokens"] == broken["ending error, tokens zeroed"] > 0.2
+
+
+def test_exercises_cli_reports_bad_arguments_in_one_line_and_fails_the_check(capsys):
+    for argv in (["7"], ["1", "--seeds", "0"], ["1", "--scale", "2"], []):
+        assert exercises.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert exercises.main(["4", "--scale", "0.01", "--check"]) == 1   # 20 steps: no fit yet
+    out, err = capsys.readouterr()
+    assert "snake: fit error" in out and err.count("\n") == 1     # progress bars end in \r
+    assert err.rsplit("\r", 1)[-1].startswith("check failed: Snake has no effect")
