@@ -57,6 +57,9 @@ def parse_args(argv):
     add("--steps", type=int, default=100, help="sampler steps (default 100, the paper)")
     add("--cfg-scale", type=float, default=6.0,
         help="classifier-free guidance scale (default 6, the paper); 1 turns guidance off")
+    add("--cfg-rescale", type=float, default=0.4, metavar="PHI", help="how far guidance's "
+        "output is pulled back to the conditional one's spread, in [0, 1] (default 0.4, as "
+        "released); 0 turns the rescale off, so large scales over-saturate")
     add("--sampler", choices=["dpmpp-2m", "dpmpp-3m", "euler"], default="dpmpp-3m",
         help="DPM-Solver++ multistep of order 2 or 3 (default dpmpp-3m), or Euler, the "
         "first-order baseline")
@@ -115,6 +118,8 @@ def check_args(args):
          "--inpaint START END needs 0 <= START < END (seconds)"),
         (not args.start >= 0, f"--start must be 0 or more, got {args.start:g}"),
         (args.steps < 1, f"--steps must be at least 1, got {args.steps}"),
+        (not 0 <= args.cfg_rescale <= 1,
+         f"--cfg-rescale must be in [0, 1] (0 turns it off), got {args.cfg_rescale:g}"),
         (args.n < 1, f"--n must be at least 1, got {args.n}"),
         (args.seed is not None and not 0 <= args.seed < 2 ** 63,
          f"--seed must be in [0, 2^63), got {args.seed}; leave it out for a random one"),
@@ -317,7 +322,7 @@ def sample_batch(model, args, seed, dtype, init=None):
             audio = sa.generate(
                 model, [args.prompt] * args.n, seconds_total=args.seconds,
                 seconds_start=args.start, steps=args.steps, cfg_scale=args.cfg_scale,
-                negative_prompt=args.negative, seed=seed, sampler=args.sampler,
+                cfg_rescale=args.cfg_rescale, negative_prompt=args.negative, seed=seed, sampler=args.sampler,
                 init_audio=init, init_strength=args.init_strength or 1.0, inpaint=args.inpaint,
                 trim=not args.no_trim, decode_chunk=args.decode_chunk, dtype=dtype,
                 callback=callback)
@@ -406,7 +411,7 @@ def run(args):
     content = min(args.seconds - args.start, model.cfg.window / model.cfg.sample_rate)
     print(f"generating {args.n} x {content:g} s from {args.start:g} s into a {args.seconds:g} s "
           f"piece, {seeds}, {args.steps} {args.sampler} steps, "
-          f"cfg scale {args.cfg_scale:g}, on {device.type} in {str(dtype).removeprefix('torch.')}")
+          f"cfg scale {args.cfg_scale:g} (rescale {args.cfg_rescale:g}), on {device.type} in {str(dtype).removeprefix('torch.')}")
     t1 = time.perf_counter()
     audio = sample_batch(model, args, seed, dtype, init)            # (n, 2, N)
     t2 = time.perf_counter()

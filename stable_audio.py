@@ -999,8 +999,8 @@ def default_decode_chunk(device):
     return 128 if device.type == "cpu" else 512
 
 
-def check_request(cfg, seconds_total, seconds_start, decode_chunk, init_audio, init_strength,
-                  inpaint):
+def check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
+                  init_strength, inpaint):
     """generate's argument checks, each a ValueError that says what to pass instead."""
     window_seconds = cfg.window / cfg.sample_rate
     if not 0 < seconds_total <= cfg.timing.max_seconds:
@@ -1009,6 +1009,9 @@ def check_request(cfg, seconds_total, seconds_start, decode_chunk, init_audio, i
     if not 0 <= seconds_start < seconds_total:
         raise ValueError(f"seconds_start must be in [0, seconds_total = {seconds_total}), got "
                          f"{seconds_start}; it is where the clip begins within the piece")
+    if not 0 <= cfg_rescale <= 1:
+        raise ValueError(f"cfg_rescale must be in [0, 1] (0 turns the rescale off), got "
+                         f"{cfg_rescale}")
     if decode_chunk is not None and decode_chunk <= DECODE_OVERLAP:
         raise ValueError(f"decode_chunk must be more than {DECODE_OVERLAP} latent frames")
     if not 0 < init_strength <= 1:
@@ -1078,13 +1081,14 @@ def decode_content(model, z, N, decode_chunk):
 
 @torch.inference_mode()
 def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
-             negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03, sigma_max=80.0,
+             cfg_rescale=0.4, negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03, sigma_max=80.0,
              init_audio=None, init_strength=1.0, inpaint=None,
              trim=True, decode_chunk=None, dtype=torch.float32, callback=None, timings=None):
     """Audio (B, 2, N) for a list of prompts; N = min(seconds_total - seconds_start, window)
     * sample_rate, or the whole window with trim=False. As in §3.2, the clip starts
     `seconds_start` into a piece `seconds_total` long (at most cfg.timing.max_seconds, 512 s).
 
+    `cfg_rescale` is guided_v's phi: 0.4 as released, 0 for plain guidance.
     init_audio (2, N) or (B, 2, N) at the model's rate starts from that clip instead of noise:
     `init_strength` in (0, 1] picks how much of the schedule is run, `inpaint` = (start, end)
     seconds regenerates only that gap. A dict passed as `timings` receives the seconds spent on
@@ -1092,8 +1096,8 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     weights are already in that precision (`model.unet.to(dtype)`), runs the U-Net as it is.
     `decode_chunk` latent frames are decoded at a time (default: 128 on a CPU, 512 on a GPU)."""
     cfg, device = model.cfg, next(model.parameters()).device
-    check_request(cfg, seconds_total, seconds_start, decode_chunk, init_audio, init_strength,
-                  inpaint)
+    check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
+                  init_strength, inpaint)
     # Training sees whole seconds: start rounded down, total rounded up (train.crop_or_pad).
     B = len(prompts)
     start, total = [math.floor(seconds_start)] * B, [math.ceil(seconds_total)] * B
@@ -1106,7 +1110,8 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         length = (model.content_frames(start, total).to(device)      # Not the paper's (tiny):
                   if cfg.unet.padding_mask else None)                # the padding-mask input
         denoiser = v_to_denoiser(guided_v(unet_at_its_precision(model, device), context, mask,
-                                          uncond, uncond_mask, cfg_scale, length=length))
+                                          uncond, uncond_mask, cfg_scale, cfg_rescale,
+                                          length))
         # 2. The initial latent: the seeds' noise at the first sigma, or the init audio noised.
         sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
         x = sigmas[0].item() * seeded_noise(model, seed, B, device)

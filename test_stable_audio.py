@@ -559,6 +559,29 @@ def test_cfg_is_one_batched_forward_and_follows_the_guidance_formula(model):
     torch.testing.assert_close(guided, v_u + 6.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
 
 
+def test_full_cfg_rescale_gives_each_frame_the_conditional_spread():
+    # phi = 1: the guided v keeps its direction but takes v_c's std over channels, frame by frame.
+    # A stand-in U-Net whose v is the noisy latent plus the context's first token.
+    unet = lambda z, t, context, mask, length=None: z + context[:, 0, :, None]
+    context, uncond = torch.randn(2, 1, 1, 64).unbind()
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    z, t = torch.randn(1, 64, 16), torch.tensor([0.4])
+    guided = sa.guided_v(unet, context, mask, uncond, mask, 6.0, rescale=1.0)(z, t)
+    plain = sa.guided_v(unet, context, mask, uncond, mask, 6.0, rescale=0.0)(z, t)
+    v_c, v_u = unet(z, t, context, mask), unet(z, t, uncond, mask)
+    torch.testing.assert_close(plain, v_u + 6.0 * (v_c - v_u))
+    torch.testing.assert_close(guided.std(1), v_c.std(1))
+    torch.testing.assert_close(guided / guided.norm(dim=1, keepdim=True),
+                               plain / plain.norm(dim=1, keepdim=True))
+    assert (plain.std(1) > 2 * v_c.std(1)).all()                 # so the rescale did something
+
+
+def test_generate_passes_cfg_rescale_to_guidance(model):
+    run = lambda **kw: sa.generate(model, ["rain"], seconds_total=1, steps=3, trim=False, **kw)
+    assert not torch.allclose(run(cfg_rescale=0.0), run())                  # 0.4 by default
+    torch.testing.assert_close(run(cfg_scale=1.0, cfg_rescale=0.0), run(cfg_scale=1.0))
+
+
 def test_cfg_past_the_requested_end_is_the_conditional_prediction(model):
     context, mask = model.condition(["rain"], [0], [10])
     null, null_mask = model.unet.null_context[None], torch.ones(1, 130, dtype=torch.bool)
@@ -726,7 +749,8 @@ def test_inpaint_mask_is_one_outside_the_gap_zero_inside_and_ramps_at_the_seams(
     ({"init_audio": CLIP, "init_strength": 0}, "init_strength"),
     ({"init_audio": CLIP, "init_strength": 1.5}, "init_strength"),
     ({"inpaint": (0.5, 1.0)}, "need init_audio"),
-    ({"init_audio": torch.zeros(2, SHORT.window + 1)}, "longer than the model's window")])
+    ({"init_audio": torch.zeros(2, SHORT.window + 1)}, "longer than the model's window"),
+    ({"cfg_rescale": -0.1}, "cfg_rescale")])
 def test_generate_refuses_bad_init_arguments(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sa.generate(model, ["rain"], seconds_total=1, steps=2, **kwargs)
@@ -1943,6 +1967,7 @@ BAD = {
     "start at the total": (["x", "--start", "1"], "--start 1 must be less than --seconds 1"),
     "start past the total": (["x", "--start", "3", "--seconds", "2"], "pass --seconds 5"),
     "zero steps": (["x", "--steps", "0"], "--steps"),
+    "cfg rescale above one": (["x", "--cfg-rescale", "1.5"], "--cfg-rescale"),
     "zero samples": (["x", "--n", "0"], "--n"),
     "negative seed": (["x", "--seed", "-1"], "--seed"),
     "empty prompt": ([""], "--unconditional"),
