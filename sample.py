@@ -322,10 +322,10 @@ def sample_batch(model, args, seed, dtype, init=None):
             audio = sa.generate(
                 model, [args.prompt] * args.n, seconds_total=args.seconds,
                 seconds_start=args.start, steps=args.steps, cfg_scale=args.cfg_scale,
-                cfg_rescale=args.cfg_rescale, negative_prompt=args.negative, seed=seed, sampler=args.sampler,
-                init_audio=init, init_strength=args.init_strength or 1.0, inpaint=args.inpaint,
-                trim=not args.no_trim, decode_chunk=args.decode_chunk, dtype=dtype,
-                callback=callback)
+                cfg_rescale=args.cfg_rescale, negative_prompt=args.negative, seed=seed,
+                sampler=args.sampler, init_audio=init, init_strength=args.init_strength or 1.0,
+                inpaint=args.inpaint, trim=not args.no_trim, decode_chunk=args.decode_chunk,
+                dtype=dtype, callback=callback)
         except FloatingPointError as e:
             raise CLIError(e) from None
         return audio.cpu().numpy()                      # waits for the device to finish
@@ -411,7 +411,8 @@ def run(args):
     content = min(args.seconds - args.start, model.cfg.window / model.cfg.sample_rate)
     print(f"generating {args.n} x {content:g} s from {args.start:g} s into a {args.seconds:g} s "
           f"piece, {seeds}, {args.steps} {args.sampler} steps, "
-          f"cfg scale {args.cfg_scale:g} (rescale {args.cfg_rescale:g}), on {device.type} in {str(dtype).removeprefix('torch.')}")
+          f"cfg scale {args.cfg_scale:g} (rescale {args.cfg_rescale:g}), on {device.type} in "
+          f"{str(dtype).removeprefix('torch.')}")
     t1 = time.perf_counter()
     audio = sample_batch(model, args, seed, dtype, init)            # (n, 2, N)
     t2 = time.perf_counter()

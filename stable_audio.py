@@ -1081,8 +1081,8 @@ def decode_content(model, z, N, decode_chunk):
 
 @torch.inference_mode()
 def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
-             cfg_rescale=0.4, negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03, sigma_max=80.0,
-             init_audio=None, init_strength=1.0, inpaint=None,
+             cfg_rescale=0.4, negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03,
+             sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None,
              trim=True, decode_chunk=None, dtype=torch.float32, callback=None, timings=None):
     """Audio (B, 2, N) for a list of prompts; N = min(seconds_total - seconds_start, window)
     * sample_rate, or the whole window with trim=False. As in §3.2, the clip starts
