@@ -21,7 +21,7 @@ import time
 import traceback
 import warnings
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -1056,13 +1056,13 @@ def train_vae(args):
     """§4.2: reconstruction + adversarial + feature matching + KL on short crops (1.5 s)."""
     model, path, state = prepare(args, "vae")
     device, cfg = sa.pick_device(args.device), model.cfg
+    if args.init and not state:    # e.g. phase 2 on the demo's VAE: --init checkpoints/demo.pt
+        load_part(model, "vae", args.init, "--init")
     model.to(device).train()
     vae = model.vae
     disc = Discriminator(cfg.vae.channels, DISC_FILTERS.get(cfg.size, 32)).to(device)
     if state:
         disc.load_state_dict(state["discriminator"])
-    elif args.init:            # e.g. phase 2 on the demo's VAE: --init checkpoints/demo.pt
-        load_part(model, "vae", args.init)
     vae.encoder.requires_grad_(not args.freeze_encoder)   # phase 2: fine-tune the decoder only
     if args.freeze_encoder and state:
         # The diffusion stage encodes with the EMA weights; phase 2 freezes exactly those, so the
@@ -1159,27 +1159,47 @@ def train_clap(args):
     return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop))
 
 
-def load_part(model, part, path):
-    """Copy a trained part into `model`: "vae" or "clap", or ("unet", "timing") for --init;
-    refuses one of another size or a wrong stage -> the model it came from."""
+# Fields that only choose how fresh weights start: a trained part is the same part either way.
+INIT_ONLY = {"audible_init", "sinusoid_init"}
+
+
+def config_differences(theirs, mine):
+    """[(field, theirs, mine)] for the fields of two part configs that change the computation."""
+    return [(f.name, getattr(theirs, f.name), getattr(mine, f.name)) for f in fields(mine)
+            if f.name not in INIT_ONLY and getattr(theirs, f.name) != getattr(mine, f.name)]
+
+
+def load_part(model, part, path, flag):
+    """Put a trained part into `model`: "vae" or "clap", or ("unet", "timing") for --init. The
+    part arrives with its config (e.g. a format-1 U-Net's padding); refused if it computes
+    something other than this run asks for. `flag` names the option that gave `path`.
+    -> the model it came from."""
     names = (part,) if isinstance(part, str) else part
     if not os.path.exists(path):
-        raise TrainingError(f"the diffusion stage needs a trained {part}: {path} not found; run "
-                            f"`python train.py {part}` first or pass --{part} PATH"
-                            if isinstance(part, str) else
-                            f"--init {path} not found; pass a checkpoint train.py wrote")
+        hint = (f"run `python train.py {part}` first or pass {flag} PATH"
+                if flag in ("--vae", "--clap") and isinstance(part, str) else
+                "pass a checkpoint train.py wrote")
+        raise TrainingError(f"{flag} {path} not found; {hint}")
     other, ckpt = sa.load_checkpoint(path, ema=True)
     if ckpt.get("stage") not in (*names, "diffusion", "export"):   # the last two hold all parts
-        raise TrainingError(f"{path} is a {ckpt.get('stage')} checkpoint, not a {names[0]} one")
+        raise TrainingError(f"{flag} {path} is a {ckpt.get('stage')} checkpoint, not a "
+                            f"{names[0]} one")
     for name in names:
-        mine = getattr(model.cfg, name)
+        mine, theirs = getattr(model.cfg, name), getattr(other.cfg, name)
         if name == "clap":     # which layer conditions the U-Net is the diffusion stage's choice
-            mine = replace(mine, feature_layer=other.cfg.clap.feature_layer)
-        if getattr(other.cfg, name) != mine:
-            raise TrainingError(f"{path} holds a {name} of size {ckpt['size']!r}, but this run "
-                                f"is --size {model.cfg.size}; train the {name} at that size "
-                                f"first")
-        getattr(model, name).load_state_dict(getattr(other, name).state_dict())
+            theirs = replace(theirs, feature_layer=mine.feature_layer)
+            other.clap.cfg = theirs
+        if name == "unet":     # a layout of the trained weights, not a choice of this run
+            mine = replace(mine, symmetric_downsample=theirs.symmetric_downsample)
+        wrong = config_differences(theirs, mine)
+        if wrong:
+            field, a, b = wrong[0]
+            hint = (f"pass --size {ckpt['size']}" if ckpt["size"] != model.cfg.size else
+                    "pass the flags it was trained with, or train it again")
+            raise TrainingError(f"{flag} {path} holds a {name} with {field} = {a!r}, but this "
+                                f"run's has {b!r}; {hint}")
+        setattr(model, name, getattr(other, name))
+        setattr(model.cfg, name, theirs)
     return other
 
 
@@ -1271,10 +1291,10 @@ def train_diffusion(args):
     """§4.4: v-objective on latents of the frozen VAE, conditioned by the frozen CLAP + timing."""
     model, path, state = prepare(args, "diffusion")
     if state is None:
-        load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"))
-        load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"))
+        load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"), "--vae")
+        load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"), "--clap")
         if args.init and args.stage == "diffusion":       # a fine-tune of another run's U-Net
-            source = load_part(model, ("unet", "timing"), args.init)
+            source = load_part(model, ("unet", "timing"), args.init, "--init")
             if args.latent_scale is None:                 # it keeps the scale it learned at
                 model.cfg.latent_scale = source.cfg.latent_scale
     device, cfg = sa.pick_device(args.device), model.cfg
@@ -1348,7 +1368,7 @@ def export(args):
     weights = ckpt.get("weights", f"EMA weights of {source} at step {ckpt['step']}")
     if args.vae:
         encoder = {k: v.clone() for k, v in model.vae.encoder.state_dict().items()}
-        load_part(model, "vae", args.vae)
+        load_part(model, "vae", args.vae, "--vae")
         if any(not torch.equal(v, encoder[k]) for k, v in model.vae.encoder.state_dict().items()):
             raise TrainingError(f"{args.vae} has another encoder than {source}: the U-Net was "
                                 f"trained on that encoder's latents. Train the decoder alone "
