@@ -1169,17 +1169,16 @@ def config_differences(theirs, mine):
             if f.name not in INIT_ONLY and getattr(theirs, f.name) != getattr(mine, f.name)]
 
 
-def load_part(model, part, path, flag):
+def load_part(model, part, path, flag, needed_by=None):
     """Put a trained part into `model`: "vae" or "clap", or ("unet", "timing") for --init. The
     part arrives with its config (e.g. a format-1 U-Net's padding); refused if it computes
-    something other than this run asks for. `flag` names the option that gave `path`.
-    -> the model it came from."""
+    something other than this run asks for. `flag` names the option that gives `path`;
+    `needed_by`, the stage that reads it by default. -> the model it came from."""
     names = (part,) if isinstance(part, str) else part
     if not os.path.exists(path):
-        hint = (f"run `python train.py {part}` first or pass {flag} PATH"
-                if flag in ("--vae", "--clap") and isinstance(part, str) else
-                "pass a checkpoint train.py wrote")
-        raise TrainingError(f"{flag} {path} not found; {hint}")
+        raise TrainingError(f"{needed_by} needs a trained {part}: {path} not found; run `python "
+                            f"train.py {part}` first or pass {flag} PATH" if needed_by else
+                            f"{flag} {path} not found; pass a checkpoint train.py wrote")
     other, ckpt = sa.load_checkpoint(path, ema=True)
     if ckpt.get("stage") not in (*names, "diffusion", "export"):   # the last two hold all parts
         raise TrainingError(f"{flag} {path} is a {ckpt.get('stage')} checkpoint, not a "
@@ -1194,7 +1193,8 @@ def load_part(model, part, path, flag):
         wrong = config_differences(theirs, mine)
         if wrong:
             field, a, b = wrong[0]
-            hint = (f"pass --size {ckpt['size']}" if ckpt["size"] != model.cfg.size else
+            hint = (f"it is of size {ckpt['size']!r}: pass --size {ckpt['size']}"
+                    if ckpt["size"] != model.cfg.size else
                     "pass the flags it was trained with, or train it again")
             raise TrainingError(f"{flag} {path} holds a {name} with {field} = {a!r}, but this "
                                 f"run's has {b!r}; {hint}")
@@ -1291,8 +1291,10 @@ def train_diffusion(args):
     """§4.4: v-objective on latents of the frozen VAE, conditioned by the frozen CLAP + timing."""
     model, path, state = prepare(args, "diffusion")
     if state is None:
-        load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"), "--vae")
-        load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"), "--clap")
+        load_part(model, "vae", args.vae or os.path.join(args.out, "vae.pt"), "--vae",
+                  "the diffusion stage")
+        load_part(model, "clap", args.clap or os.path.join(args.out, "clap.pt"), "--clap",
+                  "the diffusion stage")
         if args.init and args.stage == "diffusion":       # a fine-tune of another run's U-Net
             source = load_part(model, ("unet", "timing"), args.init, "--init")
             if args.latent_scale is None:                 # it keeps the scale it learned at
