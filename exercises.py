@@ -8,6 +8,8 @@ and shows within minutes on a laptop CPU, using this project's own modules.
 Each exercise prints its figures per seed and their mean, then the range measured over three
 seeds on two 2-core CPUs (docs/exercises.md). --check exits with 1 and one line when the effect is
 missing: break the idea (zero the timing tokens, swap Snake for ReLU, ...) and the check fails.
+Each check tests several parts of its effect; the line names the first part that failed, with its
+figure.
 Shape alphabet: B batch, C channels, L latent frames, N samples, S tokens.
 """
 import argparse
@@ -36,10 +38,22 @@ def seeded(seed, build):
         return build()
 
 
-def halves(error, other, at_most):
-    """The exercises' test of an idea: its error is small (at most `at_most`) and at most half
-    the error without it."""
-    return error <= at_most and error <= 0.5 * other
+def first_failure(parts):
+    """A check's verdict from its parts, (passed, line) pairs in order: None when every part
+    passed, else the line of the first that failed, which names that part and its figure."""
+    return next((line for passed, line in parts if not passed), None)
+
+
+def halving_failure(effect, error, other, at_most):
+    """The exercises' test of an idea, as a check's failure line or None. Its error, a
+    (name, value) pair, must be small (at most `at_most`) and at most half of `other`, the
+    (name, value) without the idea."""
+    (name, value), (other_name, other_value) = error, other
+    return first_failure([
+        (value <= at_most, f"{effect}: {name} {value:.3f}, expected at most {at_most} "
+                           f"({other_name} {other_value:.3f})"),
+        (value <= 0.5 * other_value, f"{effect}: {name} {value:.3f} is more than half of "
+                                     f"{other_name} {other_value:.3f}")])
 
 
 def steps_at(steps, scale, least=1):
@@ -180,11 +194,9 @@ def exercise_1(seed, scale=1.0):
 
 def check_1(r):
     """The tokens must place the end: a small error, at most half of the error without them."""
-    with_, without = r["ending error, with the tokens"], r["ending error, tokens zeroed"]
-    if not halves(with_, without, 0.1):
-        return (f"timing conditioning has no effect: ending error {with_:.3f} of the window with "
-                f"the tokens, {without:.3f} without (expected at most 0.1 and at most half)")
-    return None
+    return halving_failure("timing conditioning has no effect",
+                           ("ending error with the tokens", r["ending error, with the tokens"]),
+                           ("with them zeroed", r["ending error, tokens zeroed"]), 0.1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -249,11 +261,12 @@ def check_2(r):
     """Guidance must raise adherence, and scale 12 without the rescale must inflate the latent."""
     gain = r["scale 6: CLAP own prompt"] - r["scale 1: CLAP own prompt"]
     inflation = r["scale 12, no rescale: latent RMS"] / r["scale 12: latent RMS"]
-    if gain < 0.05 or inflation < 1.1:
-        return (f"guidance has no effect: CLAP adherence {gain:+.3f} from scale 1 to 6 (expected "
-                f"at least +0.05), latent RMS at scale 12 x{inflation:.2f} without the rescale "
-                f"(expected at least x1.1)")
-    return None
+    return first_failure([
+        (gain >= 0.05, f"guidance has no effect on adherence: CLAP own prompt {gain:+.3f} from "
+                       f"scale 1 to 6, expected at least +0.05"),
+        (inflation >= 1.1, f"the CFG rescale has no effect: latent RMS at scale 12 "
+                           f"x{inflation:.2f} without the rescale, expected at least x1.1 "
+                           f"(guidance's adherence passed: {gain:+.3f} from scale 1 to 6)")])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -294,13 +307,17 @@ def exercise_3(seed, scale=1.0):
 
 def check_3(r):
     """Orders 1, 2, 3 on the exact problem, and 3M closer than Euler on the model at 20 steps."""
-    orders = [r[f"{name}: Gaussian order"] for name in SAMPLER_NAMES]
+    euler, second, third = (r[f"{name}: Gaussian order"] for name in SAMPLER_NAMES)
     ratio = r["dpmpp-3m: model, 20 steps"] / r["euler: model, 20 steps"]
-    if not (0.8 < orders[0] < 1.2 and orders[1] > 1.7 and orders[2] > 2.6) or ratio > 0.7:
-        return (f"the samplers are not of their orders: measured {orders[0]:.2f}, "
-                f"{orders[1]:.2f}, {orders[2]:.2f} (expected about 1, 2, 3), 3M / Euler on the "
-                f"model at 20 steps {ratio:.2f} (expected at most 0.7)")
-    return None
+    return first_failure([
+        (0.8 < euler < 1.2, f"Euler is not of order 1: measured {euler:.2f} on Gaussian data, "
+                            f"expected 0.8 to 1.2"),
+        (second > 1.7, f"DPM-Solver++(2M) is not of order 2: measured {second:.2f} on Gaussian "
+                       f"data, expected more than 1.7"),
+        (third > 2.6, f"DPM-Solver++(3M) is not of order 3: measured {third:.2f} on Gaussian "
+                      f"data, expected more than 2.6"),
+        (ratio <= 0.7, f"DPM-Solver++(3M) is no closer than Euler on the model: 3M / Euler at "
+                       f"20 steps {ratio:.2f}, expected at most 0.7")])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -359,11 +376,9 @@ def exercise_4(seed, scale=1.0):
 
 def check_4(r):
     """Snake must fit the tone, and at least twice as well as the better of ReLU and ELU."""
-    snake, other = r["snake: fit error"], min(r["relu: fit error"], r["elu: fit error"])
-    if not halves(snake, other, 0.4):
-        return (f"Snake has no effect: fit error {snake:.3f}, best of ReLU and ELU {other:.3f} "
-                f"(expected at most 0.4 and at most half)")
-    return None
+    return halving_failure("Snake has no effect", ("fit error", r["snake: fit error"]),
+                           ("the best of ReLU and ELU", min(r["relu: fit error"],
+                                                            r["elu: fit error"])), 0.4)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -429,11 +444,16 @@ def check_5(r):
     """A longer hop must lose more (1.4 times as much at 2048x as at 512x), and cost less."""
     lost = [r[f"{hop}x: energy lost"] for hop in (512, 1024, 2048)]
     cost = [r[f"{hop}x: U-Net GFLOPs per second"] for hop in (512, 1024, 2048)]
-    if not (lost[0] < lost[1] < lost[2] and lost[2] >= 1.4 * lost[0] and cost[0] >= 3 * cost[2]):
-        return (f"compression shows no trade-off: energy lost {lost[0]:.3f}, {lost[1]:.3f}, "
-                f"{lost[2]:.3f} at 512x, 1024x, 2048x (expected rising, at least x1.4 from 512x "
-                f"to 2048x), U-Net cost {cost[0]:.0f}, {cost[1]:.0f}, {cost[2]:.0f} GFLOPs/s")
-    return None
+    return first_failure([
+        (lost[0] < lost[1], f"compression shows no trade-off: energy lost {lost[1]:.3f} at "
+                            f"1024x, expected more than the {lost[0]:.3f} at 512x"),
+        (lost[1] < lost[2], f"compression shows no trade-off: energy lost {lost[2]:.3f} at "
+                            f"2048x, expected more than the {lost[1]:.3f} at 1024x"),
+        (lost[2] >= 1.4 * lost[0], f"compression shows no trade-off: energy lost at 2048x "
+                                   f"x{lost[2] / lost[0]:.2f} that at 512x, expected at least "
+                                   f"x1.4"),
+        (cost[0] >= 3 * cost[2], f"compression saves no compute: U-Net cost at 512x "
+                                 f"x{cost[0] / cost[2]:.2f} that at 2048x, expected at least x3")])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -466,11 +486,9 @@ def exercise_6(seed, scale=1.0):
 
 def check_6(r):
     """The v-model must end on time at few steps, with at most half the ε-model's error."""
-    v, eps = r["v: ending error, 10 steps"], r["eps: ending error, 10 steps"]
-    if not halves(v, eps, 0.1):
-        return (f"the v-objective shows no advantage: ending error at 10 steps {v:.3f} with v, "
-                f"{eps:.3f} with ε (expected at most 0.1 and at most half)")
-    return None
+    return halving_failure("the v-objective shows no advantage",
+                           ("ending error at 10 steps with v", r["v: ending error, 10 steps"]),
+                           ("with ε", r["eps: ending error, 10 steps"]), 0.1)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests for stable_audio.py, in the module's order. Each compares with something independent:
 a closed form, an exact solution, or a property that must hold."""
+import copy
 import dataclasses
 import json
 import math
@@ -181,6 +182,39 @@ def test_clap_loss_matches_closed_form_and_prefers_matched_pairs():
     assert matched < shuffled
 
 
+def test_clap_loss_averages_both_directions_on_asymmetric_logits():
+    # Random unit embeddings give logits L = 10 T A^T with L != L^T. The loss by hand: the mean
+    # over captions of -log softmax(row i)[i], the mean over clips of -log softmax(column j)[j],
+    # then their average.
+    clap = sa.CLAP(sa.SIZES["tiny"].clap, 44100)
+    with torch.no_grad():
+        clap.logit_scale.fill_(math.log(10.0))
+    g = torch.Generator().manual_seed(1)
+    text, audio = (F.normalize(torch.randn(5, 16, generator=g), dim=-1) for _ in range(2))
+    L = 10.0 * text.double().numpy() @ audio.double().numpy().T
+    B = len(L)
+    rows = sum(math.log(sum(math.exp(L[i, k]) for k in range(B))) - L[i, i] for i in range(B))
+    cols = sum(math.log(sum(math.exp(L[k, j]) for k in range(B))) - L[j, j] for j in range(B))
+    assert abs(rows - cols) / B > 0.2                      # so one direction alone would show
+    assert clap.loss(text, audio).item() == pytest.approx((rows + cols) / (2 * B), rel=1e-5)
+
+
+def test_text_embedding_pools_the_real_tokens_only():
+    # Padding is masked out of attention, so the real tokens' states, and their mean, cannot
+    # depend on how much padding follows or on what the padded positions hold.
+    torch.manual_seed(0)
+    clap = sa.CLAP(sa.SIZES["tiny"].clap, 44100).eval()
+    tokens, mask = clap.tokenize(["rain on a tin roof", "bells"])
+    with torch.no_grad():
+        full = clap.embed_text(tokens, mask)
+        for n in (20, 40, 128):                    # "rain on a tin roof" is 20 tokens
+            torch.testing.assert_close(clap.embed_text(tokens[:, :n], mask[:, :n]), full)
+        alone = clap.embed_text(*clap.tokenize(["bells"]))
+        junk = torch.where(mask, tokens, torch.randint(0, 256, tokens.shape))
+        torch.testing.assert_close(clap.embed_text(junk, mask), full)
+    torch.testing.assert_close(alone[0], full[1])
+
+
 def test_log_mel_of_a_sine_peaks_in_the_band_holding_its_frequency(model):
     cfg, sr = model.clap.cfg, 44100
     n = torch.arange(sr) / sr
@@ -190,6 +224,15 @@ def test_log_mel_of_a_sine_peaks_in_the_band_holding_its_frequency(model):
         centres = 700 * (10 ** (torch.linspace(0, 2595 * math.log10(1 + sr / 2 / 700),
                                                cfg.n_mels + 2) / 2595) - 1)[1:-1]
         assert abs(band - (centres - f).abs().argmin().item()) <= 1
+
+
+def test_log_mel_is_of_the_mono_mix(model):
+    # Different left and right channels: the log-mel is the one of their average in both.
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(2, 1, 1, 8192, generator=g)
+    mix = (left + right) / 2
+    torch.testing.assert_close(model.clap.log_mel(torch.cat([left, right], 1)),
+                               model.clap.log_mel(torch.cat([mix, mix], 1)))
 
 
 def test_text_features_come_from_the_next_to_last_layer(model):
@@ -204,6 +247,14 @@ def test_timing_embeddings_differ_for_different_seconds(model):
     assert not torch.equal(tokens[0, 1], tokens[1, 1])       # total 30 vs 31
     assert not torch.equal(tokens[0, 0], tokens[2, 0])       # start 0 vs 14
     torch.testing.assert_close(tokens[0, 1], tokens[2, 1])   # same total, same token
+
+
+def test_the_context_carries_the_start_token_then_the_total_token(model):
+    # Each token is its own table's row: seconds_start indexes `start`, seconds_total `total`.
+    context, _ = model.condition(["rain", "rain"], [3, 20], [30, 25])
+    for b, (start, total) in enumerate([(3, 30), (20, 25)]):
+        torch.testing.assert_close(context[b, -2], model.timing.start.weight[start])
+        torch.testing.assert_close(context[b, -1], model.timing.total.weight[total])
 
 
 def test_context_is_text_plus_two_timing_tokens_and_the_mask_hides_padding(model):
@@ -234,6 +285,16 @@ def test_unet_output_shape_equals_input_shape(model, L):
     x = torch.randn(2, 64, L)
     with torch.no_grad():
         assert model.unet(x, torch.rand(2), context, mask).shape == x.shape
+
+
+def test_the_unet_starts_from_half_of_pytorchs_initial_parameters():
+    # As the released wrapper: a Linear's weights are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) halved,
+    # the null context N(0, 1) halved.
+    torch.manual_seed(0)
+    unet = sa.UNet(SHORT.unet, 64, 64, 130)
+    w = unet.to_mapping[0].weight                                # (128, 128)
+    assert 0.49 < w.abs().max().item() * math.sqrt(w.shape[1]) <= 0.5
+    assert unet.null_context.std().item() == pytest.approx(0.5, abs=0.01)
 
 
 @pytest.mark.parametrize("groups", [1, 16])
@@ -408,6 +469,29 @@ def test_conditioning_dropout_swaps_in_the_null_context_at_the_given_rate():
     sa.diffusion_loss(spy, z, torch.zeros(4000, 3, 2), torch.ones(4000, 3, dtype=torch.bool),
                       torch.Generator().manual_seed(0))
     assert seen[0].float().mean().item() == pytest.approx(0.1, abs=0.015)
+
+
+def test_dropped_samples_attend_the_whole_null_context_and_kept_ones_keep_their_mask():
+    # The text's padding mask belongs to the text: the null context that replaces it is
+    # attended in full (as generate's unconditional branch is).
+    seen = {}
+
+    class Spy(OracleUNet):
+        def forward(self, z_t, t, context, mask, length=None):
+            seen.update(dropped=(context == self.null_context).all(-1).all(-1), mask=mask)
+            return torch.zeros_like(z_t)
+    B = 400
+    z = torch.zeros(B, 1, 1)
+    spy = Spy(z, (4, 2))
+    with torch.no_grad():
+        spy.null_context.fill_(7.0)
+    text_mask = torch.tensor([True, True, False, False]).expand(B, 4)
+    sa.diffusion_loss(spy, z, torch.zeros(B, 4, 2), text_mask, torch.Generator().manual_seed(0),
+                      cond_dropout=0.5)
+    dropped = seen["dropped"]
+    assert 0 < dropped.sum() < B
+    assert seen["mask"][dropped].all()
+    assert torch.equal(seen["mask"][~dropped], text_mask[~dropped])
 
 
 # ---------------------------------------------------------------------------------- sampling
@@ -670,6 +754,28 @@ def test_trimmed_output_equals_the_start_of_the_whole_window(model):
     torch.testing.assert_close(kept, whole[..., :kept.shape[-1]], rtol=0, atol=1e-5)
 
 
+def test_generate_decodes_in_short_chunks_what_it_decodes_in_one_go(model):
+    # 40-frame chunks of the 160 frames decoded (the window and its margin) against one chunk.
+    run = lambda chunk: sa.generate(model, ["rain"], seconds_total=2, steps=2, seed=1,
+                                    trim=False, decode_chunk=chunk)
+    torch.testing.assert_close(run(40), run(10_000), rtol=0, atol=1e-5)
+
+
+def test_a_negative_prompt_equal_to_the_prompt_leaves_guidance_nothing_to_do(model):
+    # v_u = v_c: v_u + scale (v_c - v_u) = v_c, and the rescale then divides v_c's spread by
+    # itself, so the result is the unguided run's. It holds only if the negative branch gets
+    # the same timing as the prompt's; tiny's two timing tables start equal, which would hide a
+    # swap of start and total, so the total table is redrawn.
+    apart = copy.deepcopy(model)
+    with torch.no_grad():
+        apart.timing.total.weight.normal_(generator=torch.Generator().manual_seed(0))
+    run = lambda **kw: sa.generate(apart, ["rain"], seconds_total=2, seconds_start=1,
+                                   steps=3, seed=4, **kw)
+    torch.testing.assert_close(run(negative_prompt="rain"), run(cfg_scale=1.0),
+                               rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(run(negative_prompt="wind"), run(cfg_scale=1.0), atol=1e-3)
+
+
 # --- audio-to-audio --------------------------------------------------------------------------------
 def final_latent(model, monkeypatch, **kwargs):
     """Run generate(trim=False) and return the latent it hands to the VAE decoder."""
@@ -886,6 +992,25 @@ def test_the_symmetric_padding_of_format_1_differs_from_the_released_unet(sat):
     for level in model.unet.down:
         level.pad = (level.downsample.stride[0],) * 2
     assert released_unet_errors(model, sat["diffusion"]["unet"])[0] > 1e-4
+
+
+def test_a_released_pretransform_scale_divides_the_latent_the_unet_sees(sat, monkeypatch):
+    # stable-audio-tools' AutoencoderPretransform returns encode(audio) / scale and decodes
+    # decode(z * scale); the fixture's scale is 1, so a config with scale 4 tells the directions
+    # apart. The diffusion latent of the released encoder's mean is mean / 4, and a diffusion
+    # latent w must reach the decoder as 4 w.
+    config = json.loads(json.dumps(sat["diffusion"]["config"]))
+    config["model"]["pretransform"]["scale"] = 4.0
+    with pytest.warns(UserWarning, match="LAION CLAP"):
+        model = sa.from_sat(config, floats(sat["diffusion"]["state_dict"]))
+    ref = sat["diffusion"]["vae"]
+    with torch.no_grad():
+        mean = model.vae.encode(ref["audio"])[0]
+    assert relative_error(mean * model.cfg.latent_scale, ref["mean"] / 4) <= 1e-4
+    seen, decode = [], model.vae.decode
+    monkeypatch.setattr(model.vae, "decode", lambda z, **kw: seen.append(z) or decode(z, **kw))
+    sa.decode_content(model, ref["z"] / 4, ref["audio"].shape[-1], None)
+    torch.testing.assert_close(seen[0][..., :ref["z"].shape[-1]], ref["z"])
 
 
 def test_padded_context_tokens_are_excluded_where_the_released_code_zeroes_them(sat):
@@ -2625,6 +2750,23 @@ def test_exercise_check_passes_with_the_effect_and_fails_without(number):
     assert check(EXERCISE_PASS[number]) is None
     failure = check(EXERCISE_FAIL[number])
     assert isinstance(failure, str) and "\n" not in failure
+
+
+@pytest.mark.parametrize("number, change, names, figure", [
+    (3, {"dpmpp-3m: model, 20 steps": 0.19}, "DPM-Solver++(3M) is no closer than Euler", "0.95"),
+    (4, {"snake: fit error": 0.35, "elu: fit error": 0.6}, "Snake has no effect", "more than half"),
+    (5, {"2048x: U-Net GFLOPs per second": 24}, "compression saves no compute", "x2.25")])
+def test_a_failed_check_names_the_part_that_failed_with_its_figure(number, change, names, figure):
+    # One part broken, the others as with the effect: the line is that part's, not the first's.
+    failure = exercises.EXERCISES[number][2]({**EXERCISE_PASS[number], **change})
+    assert failure.startswith(names) and figure in failure, failure
+
+
+def test_with_the_rescale_off_the_guidance_check_names_the_rescale_and_not_adherence():
+    # Adherence gains +0.15 from scale 1 to 6; the latent RMS at scale 12 is the same with and
+    # without the rescale, as when the rescale is disabled.
+    failure = exercises.check_2({**EXERCISE_PASS[2], "scale 12, no rescale: latent RMS": 5.07})
+    assert "rescale" in failure.split(":")[0] and "guidance has no effect" not in failure
 
 
 def test_zeroed_timing_tokens_fail_the_timing_check(monkeypatch):
