@@ -21,7 +21,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
 import torch
 import torch.nn.functional as F
@@ -1196,7 +1196,7 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
     """Rebuild the model a checkpoint describes -> (model, checkpoint dict), EMA weights if any."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found; train one with train.py or pass "
-                                f"--ckpt with an existing file")
+                                f"an existing file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1206,21 +1206,82 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
         ckpt = upgrade_format_1(ckpt)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint written by train.py")
-    if size is not None and ckpt["size"] != size:
-        raise ValueError(f"checkpoint {path} is size {ckpt['size']!r}, not {size!r}; "
-                         f"use a {size} checkpoint or --size {ckpt['size']}")
+    if not all(isinstance(ckpt.get(k), dict) for k in ("config", "model")):
+        raise ValueError(f"checkpoint {path} lacks its config or its weights; it is damaged")
+    if size is not None and ckpt.get("size") != size:
+        raise ValueError(f"checkpoint {path} is size {ckpt.get('size')!r}, not {size!r}; "
+                         f"use a {size} checkpoint or --size {ckpt.get('size')}")
     try:
-        with torch.device(device):                 # no slow CPU initialisation first
-            model = build_model(ModelConfig.from_dict(ckpt["config"]))
-    except (TypeError, KeyError) as e:
+        cfg = ModelConfig.from_dict(ckpt["config"])
+    except (TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"checkpoint {path} has a config this code cannot build: {e}") from None
     # "ema" may cover only the part a stage trained; it overrides those weights.
     weights = {**ckpt["model"], **(ckpt.get("ema") or {} if ema else {})}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match its config: missing "
-                         f"{missing[:3]}, unexpected {unexpected[:3]}")
-    return model.to(device).eval(), ckpt
+    model = build_checked(cfg, lambda m: [(m, weights, None)], f"checkpoint {path}", device)
+    return model.eval(), ckpt
+
+
+def check_config(cfg, name="config"):
+    """A config read from a file: every field of its default's type, every number within reach
+    (|n| < 2^26), so that a stranger's file is refused by name rather than crashing a build."""
+    for f in fields(cfg):
+        value, where = getattr(cfg, f.name), f"{name}.{f.name}"
+        default = f.default_factory() if f.default is MISSING else f.default
+        if is_dataclass(default):
+            if type(value) is not type(default):
+                raise ValueError(f"{where} must be a section of fields, got {value!r}")
+            check_config(value, where)
+            continue
+        items = value if isinstance(default, tuple) else (value,)
+        kind = int if isinstance(default, tuple) else type(default)
+        ok = (isinstance(value, tuple) or not isinstance(default, tuple)) and all(
+            isinstance(v, (int, float) if kind is float else kind) and
+            (kind is bool or not isinstance(v, bool)) for v in items)
+        if not ok or not all(kind is str or abs(v) < 2 ** 26 for v in items):
+            expected = f"{'a tuple of ' if isinstance(default, tuple) else 'a '}{kind.__name__}"
+            raise ValueError(f"{where} is {value!r}; expected {expected} of sensible size")
+
+
+def build_checked(cfg, parts, where, device="cpu", build=None):
+    """Build the model `cfg` describes without memory first (on the meta device), check that the
+    weights fit it and that its fixed tables are of sensible size, then build it for real and
+    load them: a stranger's file is refused in one line before anything large is allocated.
+    parts(model) -> [(module, weights, what)]; build: the constructor (default build_model)."""
+    build = build or build_model
+    try:
+        check_config(cfg)
+        with torch.device("meta"):
+            skeleton = build(cfg)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{where}: its config cannot be built ({str(e).splitlines()[0]})"
+                         ) from None
+    tables = sum(b.numel() * b.element_size() for b in skeleton.buffers())
+    if tables > 2 ** 30:
+        raise ValueError(f"{where}: its config asks for {tables / 2 ** 30:.0f} GiB of fixed "
+                         f"tables (e.g. clap.n_fft); it is damaged or not meant for this code")
+    for module, weights, what in parts(skeleton):
+        check_weights(module.state_dict(), weights, f"{where}'s {what}" if what else where)
+    with torch.device(device):                     # no slow CPU initialisation first
+        model = build(cfg)
+    for module, weights, what in parts(model):
+        mine = module.state_dict()
+        module.load_state_dict({k: weights[k].reshape(v.shape).to(v.dtype)
+                                for k, v in mine.items()})
+    return model
+
+
+def check_weights(mine, weights, what):
+    """Refuse, in one line, weights that are not exactly the module's: missing, left over, of
+    another size (a reshape of the same size is allowed: e.g. SnakeBeta's (C,) vs (1, C, 1))."""
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                for k, v in weights.items()):
+        raise ValueError(f"{what} holds weights that are not a dictionary of named tensors")
+    missing, unexpected = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
+    wrong = [k for k in mine if k in weights and weights[k].numel() != mine[k].numel()]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{what} does not match its config: {len(missing)} missing "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                         f"{len(wrong)} of another shape {wrong[:3]}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1330,73 +1391,109 @@ def sat_model_config(d):
                         resnet_groups=u.get("resnet_groups", 8)))
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The .safetensors layout: the header's size (8 bytes, little-endian), a JSON header
+    {name: {dtype, shape, data_offsets}}, then the tensors' bytes. Every entry is checked
+    against the file's size before a byte of it is read."""
+    data = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            if not 2 <= n <= min(data - 8, 10 ** 8):
+                raise ValueError
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            raise ValueError(f"{path} is not a complete .safetensors file (its header does not "
+                             f"fit in its {data} bytes)") from None
+        data -= 8 + n
+        weights = {}
+        for name, entry in header.items():
+            try:
+                dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
+                begin, end = entry["data_offsets"]
+                fits = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)) and \
+                    begin <= end <= data and end - begin == math.prod(shape) * dtype.itemsize
+            except (KeyError, TypeError, ValueError):
+                fits = False
+            if not fits:
+                raise ValueError(f"{path} is damaged or truncated: tensor {name!r} does not fit "
+                                 f"in the file")
+            buffer = bytearray(end - begin)
+            f.seek(8 + n + begin)
+            f.readinto(buffer)
+            weights[name] = (torch.frombuffer(buffer, dtype=dtype) if buffer else
+                             torch.zeros(0, dtype=dtype)).reshape(shape)
+    return weights
+
+
 def read_sat_weights(path):
     """A released .ckpt (Lightning: the weights under "state_dict") or .safetensors file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights {path} not found")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ValueError("reading .safetensors needs the safetensors package: "
-                             "pip install safetensors") from None
-        return load_file(path)
+        return read_safetensors(path)
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    return weights.get("state_dict", weights) if isinstance(weights, dict) else {}
+    weights = weights.get("state_dict", weights) if isinstance(weights, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                for k, v in weights.items()):
+        raise ValueError(f"{path} holds no dictionary of named tensors; pass the model's .ckpt "
+                         f"or .safetensors")
+    return weights
 
 
-def load_renamed(module, weights, what):
-    """Load renamed weights (reshaped where only the layout differs, e.g. SnakeBeta's (C,)),
-    refusing with one line if any parameter is missing or left over."""
-    mine = module.state_dict()
-    missing, unexpected = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
-    wrong = [k for k in mine if k in weights and weights[k].numel() != mine[k].numel()]
-    if missing or unexpected or wrong:
-        raise ValueError(f"the {what} weights do not match the config: {len(missing)} missing "
-                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
-                         f"{len(wrong)} of another shape {wrong[:3]}")
-    module.load_state_dict({k: weights[k].reshape(v.shape).to(v.dtype) for k, v in mine.items()})
-
-
-def load_sat_vae(vae, weights, prefix):
+def sat_vae_weights(vae, weights, prefix):
     """DAC's extra 1x1 conv ("proj_out") is the last module of our encoder."""
     rules = SAT_VAE_NAMES + [(r"^encoder\.proj_out\.", f"encoder.{len(vae.encoder) - 1}.")]
-    load_renamed(vae, rename(weights, prefix, rules), "autoencoder")
+    return rename(weights, prefix, rules)
 
 
 def from_sat(config, weights, vae_only=False):
     """A stable-audio-tools model: config (JSON path or dict) + weights (path or state dict).
     A diffusion_cond config -> StableAudio (or its VAE alone with vae_only); an autoencoder
     config -> VAE."""
+    where = config if isinstance(config, str) else "the config"
     if not isinstance(config, dict):
         if not os.path.isfile(config):
             raise FileNotFoundError(f"config {config} not found")
-        with open(config) as f:
-            config = json.load(f)
+        try:
+            with open(config) as f:
+                config = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{where} is not a JSON file ({e})") from None
     weights = read_sat_weights(weights) if isinstance(weights, str) else weights
     try:
-        if config["model_type"] == "autoencoder" or vae_only:
-            cfg = config["model"] if config["model_type"] == "autoencoder" else \
-                config["model"]["pretransform"]["config"]
-            vae = VAE(sat_vae_config(cfg))
-            prefix = "pretransform.model." if any(k.startswith("pretransform.model.")
-                                                 for k in weights) else ""
-            load_sat_vae(vae, weights, prefix)
-            return vae.eval()
-        if config["model_type"] != "diffusion_cond":
+        vae_only = vae_only or config["model_type"] == "autoencoder"
+        if vae_only:
+            cfg = sat_vae_config(config["model"] if config["model_type"] == "autoencoder" else
+                                 config["model"]["pretransform"]["config"])
+        elif config["model_type"] != "diffusion_cond":
             raise ValueError(f"model_type {config['model_type']!r} is not supported")
-        cfg = sat_model_config(config)
+        else:
+            cfg = sat_model_config(config)
     except KeyError as e:
-        raise ValueError(f"the config lacks {e}; pass a stable-audio-tools model config") from None
-    model = build_model(cfg)
-    load_renamed(model.unet, rename(weights, "model.model.", SAT_UNET_NAMES), "U-Net")
-    load_sat_vae(model.vae, weights, "pretransform.model.")
+        raise ValueError(f"{where} lacks {e}; pass a stable-audio-tools model config") from None
+    except (TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{where} is not a config this code can read ({e})") from None
+    if vae_only:
+        prefix = "pretransform.model." if any(k.startswith("pretransform.model.")
+                                             for k in weights) else ""
+        return build_checked(cfg, lambda vae: [(vae, sat_vae_weights(vae, weights, prefix),
+                                                "autoencoder")], where, build=VAE).eval()
     tables = {f"{ours}.weight": weights.get(f"conditioner.conditioners.seconds_{ours}."
                                             f"int_embedder.weight") for ours in ("start", "total")}
-    load_renamed(model.timing, {k: v for k, v in tables.items() if v is not None}, "timing")
+    model = build_checked(cfg, lambda m: [
+        (m.unet, rename(weights, "model.model.", SAT_UNET_NAMES), "U-Net"),
+        (m.vae, sat_vae_weights(m.vae, weights, "pretransform.model."), "autoencoder"),
+        (m.timing, {k: v for k, v in tables.items() if v is not None}, "timing")], where)
     warnings.warn("the released text encoder (LAION CLAP) has no counterpart here: this model's "
                   "CLAP is untrained, so prompts do not steer it; pass your own context",
                   stacklevel=2)

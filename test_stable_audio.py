@@ -257,6 +257,12 @@ def test_the_context_carries_the_start_token_then_the_total_token(model):
         torch.testing.assert_close(context[b, -1], model.timing.total.weight[total])
 
 
+def test_timing_tokens_drop_fractions_of_a_second(model):
+    tokens = model.timing(torch.tensor([2.7]), torch.tensor([30.9]))
+    torch.testing.assert_close(tokens[0, 0], model.timing.start.weight[2])
+    torch.testing.assert_close(tokens[0, 1], model.timing.total.weight[30])
+
+
 def test_context_is_text_plus_two_timing_tokens_and_the_mask_hides_padding(model):
     context, mask = model.condition(["rain"], [0], [30])
     S = model.cfg.clap.text_len
@@ -1050,19 +1056,112 @@ def test_released_weights_load_from_a_lightning_ckpt_and_refuse_a_dit(sat, tmp_p
                       sa.VAE)
 
 
-def test_safetensors_without_the_package_is_one_clear_error(tmp_path, monkeypatch):
-    import builtins
-    real_import = builtins.__import__
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
 
-    def no_safetensors(name, *args, **kwargs):
-        if name.startswith("safetensors"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(b"\0" * 16)
-    monkeypatch.setattr(builtins, "__import__", no_safetensors)
-    with pytest.raises(ValueError, match="pip install safetensors"):
-        sa.read_sat_weights(str(path))
+
+def write_safetensors(path, tensors, metadata=None):
+    """The published .safetensors layout, written by hand: u64 little-endian header size, JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes."""
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        blob = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_safetensors_files_read_back_exactly_without_any_other_package(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b.half": torch.randn(5).half(),
+               "c": torch.arange(6).reshape(2, 3), "empty": torch.zeros(0, 2)}
+    write_safetensors(tmp_path / "m.safetensors", tensors, {"format": "pt"})
+    read = sa.read_sat_weights(str(tmp_path / "m.safetensors"))
+    assert set(read) == set(tensors)
+    for name, t in tensors.items():
+        assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
+
+
+def test_a_truncated_or_garbled_safetensors_file_is_one_line_naming_it(sat, tmp_path, capsys):
+    write_safetensors(tmp_path / "m.safetensors", floats(sat["diffusion"]["state_dict"]))
+    whole = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "header.safetensors").write_bytes(whole[:100])
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(4096))
+    for name, message in (("cut", "damaged or truncated"), ("header", "not a complete"),
+                          ("noise", "not a complete")):
+        with pytest.raises(ValueError, match=message) as error:
+            sa.read_sat_weights(str(tmp_path / f"{name}.safetensors"))
+        assert f"{name}.safetensors" in str(error.value)
+    config, _ = released_files(sat, tmp_path)
+    assert run_train("export", "--from-sat", config, tmp_path / "cut.safetensors", "--to",
+                     tmp_path / "x.pt") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "truncated" in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def peak_memory_gib():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["model"]["pretransform"]["config"]["encoder"]["config"].update(strides="abc"),
+     "strides"),
+    (lambda c: c["model"]["diffusion"]["config"].update(channels="wide"), "not a config"),
+    (lambda c: c["model"]["diffusion"]["config"].update(channels=10 ** 7), "does not match"),
+    (lambda c: c["model"]["pretransform"]["config"]["decoder"]["config"].update(
+        channels=10 ** 7), "does not match"),
+    (lambda c: c["model"].update(pretransform=[]), "not a config"),
+    (lambda c: c.update(sample_size=-4), "window"),
+])
+def test_a_strangers_released_config_is_one_line_before_anything_large_is_allocated(
+        sat, change, message):
+    """10^7 channels would need petabytes: the model is first built on the meta device."""
+    config = json.loads(json.dumps(sat["diffusion"]["config"]))
+    change(config)
+    before = peak_memory_gib()
+    with pytest.raises(ValueError, match=message) as error:
+        sa.from_sat(config, floats(sat["diffusion"]["state_dict"]))
+    assert "\n" not in str(error.value) and peak_memory_gib() - before < 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["unet"].update(widths=[10 ** 6] * 5), "does not match"),
+    (lambda c: c["vae"].update(strides="abc"), "vae.strides"),
+    (lambda c: c["clap"].update(text_layers=2.5), "clap.text_layers"),
+    (lambda c: c["clap"].update(n_fft=2 ** 25), "GiB of fixed tables"),
+    (lambda c: c.update(unet="wide"), "cannot build"),
+    (lambda c: c["timing"].update(enabled="yes"), "timing.enabled"),
+    (lambda c: c.update(window=2 ** 40), "window"),
+])
+def test_a_strangers_checkpoint_config_is_one_line_before_anything_large_is_allocated(
+        model, tmp_path, change, message):
+    sa.save_checkpoint(tmp_path / "m.pt", model)
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    change(ckpt["config"])
+    torch.save(ckpt, tmp_path / "m.pt")
+    before = peak_memory_gib()
+    with pytest.raises(ValueError, match=message) as error:
+        sa.load_checkpoint(tmp_path / "m.pt")
+    assert "m.pt" in str(error.value) and "\n" not in str(error.value)
+    assert peak_memory_gib() - before < 1
+
+
+def test_weights_that_are_not_tensors_are_refused_in_one_line(model, tmp_path):
+    sa.save_checkpoint(tmp_path / "m.pt", model)
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    ckpt["model"]["unet.null_context"] = "text"
+    torch.save(ckpt, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="named tensors"):
+        sa.load_checkpoint(tmp_path / "m.pt")
+    torch.save([1, 2], tmp_path / "w.ckpt")
+    with pytest.raises(ValueError, match="no dictionary of named tensors"):
+        sa.read_sat_weights(str(tmp_path / "w.ckpt"))
 
 
 def test_full_size_parameter_counts_equal_the_released_networks():
@@ -1727,6 +1826,58 @@ def test_init_starts_phase_two_from_another_checkpoints_vae(parts, tmp_path, cap
     assert run_train("export", "--from", demo, "--vae", tmp_path / "fresh.pt", "--to",
                      tmp_path / "other.pt") == 2
     assert "another encoder" in capsys.readouterr().err and not (tmp_path / "other.pt").exists()
+
+
+BUNDLED_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints",
+                            "demo.pt")
+
+
+def test_the_bundled_demo_is_current_and_computes_what_it_was_published_computing():
+    """checkpoints/demo.pt was re-saved in the current format; fixtures/demo_outputs.pt holds what
+    the file as first published (format 1) computed on fixed inputs (fixtures/make_demo_fixture.py
+    says how it was made)."""
+    import importlib.util
+    raw = torch.load(BUNDLED_DEMO, weights_only=True)
+    assert raw["format"] == sa.CHECKPOINT_FORMAT and "upgraded_from" not in raw
+    spec = importlib.util.spec_from_file_location(
+        "make_demo_fixture", os.path.join(os.path.dirname(BUNDLED_DEMO), "..", "fixtures",
+                                          "make_demo_fixture.py"))
+    fixture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixture)
+    demo, _ = sa.load_checkpoint(BUNDLED_DEMO)
+    published = torch.load(fixture.OUT_PATH, weights_only=True)["outputs"]
+    now = fixture.outputs(demo, fixture.inputs(demo))
+    assert set(now) == set(published)
+    for name, value in published.items():
+        assert relative_error(now[name], value) <= 1e-5, name
+
+
+def test_the_bundled_demo_fine_tunes_in_each_stage_and_the_result_samples(tmp_path, capsys):
+    """What the README promises: phase 2 of the VAE and a diffusion fine-tune start from
+    checkpoints/demo.pt itself, and the exported result samples."""
+    demo, _ = sa.load_checkpoint(BUNDLED_DEMO)
+    out = tmp_path / "run"
+    assert run_train("vae", "--init", BUNDLED_DEMO, "--freeze-encoder", "--steps", 1, "--crop",
+                     4096, "--batch-size", 1, "--out", out) == 0
+    assert run_train("diffusion", "--init", BUNDLED_DEMO, "--vae", BUNDLED_DEMO, "--clap",
+                     BUNDLED_DEMO, "--steps", 1, "--batch-size", 1, "--latent-cache", 1,
+                     "--out", out) == 0
+    tuned, ckpt = sa.load_checkpoint(out / "diffusion.pt", ema=False)
+    assert ckpt["config"]["latent_scale"] == demo.cfg.latent_scale          # the demo's, 4.5
+    assert tuned.cfg.unet == demo.cfg.unet and tuned.cfg.timing.max_seconds == 512
+    assert_same_weights(demo.vae, tuned.vae, "vae")
+    assert_same_weights(demo.clap, tuned.clap, "clap")
+    moved = [(a - b).abs().max().item() for a, b in zip(demo.unet.state_dict().values(),
+                                                       tuned.unet.state_dict().values())]
+    assert 0 < max(moved) < 0.01              # one step from the demo's U-Net, not from random
+    phase2, _ = sa.load_checkpoint(out / "vae.pt")
+    assert_same_weights(demo.vae.encoder, phase2.vae.encoder, "encoder")
+    assert run_train("export", "--from", out / "diffusion.pt", "--vae", out / "vae.pt", "--to",
+                     tmp_path / "tuned.pt") == 0
+    assert run_sample(tmp_path / "tuned.pt", tmp_path / "a.wav") == 0
+    audio, sr = sf.read(tmp_path / "a.wav")
+    assert sr == demo.cfg.sample_rate and audio.shape == (int(1.5 * sr), 2)
+    assert np.isfinite(audio).all() and np.abs(audio).max() > 0
 
 
 def test_latent_cache_holds_the_vae_posterior_of_the_datas_own_items(parts, capsys):
