@@ -388,6 +388,11 @@ def test_the_padding_mask_tells_the_unet_where_the_request_ends():
             assert change[20:40].mean() > 10 * change[:4].mean()
 
 
+def test_the_padding_mask_marks_exactly_the_first_length_frames():
+    inside = sa.frames_inside(torch.tensor([0, 3, 8, 20]), 8, "cpu")
+    assert inside.tolist() == [[False] * 8, [True] * 3 + [False] * 5, [True] * 8, [True] * 8]
+
+
 def test_generate_gives_the_unet_the_requested_extent(monkeypatch):
     torch.manual_seed(0)
     m = sa.build_model(SHORT).eval()
@@ -626,6 +631,25 @@ def test_v_denoiser_recovers_x0_from_the_true_v():
             assert torch.allclose(t_in, torch.full_like(t_in, t))
             return alpha * eps - sig * x0                      # v at z = alpha x0 + sigma eps
         torch.testing.assert_close(sa.v_to_denoiser(true_v)(x, sigma), x0, rtol=1e-4, atol=1e-4)
+
+
+def test_the_denoiser_asks_the_unet_at_the_noise_level_training_used():
+    # diffusion_loss noises z0 at t with alpha_sigma(t); the sampler's denoiser at the matching
+    # VE level sigma / alpha must call the U-Net with that t and that z_t, and get z0 back from
+    # the v the loss trains towards.
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    for t in (0.1, 0.3, 0.8):
+        alpha, sigma = sa.alpha_sigma(torch.tensor(t, dtype=torch.float64))
+        z_t, seen = alpha * x0 + sigma * eps, {}
+
+        def v_fn(z, t_in):
+            seen.update(z=z, t=t_in)
+            return alpha * eps - sigma * x0
+        out = sa.v_to_denoiser(v_fn)(z_t / alpha, (sigma / alpha).item())
+        torch.testing.assert_close(seen["t"], torch.full((2,), t), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seen["z"].double(), z_t.double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.double(), x0.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_cfg_with_scale_one_equals_the_conditional_prediction(model):

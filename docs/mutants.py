@@ -1,0 +1,270 @@
+"""Mutation testing of test_stable_audio.py: does the suite catch the bugs a person could write?
+
+Each mutant below is one plausible bug in stable_audio.py, written as a change of one line (one
+two-line call, where the bug is a swap across its lines). For each, this script copies the
+repository to a temporary folder, makes the change there (the original text must occur exactly
+once) and runs pytest in the copy with `-x -q -p no:cacheprovider`: first the few tests named by
+the mutant's -k expression, then, if they all pass, the whole suite. A mutant is killed by the
+first failing test; it survives only if the whole suite passes. Not run by CI: a survivor costs a
+full suite run (7 min or more on 2 cores). docs/mutation-testing.md has the method and results.
+
+    python docs/mutants.py                      # every mutant; a table and the survival rate
+    python docs/mutants.py --only 10 11         # some of them, by number
+    python docs/mutants.py --tests old_tests.py # the same mutants against another test file
+    python docs/mutants.py --quick              # each mutant's -k subset only: a first look
+    python docs/mutants.py --list               # check that every mutant applies; run nothing
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL, TESTS = "stable_audio.py", "test_stable_audio.py"
+SKIP = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "out"}
+
+MUTANTS = [  # (section, bug, original text, replacement, -k expression for the first run)
+    ("Snake", "sin instead of sin^2",
+     "torch.sin(alpha * x).pow(2)", "torch.sin(alpha * x)", "snake_matches"),
+    ("Snake", "SnakeBeta's alpha and beta swapped",
+     "snake(x, self.alpha.exp(), self.beta.exp())", "snake(x, self.beta.exp(), self.alpha.exp())",
+     "released_autoencoders"),
+    ("VAE", "KL without its 1/2",
+     "return 0.5 * (mean.pow(2) + std.pow(2)", "return (mean.pow(2) + std.pow(2)", "kl"),
+    ("VAE", "posterior std from exp, not softplus",
+     "return mean, F.softplus(scale) + 1e-4", "return mean, scale.exp() + 1e-4",
+     "released_autoencoders or audible_init"),
+    ("VAE", "audio padded by N % hop instead of -N % hop",
+     "F.pad(audio, (0, -N % self.hop))", "F.pad(audio, (0, N % self.hop))", "vae_zero_pads"),
+    ("VAE", "chunked decode keeps each chunk's edges (no overlap discarded)",
+     "edge, step = overlap // 2, chunk - overlap", "edge, step = 0, chunk - overlap",
+     "chunked_decode or short_chunks"),
+    ("VAE", "[e] chunked decode without overlap by default",
+     "def decode(self, z, chunk=None, overlap=DECODE_OVERLAP):",
+     "def decode(self, z, chunk=None, overlap=0):", "chunked_decode or short_chunks"),
+    ("CLAP", "tokenizer keeps one byte fewer than fits",
+     'p.encode("utf-8")[:length - 2]', 'p.encode("utf-8")[:length - 3]', "tokeniz"),
+    ("CLAP", "[b] contrastive loss in one direction only",
+     "return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2",
+     "return F.cross_entropy(logits, labels)", "clap_loss"),
+    ("CLAP", "[c] text embedding pools the padding too",
+     "self.text_proj((h * m).sum(1) / m.sum(1))", "self.text_proj(h.mean(1))", "text_embedding"),
+    ("CLAP", "features from the last layer, not the next-to-last",
+     "n + 1 + self.cfg.feature_layer", "n + 2 + self.cfg.feature_layer", "text_features"),
+    ("CLAP", "attention ignores the padding mask",
+     "F.scaled_dot_product_attention(q, k, v, attn_mask=mask)",
+     "F.scaled_dot_product_attention(q, k, v)",
+     "mask_hides_padding or padded_context"),
+    ("CLAP", "log-mel of the left channel instead of the mono mix",
+     "mono = audio.float().mean(1)", "mono = audio.float()[:, 0]", "log_mel"),
+    ("timing", "[a] condition hands start and total to the timing embedding swapped",
+     "self.timing(torch.as_tensor(seconds_start, device=device),\n"
+     "                             torch.as_tensor(seconds_total, device=device))",
+     "self.timing(torch.as_tensor(seconds_total, device=device),\n"
+     "                             torch.as_tensor(seconds_start, device=device))",
+     "start_token"),
+    ("timing", "seconds clamped one short of the table",
+     "s.long().clamp(0, self.max_seconds)", "s.long().clamp(0, self.max_seconds - 1)",
+     "timing_tokens"),
+    ("timing", "seconds rounded to the nearest instead of dropping the fraction",
+     "lambda s: s.long()", "lambda s: s.round().long()", "timing_tokens"),
+    ("timing", "content frames rounded down",
+     "self.vae.hop).ceil().long()", "self.vae.hop).floor().long()", "content_frames"),
+    ("U-Net", "padding mask one frame too long",
+     "torch.arange(L, device=device) < length", "torch.arange(L, device=device) <= length",
+     "padding_mask or extent or length_frames"),
+    ("U-Net", "noise-level features cos before sin",
+     "torch.cat([t, angles.sin(), angles.cos()], dim=-1)",
+     "torch.cat([t, angles.cos(), angles.sin()], dim=-1)", "released_unet"),
+    ("U-Net", "FiLM scale without its + 1",
+     "self.norm2(h) * (scale + 1) + shift", "self.norm2(h) * scale + shift", "released_unet"),
+    ("U-Net", "skips not scaled by 1/sqrt 2",
+     "skips.pop() * 2 ** -0.5", "skips.pop()", "released_unet"),
+    ("U-Net", "downsampling padding sides swapped",
+     "(factor + 2) // 2, (factor + 1) // 2)", "(factor + 1) // 2, (factor + 2) // 2)",
+     "released_unet"),
+    ("U-Net", "cross-attention replaces the stream instead of adding to it",
+     "x = x + self.cross_attn(x, context, mask)", "x = self.cross_attn(x, context, mask)",
+     "released_unet"),
+    ("U-Net", "initial parameters not halved",
+     "p.mul_(0.5)", "p.mul_(1.0)", "initial_parameters"),
+    ("diffusion", "alpha and sigma swapped in the schedule",
+     "return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)",
+     "return torch.sin(t * math.pi / 2), torch.cos(t * math.pi / 2)", "noise_level"),
+    ("diffusion", "v target as alpha z - sigma eps",
+     "v = alpha * eps - sigma * z", "v = alpha * z - sigma * eps", "diffusion_loss"),
+    ("diffusion", "conditioning dropout keeps 90 % null instead of 10 %",
+     "< cond_dropout).to(z.device)", "> cond_dropout).to(z.device)", "conditioning_dropout"),
+    ("diffusion", "[d] dropped samples keep the text's padding mask on the null context",
+     "mask = mask | drop[:, None]", "mask = mask", "whole_null_context"),
+    ("samplers", "schedule runs from sigma_min up to sigma_max",
+     "torch.linspace(math.log(sigma_max), math.log(sigma_min), steps)",
+     "torch.linspace(math.log(sigma_min), math.log(sigma_max), steps)", "schedule"),
+    ("samplers", "v-denoiser adds sigma v",
+     "return alpha_t * z - sigma_t * v_fn(z, t)", "return alpha_t * z + sigma_t * v_fn(z, t)",
+     "denoiser"),
+    ("samplers", "noise level t not scaled by 2/pi",
+     "2 / math.pi * math.atan(sigma)", "math.atan(sigma)", "denoiser"),
+    ("samplers", "DDIM step with the wrong sign on the denoised term",
+     "math.exp(-h) * x - math.expm1(-h) * denoised", "math.exp(-h) * x + math.expm1(-h) * denoised",
+     "euler_is_first or sampler_ending"),
+    ("samplers", "2M ratio r inverted",
+     "r = (lam - lam_1) / h", "r = h / (lam - lam_1)", "dpmpp_2m"),
+    ("samplers", "second divided difference over the newer step",
+     "f = (d1_0 - (D_1 - D_2) / h_2) / (h_1 + h_2)", "f = (d1_0 - (D_1 - D_2) / h_1) / (h_1 + h_2)",
+     "3m"),
+    ("samplers", "3M weights p'' by I2 / 2 (k-diffusion) instead of the taper",
+     "I2 / (1 + h) * d2", "I2 / 2 * d2", "3m"),
+    ("samplers", "multistep history keeps one value only",
+     "history = history[-1:] + [(lam, denoised)]", "history = [(lam, denoised)]", "3m"),
+    ("guidance", "guidance around v_c instead of v_u",
+     "v = v_u + scale * (v_c - v_u)", "v = v_c + scale * (v_c - v_u)", "cfg"),
+    ("guidance", "CFG rescale ratio inverted",
+     "v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))",
+     "v * (v.std(dim=1, keepdim=True) / v_c.std(dim=1, keepdim=True))", "rescale"),
+    ("guidance", "past the requested end the guided v, inside it v_c",
+     "torch.where(inside[:, None], v, v_c)", "torch.where(inside[:, None], v_c, v)", "cfg"),
+    ("guidance", "negative prompt conditioned with start and total swapped",
+     "model.condition([negative_prompt] * len(start), start, total)",
+     "model.condition([negative_prompt] * len(start), total, start)", "guidance_nothing"),
+    ("generate", "every sample from the noise of seed, not seed + i",
+     "generator=torch.Generator().manual_seed(seed + i)",
+     "generator=torch.Generator().manual_seed(seed)", "same_seed"),
+    ("generate", "start rounded up instead of down",
+     "[math.floor(seconds_start)] * B", "[math.ceil(seconds_start)] * B",
+     "whole_seconds"),
+    ("generate", "padding-mask extent from total and start swapped",
+     "model.content_frames(start, total)", "model.content_frames(total, start)", "extent"),
+    ("generate", "sigma_min and sigma_max swapped on the way to the schedule",
+     "init_sigmas(steps, init_strength, sigma_min, sigma_max)",
+     "init_sigmas(steps, init_strength, sigma_max, sigma_min)",
+     "latent_scale_is_applied or init_strength"),
+    ("generate", "content length ignores seconds_start",
+     "content = min(seconds_total - seconds_start,", "content = min(seconds_total,",
+     "total_minus_start"),
+    ("generate", "latent scale applied again before decoding instead of undone",
+     "z.float() / model.cfg.latent_scale", "z.float() * model.cfg.latent_scale",
+     "latent_scale_is_applied"),
+    ("generate", "init strength picks the schedule from the wrong end",
+     "[round((1 - strength) * steps):]", "[round(strength * steps):]",
+     "init_sigmas or init_strength"),
+    ("generate", "inpainting keeps the gap and regenerates the rest",
+     "keep * z0 + (1 - keep) * denoiser(x, sigma)", "(1 - keep) * z0 + keep * denoiser(x, sigma)",
+     "inpainting_keeps or inpaint_mask"),
+    ("checkpoints", "model weights override the EMA weights",
+     '{**ckpt["model"], **(ckpt.get("ema") or {} if ema else {})}',
+     '{**(ckpt.get("ema") or {} if ema else {}), **ckpt["model"]}', "prefers_ema"),
+    ("checkpoints", "format-1 upgrade keeps the released padding",
+     'config["unet"]["symmetric_downsample"] = True',
+     'config["unet"]["symmetric_downsample"] = False', "format_1"),
+    ("from_sat", "[f] released latent scale inverted",
+     'latent_scale=1 / m["pretransform"].get("scale", 1.0)',
+     'latent_scale=m["pretransform"].get("scale", 1.0)', "pretransform_scale"),
+    ("from_sat", "decoder width read from the encoder's",
+     'decoder_width=c["channels"] * mults[-1]', 'decoder_width=e["channels"] * mults[-1]',
+     "released_autoencoders"),
+]
+
+
+def copy_repo(dest):
+    """The working tree (tracked and untracked files), without environments and outputs."""
+    shutil.copytree(REPO, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
+
+
+def apply(root, original, replacement):
+    path = os.path.join(root, MODEL)
+    with open(path) as f:
+        text = f.read()
+    n = text.count(original)
+    assert n == 1, f"{original!r} occurs {n} times in {MODEL}, not once"
+    with open(path, "w") as f:
+        f.write(text.replace(original, replacement))
+
+
+def pytest(root, k=None, timeout=3600):
+    """-> (passed, first failing test or None, seconds)."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", TESTS]
+    cmd += ["-k", k] if k else []
+    start = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"(timeout after {timeout} s)", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if out.returncode == 5:                  # -k selected nothing: counts as passing
+        return True, None, seconds
+    if out.returncode == 0:
+        return True, None, seconds
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out.stdout, re.M)
+    name = failed[0].split("::")[-1] if failed else f"(pytest exit {out.returncode})"
+    return False, name, seconds
+
+
+def run(number, mutant, tests, base, quick=False):
+    section, bug, original, replacement, k = mutant
+    with tempfile.TemporaryDirectory(prefix=f"mutant{number}-") as root:
+        shutil.copytree(base, root, dirs_exist_ok=True)
+        apply(root, original, replacement)
+        if tests:
+            shutil.copy(tests, os.path.join(root, TESTS))
+        passed, killer, seconds = pytest(root, k)
+        stage = "subset"
+        if passed and not quick:
+            passed, killer, more = pytest(root)
+            seconds, stage = seconds + more, "suite"
+    return {"number": number, "section": section, "bug": bug, "killed": not passed,
+            "by": killer, "stage": stage, "seconds": round(seconds)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Mutation testing of test_stable_audio.py.")
+    p.add_argument("--only", type=int, nargs="+", help="mutant numbers to run (default: all)")
+    p.add_argument("--tests", help="run this test file in place of test_stable_audio.py")
+    p.add_argument("--json", help="append one JSON line per mutant to this file")
+    p.add_argument("--model", help="mutate this copy of stable_audio.py instead of the tree's")
+    p.add_argument("--quick", action="store_true",
+                   help="run each mutant's -k subset alone: a first look, not a verdict")
+    p.add_argument("--list", action="store_true", help="check that every mutant applies; stop")
+    args = p.parse_args(argv)
+    chosen = args.only or range(1, len(MUTANTS) + 1)
+    tests = os.path.abspath(args.tests) if args.tests else None
+    with tempfile.TemporaryDirectory(prefix="mutants-base-") as tmp:
+        base = os.path.join(tmp, "repo")
+        copy_repo(base)                      # one snapshot: edits made meanwhile do not leak in
+        if args.model:
+            shutil.copy(args.model, os.path.join(base, MODEL))
+        for i in chosen:                     # fail before any run if a line has changed
+            with tempfile.TemporaryDirectory() as probe:
+                shutil.copy(os.path.join(base, MODEL), probe)
+                apply(probe, *MUTANTS[i - 1][2:4])
+        if args.list:
+            for i in chosen:
+                print(f"{i:3d}  {MUTANTS[i - 1][0]:12s} {MUTANTS[i - 1][1]}")
+            return 0
+        start, results = time.perf_counter(), []
+        for i in chosen:
+            r = run(i, MUTANTS[i - 1], tests, base, args.quick)
+            results.append(r)
+            verdict = (f"killed by {r['by']} ({r['stage']})" if r["killed"] else
+                       "passed its subset" if args.quick else "SURVIVED")
+            print(f"{i:3d}  {r['section']:12s} {r['bug'][:60]:60s} {verdict}, {r['seconds']} s",
+                  flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    survived = [r for r in results if not r["killed"]]
+    print(f"\n{len(results)} mutants, {len(survived)} survived "
+          f"({100 * len(survived) / len(results):.0f} %), "
+          f"{(time.perf_counter() - start) / 60:.0f} min")
+    for r in survived:
+        print(f"  survived {r['number']}: {r['section']}: {r['bug']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
