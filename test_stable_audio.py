@@ -1005,6 +1005,17 @@ def test_released_autoencoders_encode_and_decode_the_same(sat, part):
     assert (part == "oobleck") == any(isinstance(m, sa.SnakeBeta) for m in vae.modules())
 
 
+def test_a_released_oobleck_decoder_takes_its_width_from_its_own_config(sat):
+    # The fixture's encoder and decoder are both 4 wide, which would hide one read for the
+    # other. stable-audio-tools' OobleckEncoder starts with a conv to `channels`, its decoder
+    # with a conv to channels x c_mults[-1], each from its own config.
+    config = json.loads(json.dumps(sat["oobleck"]["config"]["model"]))
+    config["decoder"]["config"]["channels"] = 6
+    vae = sa.VAE(sa.sat_vae_config(config))
+    assert vae.encoder[0].out_channels == 4
+    assert vae.decoder[0].out_channels == 6 * 8
+
+
 @pytest.mark.parametrize("key", [
     "model.model.downsamples.3.downsample.weight",                     # the factor-4 level
     "model.model.downsamples.0.transformer.blocks.0.attention.norm_context.weight",

@@ -167,7 +167,7 @@ MUTANTS = [  # (section, bug, original text, replacement, -k expression for the 
      'latent_scale=m["pretransform"].get("scale", 1.0)', "pretransform_scale"),
     ("from_sat", "decoder width read from the encoder's",
      'decoder_width=c["channels"] * mults[-1]', 'decoder_width=e["channels"] * mults[-1]',
-     "released_autoencoders"),
+     "released_autoencoders or oobleck_decoder"),
 ]
 
 
