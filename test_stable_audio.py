@@ -2975,3 +2975,51 @@ def test_exercises_cli_reports_bad_arguments_in_one_line_and_fails_the_check(cap
     out, err = capsys.readouterr()
     assert "snake: fit error" in out and err.count("\n") == 1     # progress bars end in \r
     assert err.rsplit("\r", 1)[-1].startswith("check failed: Snake has no effect")
+
+
+# ---------------------------------------------------------------------------- resuming, export
+def test_resume_without_the_run_flags_continues_on_the_cached_latents(parts, tmp_path, capsys):
+    """--resume alone takes --latent-cache, --latent-scale and the window back from the
+    checkpoint: the cached windows are reused, and the weights are those of an uninterrupted
+    run, bit for bit."""
+    run = [*DIFFUSION, "--latent-cache", 3, "--latent-scale", 2.0]
+    straight, split = fresh_out(parts, "straight"), fresh_out(parts, "split")
+    assert run_train("diffusion", "--steps", 4, "--out", straight, *run) == 0
+    assert run_train("diffusion", "--steps", 2, "--out", split, *run) == 0
+    capsys.readouterr()
+    assert run_train("diffusion", "--steps", 4, "--out", split, "--resume",
+                     "--batch-size", 2, "--save-every", 1) == 0
+    out = capsys.readouterr().out
+    assert "using 3 cached latents" in out and "encoding" not in out
+    assert "with its --window-seconds 0.5 --latent-cache 3 --latent-scale 2.0" in out
+    a = torch.load(straight / "diffusion.pt", weights_only=True)
+    b = torch.load(split / "diffusion.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4 and b["args"]["latent_cache"] == 3
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+
+
+def test_resume_says_which_flag_changes_and_refuses_one_the_model_is_built_with(tmp_path,
+                                                                                capsys):
+    args = ["clap", "--out", tmp_path, "--batch-size", 2]
+    assert run_train(*args, "--steps", 1, "--crop", 8192) == 0
+    capsys.readouterr()
+    assert run_train(*args, "--steps", 2, "--resume", "--crop", 4096) == 0       # honoured
+    assert "note: " + str(tmp_path / "clap.pt") + " was trained with --crop 8192; this run " \
+        "continues it with --crop 4096" in capsys.readouterr().out
+    assert torch.load(tmp_path / "clap.pt", weights_only=True)["args"]["crop"] == 4096
+    assert run_train(*args, "--steps", 3, "--resume", "--window-seconds", 2) == 2
+    assert_one_error_line(capsys, "no --window-seconds", "cannot take --window-seconds 2.0")
+    assert torch.load(tmp_path / "clap.pt", weights_only=True)["step"] == 2      # untouched
+
+
+def test_export_names_its_own_flags_when_a_checkpoint_is_missing(tmp_path, capsys):
+    assert run_train("export", "--from", tmp_path / "gone.pt", "--to", tmp_path / "a.pt") == 2
+    assert_one_error_line(capsys, f"--from {tmp_path / 'gone.pt'} not found")
+    source = tmp_path / "source.pt"
+    sa.save_checkpoint(source, sa.build_model(SHORT), stage="export", step=0)
+    assert run_train("export", "--from", source, "--vae", tmp_path / "gone.pt",
+                     "--to", tmp_path / "a.pt") == 2
+    assert_one_error_line(capsys, f"--vae {tmp_path / 'gone.pt'} not found", "phase-2")
+    assert not (tmp_path / "a.pt").exists()

@@ -803,6 +803,11 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
+def plain(value):
+    """A value a checkpoint can hold and torch.load(weights_only=True) can read back."""
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
 class Trainer:
     """One stage's loop: batches by step, optimizer steps, EMA, logging, checkpoints. A step is
     --grad-accum micro-batches on each rank; rank 0 alone logs and saves."""
@@ -865,7 +870,7 @@ class Trainer:
                            optimizers=[opt.state_dict() for opt in self.optimizers],
                            **self.extra(),
                            args={**{k: v for k, v in vars(self.args).items()
-                                    if isinstance(v, (str, int, float, bool)) or v is None},
+                                    if plain(v) or isinstance(v, list) and all(map(plain, v))},
                                  "ranks": self.ranks.world})
 
     def on_ctrl_c(self, signum, frame):
@@ -961,6 +966,55 @@ def model_config(args):
     return cfg
 
 
+# The flags that shape a run's data and model, their defaults, and the stages they shape. With
+# --resume they come back from the checkpoint unless given, so that it continues the same run.
+EVERY_STAGE = ("vae", "clap", "diffusion")
+RUN_FLAGS = {"data": ("toy", EVERY_STAGE), "seed": (0, EVERY_STAGE),
+             "overfit": (False, EVERY_STAGE), "window_seconds": (None, EVERY_STAGE),
+             "crop": (None, ("vae", "clap")),
+             "disc_start": (0, ("vae",)), "freeze_encoder": (False, ("vae",)),
+             "activation": ("snake", ("vae", "diffusion")),
+             "vae_strides": (None, ("vae", "diffusion")),
+             "latent_cache": (0, ("diffusion",)), "latent_scale": (None, ("diffusion",)),
+             "clap_layer": (-2, ("diffusion",)), "no_timing": (False, ("diffusion",)),
+             "paper_timing": (False, ("diffusion",))}
+# Of those, the ones the checkpoint's model was built with: a resumed run cannot change them.
+MODEL_FLAGS = {"window_seconds", "activation", "vae_strides", "latent_scale", "clap_layer",
+               "no_timing", "paper_timing"}
+
+
+def as_flag(name, value):
+    """A flag and its value as typed, e.g. "--latent-cache 256", "--overfit", "no --overfit"."""
+    flag = "--" + name.replace("_", "-")
+    if value is None or isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
+
+
+def resume_flags(args, stage, old, path):
+    """--resume: the run's flags come back from the checkpoint's `old` args unless given; one
+    given with another value is honoured with a note, or refused if the model is built with it.
+    -> the flags that came back with other than their defaults, as text."""
+    kept = []
+    for name, (default, stages) in RUN_FLAGS.items():
+        if stage not in stages or name not in old:     # not saved by an earlier version
+            continue
+        before, now = old[name], getattr(args, name)
+        if name not in args.given:
+            setattr(args, name, before)
+            kept += [as_flag(name, before)] if before != default else []
+        elif now != before and name in MODEL_FLAGS:
+            other = (f", or fine-tune it at another scale: --init {path} --latent-scale X"
+                     if name == "latent_scale" else "")
+            raise TrainingError(f"{path} holds a model built with {as_flag(name, before)}, "
+                                f"so --resume cannot take {as_flag(name, now)}; drop the flag "
+                                f"to continue the run{other}")
+        elif now != before and args.ranks.main:
+            print(f"note: {path} was trained with {as_flag(name, before)}; this run "
+                  f"continues it with {as_flag(name, now)}")
+    return kept
+
+
 def prepare(args, stage):
     """The model to train and its checkpoint path: fresh, or restored for --resume."""
     os.makedirs(args.out, exist_ok=True)
@@ -973,7 +1027,9 @@ def prepare(args, stage):
             raise TrainingError(f"{path} was written by an earlier version whose attention had "
                                 f"one norm fewer, so its optimizer state cannot be resumed; "
                                 f"start a new run from its weights with --init {path}")
-        print(f"{stage}: resuming {path} at step {state['step']}")
+        kept = resume_flags(args, stage, state.get("args", {}), path)
+        print(f"{stage}: resuming {path} at step {state['step']}"
+              + (f" with its {' '.join(kept)}" if kept else ""))
         return model, path, state
     if os.path.exists(path) and not args.force:
         raise TrainingError(f"{path} exists; pass --resume to continue it or --force to start over")
@@ -1363,6 +1419,14 @@ def export(args):
         raise TrainingError(f"{args.to} exists; pass --force to overwrite it")
     if args.from_sat:
         return export_released(args)
+    # Said here in export's own flags: the loader's message names sample.py's --ckpt.
+    if not os.path.isfile(source):
+        raise TrainingError(f"--from {source} not found; pass a checkpoint train.py wrote"
+                            if args.source else f"{source} not found; train the diffusion stage "
+                            f"into --out {args.out} first, or pass --from CKPT")
+    if args.vae and not os.path.isfile(args.vae):
+        raise TrainingError(f"--vae {args.vae} not found; pass the vae.pt of a phase-2 run "
+                            f"(train.py vae --init {source} --freeze-encoder)")
     model, ckpt = sa.load_checkpoint(source, ema=True)
     if ckpt.get("stage") not in ("diffusion", "export"):
         raise TrainingError(f"{source} is a {ckpt.get('stage')} checkpoint; export takes the "
@@ -1405,7 +1469,7 @@ def parse_args(argv):
                    "the three in order (vae, clap, diffusion), each for --steps; `export` writes "
                    "OUT/diffusion.pt's EMA weights alone to --to")
     p.add_argument("--size", default="tiny", choices=sa.SIZES, help="model size (default tiny)")
-    p.add_argument("--data", default="toy", help="`toy` for the built-in sound world, or a "
+    p.add_argument("--data", default=None, help="`toy` for the built-in sound world, or a "
                    "folder of audio files with same-name .txt captions or .json metadata")
     p.add_argument("--steps", type=int, default=1000, help="train until this step (default 1000)")
     p.add_argument("--out", default=None, help="output folder (default runs/SIZE)")
@@ -1416,7 +1480,9 @@ def parse_args(argv):
     p.add_argument("--from-sat", nargs=2, default=None, metavar=("CONFIG", "WEIGHTS"),
                    help="export: a stable-audio-tools model instead, its config JSON and its "
                    ".ckpt or .safetensors weights (the text encoder stays untrained)")
-    p.add_argument("--resume", action="store_true", help="continue OUT/STAGE.pt from its step")
+    p.add_argument("--resume", action="store_true", help="continue OUT/STAGE.pt from its step "
+                   "with the flags it was trained with (--data, --seed, --crop, --latent-cache, "
+                   "...) unless given; a flag given anew is used, with a note")
     p.add_argument("--force", action="store_true", help="start over even if OUT/STAGE.pt exists")
     p.add_argument("--batch-size", type=int, default=None,
                    help="per micro-batch on each rank (default per stage and size; tiny: vae 4, "
@@ -1430,36 +1496,37 @@ def parse_args(argv):
                    "(default 65536, 1.5 s) and clap (default 10 s); diffusion uses the window")
     p.add_argument("--window-seconds", type=float, default=None, help="override the size's "
                    "window (rounded up to a multiple of 16384 samples)")
-    p.add_argument("--freeze-encoder", action="store_true",
+    p.add_argument("--freeze-encoder", action="store_true", default=None,
                    help="vae phase 2 (§4.2): train the decoder only, e.g. with --resume")
     p.add_argument("--init", default=None, metavar="CKPT", help="vae: start from the (EMA) VAE "
                    "of CKPT instead of random weights, e.g. checkpoints/demo.pt with "
                    "--freeze-encoder to train the demo's decoder further; diffusion: from its "
                    "(EMA) U-Net and timing embeddings, e.g. to fine-tune the demo at another "
                    "--latent-scale (a fresh run only)")
-    p.add_argument("--disc-start", type=int, default=0, help="vae: train the discriminator and "
-                   "use its losses from this step on (default 0, as in the paper); before it, "
+    p.add_argument("--disc-start", type=int, default=None, help="vae: train the discriminator "
+                   "and use its losses from this step on (default 0, as in the paper); before it, "
                    "reconstruction + KL only, much faster on a CPU")
-    p.add_argument("--activation", default="snake", choices=sa.ACTIVATIONS, help="vae: the "
+    p.add_argument("--activation", default=None, choices=sa.ACTIVATIONS, help="vae: the "
                    "VAE's activation (default snake, §3.1; elu for the comparison exercise)")
     p.add_argument("--vae-strides", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    metavar="S,S,S,S", help="vae: encoder strides, whose product is the "
                    "compression in time (default 4,4,8,8 = 1024x; e.g. 2,4,8,8 = 512x)")
-    p.add_argument("--clap-layer", type=int, default=-2, help="diffusion: the CLAP text layer "
+    p.add_argument("--clap-layer", type=int, default=None, help="diffusion: the CLAP text layer "
                    "that conditions the U-Net (default -2, the next-to-last, §3.2; -1 the last)")
-    p.add_argument("--no-timing", action="store_true", help="diffusion: drop the two timing "
-                   "tokens from the context, and tiny's padding mask (an ablation; the paper "
-                   "conditions on the tokens)")
+    p.add_argument("--no-timing", action="store_true", default=None, help="diffusion: drop "
+                   "the two timing tokens from the context, and tiny's padding mask (an "
+                   "ablation; the paper conditions on the tokens)")
     p.add_argument("--latent-scale", default=None, metavar="X|auto", help="diffusion: train on "
                    "the VAE's latents times X (default 1, as released, or with --init that "
                    "checkpoint's); auto: 1 / their std, measured on the latent cache or the "
                    "first batch")
-    p.add_argument("--paper-timing", action="store_true", help="diffusion: the paper's U-Net, "
-                   "timing through the cross-attention tokens alone (tiny adds the padding mask)")
+    p.add_argument("--paper-timing", action="store_true", default=None, help="diffusion: the "
+                   "paper's U-Net, timing through the cross-attention tokens alone (tiny adds "
+                   "the padding mask)")
     p.add_argument("--vae", default=None, help="diffusion: VAE checkpoint (default OUT/vae.pt); "
                    "export: a phase-2 VAE (same encoder) whose decoder replaces the source's")
     p.add_argument("--clap", default=None, help="diffusion: CLAP checkpoint (default OUT/clap.pt)")
-    p.add_argument("--latent-cache", type=int, default=0, metavar="N", help="diffusion: encode "
+    p.add_argument("--latent-cache", type=int, default=None, metavar="N", help="diffusion: encode "
                    "the first N windows once and train on them (default 0: encode every batch "
                    "afresh); much faster on a CPU")
     p.add_argument("--workers", type=int, default=0, help="processes that make batches ahead "
@@ -1470,12 +1537,17 @@ def parse_args(argv):
                    help="autocast dtype (default bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping (default 1)")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
-    p.add_argument("--overfit", action="store_true", help="train on the first batch only, a "
-                   "sanity check: the loss should fall far below its starting value")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order and noise")
+    p.add_argument("--overfit", action="store_true", default=None, help="train on the first "
+                   "batch only, a sanity check: the loss should fall far below its starting value")
+    p.add_argument("--seed", type=int, default=None, help="seed for data order and noise "
+                   "(default 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda, then mps, then cpu")
     args = p.parse_args(argv)
+    args.given = {name for name in RUN_FLAGS if getattr(args, name) is not None}
+    for name, (default, _) in RUN_FLAGS.items():
+        if name not in args.given:
+            setattr(args, name, default)
     if args.workers < 0:
         p.error("--workers must be 0 or more")
     if args.latent_scale not in (None, "auto"):
