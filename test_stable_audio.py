@@ -3023,3 +3023,214 @@ def test_export_names_its_own_flags_when_a_checkpoint_is_missing(tmp_path, capsy
                      "--to", tmp_path / "a.pt") == 2
     assert_one_error_line(capsys, f"--vae {tmp_path / 'gone.pt'} not found", "phase-2")
     assert not (tmp_path / "a.pt").exists()
+
+
+# ---------------------------------------------------------------------------- documented commands
+# Every command in README.md and docs/*.md runs, so that the documents cannot drift from the code:
+# in document order (a recipe builds on its earlier commands), in a copy of the repository with
+# stand-ins for the reader's files, each in a short form (below) and in this process (the
+# copy's own modules, as `python SCRIPT` would import them). DOC_SKIPPED is what a 2-core CPU
+# machine cannot run; everything else must exit with 0.
+import runpy                 # noqa: E402 (this section's own)
+import shlex                 # noqa: E402
+import shutil                # noqa: E402
+from pathlib import Path     # noqa: E402
+
+DOCS = ["README.md", *(f"docs/{name}" for name in sorted(os.listdir(os.path.join(REPO, "docs")))
+                       if name.endswith(".md"))]
+STEP_FLAGS = ("--steps", "--disc-start", "--save-every")
+FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.S | re.M)
+COMMAND = re.compile(r"(\w+=\S* )*(python|torchrun|bash|pip) ")
+DOC_SKIPPED = {"pip install": "the CI's own setup, from the network",
+               "bash .ci/run": "this suite in a fresh environment",
+               "python -m pytest": "this suite",
+               "torchrun --nproc_per_node 8": "8 GPUs",
+               "torchrun --nnodes 2": "two machines with 8 GPUs each",
+               "--device cuda": "a GPU"}
+# The short forms (short_form, short_python, documented_repo):
+# every train.py --steps, --disc-start, --save-every: its rank among the document's values of
+#     those flags (1, 2, ...), so that a resumed run still goes on past its first part
+# train.py vae, clap, diffusion: --batch-size 2; without --resume, --window-seconds 1.5 and
+#     (vae, clap) --crop 4096
+# --latent-cache N: 2 windows
+# sample.py and bench.py: --steps 2; bench.py: --eval-steps 2 --seeds 1 --repeats 1
+# --seconds, --start, --inpaint, and a Python block's seconds_total: a tenth; its steps: 2
+# exercises.py: --scale 0.01 and --seeds 1, without --check (its ranges hold at scale 1 only)
+# docs/mutants.py: --list, which checks that every mutant applies (running them takes hours)
+# checkpoints/demo.pt: the bundled weights at a 3 s window (the U-Net always runs the window)
+# The stand-ins for the reader's files (documented_repo):
+# my_clip.wav (2 s of rain), drums.wav (1.2 s of drums), song.wav (1 s of piano): sound world
+# model_config.json, model.ckpt, model.safetensors: fixtures/sat_reference.pt's diffusion model
+
+
+def documented_commands(text):
+    """A markdown text's commands in order: each line of a ```bash block (a line ending in `\\`
+    goes on), each ```python block whole, each inline `python ...` (or torchrun, bash, pip)
+    outside the blocks. -> [("bash" | "python", text)]"""
+    found, prose = [], text
+    for m in FENCE.finditer(text):
+        indent, lang, body = m.groups()
+        body = "\n".join(line[len(indent):] for line in body.splitlines())
+        if lang == "bash":
+            found += [(m.start(), "bash", line) for line in body.replace("\\\n", " ").splitlines()
+                      if line.strip()]
+        elif lang == "python":
+            found.append((m.start(), "python", body))
+        else:                          # a diagram or a program's output: no command in it
+            assert not any(COMMAND.match(line) for line in body.splitlines()), body
+        prose = prose[:m.start()] + " " * (m.end() - m.start()) + prose[m.end():]
+    for m in re.finditer(r"`([^`]+)`", prose):
+        command = " ".join(m.group(1).split())
+        if COMMAND.match(command):
+            found.append((m.start(), "bash", command))
+    return [(kind, command) for _, kind, command in sorted(found, key=lambda f: f[0])]
+
+
+def set_flag(argv, flag, *values):
+    """argv with `flag`'s values replaced, or the flag added."""
+    if flag in argv:
+        i = argv.index(flag)
+        return [*argv[:i + 1], *values, *argv[i + 1 + len(values):]]
+    return [*argv, flag, *values]
+
+
+def tenth(argv, flag, n=1):
+    if flag not in argv:
+        return argv
+    i = argv.index(flag)
+    return set_flag(argv, flag, *(f"{float(v) / 10:g}" for v in argv[i + 1:i + 1 + n]))
+
+
+def short_form(argv, ranks):
+    """The short form of `python SCRIPT ARGS`, as argv (SCRIPT first)."""
+    script = argv[0]
+    if script == "train.py":
+        for flag in STEP_FLAGS:
+            if flag in argv:
+                argv = set_flag(argv, flag, str(ranks[argv[argv.index(flag) + 1]]))
+        if argv[1] in train.STAGES:
+            argv = set_flag(argv, "--batch-size", "2")
+        if argv[1] in train.STAGES and "--resume" not in argv:
+            argv = set_flag(argv, "--window-seconds", "1.5")
+            if argv[1] in ("vae", "clap"):
+                argv = set_flag(argv, "--crop", "4096")
+    if "--latent-cache" in argv:
+        argv = set_flag(argv, "--latent-cache", "2")
+    if script in ("sample.py", "bench.py"):
+        argv = set_flag(argv, "--steps", "2")
+    if script == "bench.py":
+        for flag, value in (("--eval-steps", "2"), ("--seeds", "1"), ("--repeats", "1")):
+            argv = set_flag(argv, flag, value)
+    for flag, n in (("--seconds", 1), ("--start", 1), ("--inpaint", 2)):
+        argv = tenth(argv, flag, n)
+    if script == "docs/mutants.py":
+        argv = set_flag(argv, "--list")
+    if script == "exercises.py":
+        argv = [a for a in set_flag(argv, "--seeds", "1") if a != "--check"] + ["--scale", "0.01"]
+    return argv
+
+
+def short_python(code):
+    """A Python block's short form: its steps=N become 2, its seconds_total a tenth."""
+    code = re.sub(r"\bsteps=\d+", "steps=2", code)
+    return re.sub(r"\bseconds_total=(\d+)", lambda m: f"seconds_total={int(m[1]) / 10:g}", code)
+
+
+def documented_repo(root, sat):
+    """A copy of the repository's code, checkpoints and fixtures, with the stand-ins beside."""
+    (root / "docs").mkdir()
+    for folder in (".", "docs"):
+        for name in os.listdir(os.path.join(REPO, folder)):
+            if name.endswith(".py"):
+                shutil.copy(os.path.join(REPO, folder, name), root / folder)
+    for folder in ("checkpoints", "fixtures"):
+        shutil.copytree(os.path.join(REPO, folder), root / folder)
+    demo = torch.load(root / "checkpoints" / "demo.pt", weights_only=True)
+    demo["config"]["window"] = 2 ** 17
+    torch.save(demo, root / "checkpoints" / "demo.pt")
+    for name, sound, seconds in (("my_clip", "rain", 2), ("drums", "drums", 1.2),
+                                 ("song", "piano", 1)):
+        audio = train.make_clip(0, SR, 1, sound)[0].numpy()      # 1 s, repeated
+        audio = np.tile(audio, math.ceil(seconds))[:, :round(seconds * SR)]
+        sf.write(root / f"{name}.wav", audio.T, SR)
+    (root / "model_config.json").write_text(json.dumps(sat["diffusion"]["config"]))
+    weights = floats(sat["diffusion"]["state_dict"])
+    torch.save({"state_dict": weights}, root / "model.ckpt")
+    write_safetensors(root / "model.safetensors", weights)
+
+
+def run_documented(argv, root, monkeypatch):
+    """`python SCRIPT ARGS` as the shell would run it in `root` -> its exit code."""
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        runpy.run_path(str(root / argv[0]), run_name="__main__")
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def written_files(argv):
+    """The files a command names with --out or --to (a folder or a batch's stem aside)."""
+    return [argv[argv.index(flag) + 1] for flag in ("--out", "--to") if flag in argv
+            and Path(argv[argv.index(flag) + 1]).suffix and "--n" not in argv]
+
+
+def run_commands(doc, commands, root, monkeypatch):
+    """Run a document's commands in order in `root` -> [(command, why it was skipped)]."""
+    argvs = [shlex.split(c, comments=True) for kind, c in commands if kind == "bash"]
+    counts = sorted({int(a[i + 1]) for a in argvs if a[:2] == ["python", "train.py"]
+                     for i, flag in enumerate(a[:-1]) if flag in STEP_FLAGS})
+    ranks = {str(n): i + 1 for i, n in enumerate(counts)}
+    ran, skipped = [], []
+    for kind, command in commands:
+        if kind == "python":
+            exec(compile(short_python(command), doc, "exec"), {})
+            continue
+        reason = next((why for key, why in DOC_SKIPPED.items() if key in command), None)
+        if reason is not None:
+            skipped.append((command, reason))
+            continue
+        words = shlex.split(command, comments=True)
+        while "=" in words[0]:                      # VARIABLE=value python ...
+            monkeypatch.setenv(*words.pop(0).split("=", 1))
+        assert words[0] == "python", f"{doc}: cannot run {command!r}"
+        argv = short_form(words[1:], ranks)
+        if argv in ran:                             # the prose repeats a command: it ran once
+            continue
+        code = run_documented(argv, root, monkeypatch)
+        assert code == 0, f"{doc}: {command!r}, run as {argv}, exited with {code}"
+        for path in written_files(argv):
+            assert (root / path).exists(), f"{doc}: {command!r} did not write {path}"
+        ran.append(argv)
+    return skipped
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_documented_command_runs_in_its_short_form(doc, sat, tmp_path, monkeypatch):
+    commands = documented_commands(open(os.path.join(REPO, doc), encoding="utf-8").read())
+    root = tmp_path / "repo"
+    root.mkdir()
+    documented_repo(root, sat)
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root))
+    for name in ("stable_audio", "train", "sample", "bench", "exercises"):
+        monkeypatch.delitem(sys.modules, name, raising=False)     # the copy's, when imported
+    # One torch thread, here and in what the commands start: beside other processes on 2 cores,
+    # two threads slowed training steps several times over (docs/exercises.md says so too).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        skipped = run_commands(doc, commands, root, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(why for _, why in skipped)
+
+
+def test_the_skipped_documented_commands_are_the_ones_no_cpu_machine_can_run():
+    """Each rule of DOC_SKIPPED matches a documented command, and what it skips needs a GPU,
+    another machine or the network (or is this suite): no rule hides a command that could run."""
+    used = {key for doc in DOCS
+            for kind, command in documented_commands(open(os.path.join(REPO, doc)).read())
+            for key in DOC_SKIPPED if kind == "bash" and key in command}
+    assert used == set(DOC_SKIPPED)
