@@ -1888,12 +1888,18 @@ def test_the_bundled_demo_is_current_and_computes_what_it_was_published_computin
 
 
 def test_the_bundled_demo_fine_tunes_in_each_stage_and_the_result_samples(tmp_path, capsys):
-    """What the README promises: phase 2 of the VAE and a diffusion fine-tune start from
-    checkpoints/demo.pt itself, and the exported result samples."""
+    """What the README promises: phase 2 of the VAE, the CLAP and a diffusion fine-tune start
+    from checkpoints/demo.pt itself, and the exported result samples."""
     demo, _ = sa.load_checkpoint(BUNDLED_DEMO)
     out = tmp_path / "run"
     assert run_train("vae", "--init", BUNDLED_DEMO, "--freeze-encoder", "--steps", 1, "--crop",
                      4096, "--batch-size", 1, "--out", out) == 0
+    assert run_train("clap", "--init", BUNDLED_DEMO, "--steps", 1, "--crop", 8192,
+                     "--batch-size", 2, "--out", out) == 0
+    clap, _ = sa.load_checkpoint(out / "clap.pt", ema=False)
+    moved = [(a - b).abs().max().item() for a, b in zip(demo.clap.state_dict().values(),
+                                                       clap.clap.state_dict().values())]
+    assert 0 < max(moved) < 0.01              # one step from the demo's CLAP, not from random
     assert run_train("diffusion", "--init", BUNDLED_DEMO, "--vae", BUNDLED_DEMO, "--clap",
                      BUNDLED_DEMO, "--steps", 1, "--batch-size", 1, "--latent-cache", 1,
                      "--out", out) == 0

@@ -1186,6 +1186,8 @@ def train_clap(args):
     """§4.3: contrastive training of the text and audio towers on (caption, clip) pairs."""
     model, path, state = prepare(args, "clap")
     device, cfg = sa.pick_device(args.device), model.cfg
+    if args.init and not state:    # e.g. the demo's CLAP, further on your own captions
+        load_part(model, "clap", args.init, "--init")
     model.to(device).train()
     clap = model.clap
     opt = torch.optim.AdamW(clap.parameters(), args.lr)
@@ -1502,7 +1504,7 @@ def parse_args(argv):
                    "of CKPT instead of random weights, e.g. checkpoints/demo.pt with "
                    "--freeze-encoder to train the demo's decoder further; diffusion: from its "
                    "(EMA) U-Net and timing embeddings, e.g. to fine-tune the demo at another "
-                   "--latent-scale (a fresh run only)")
+                   "--latent-scale; clap: from its CLAP (a fresh run only)")
     p.add_argument("--disc-start", type=int, default=None, help="vae: train the discriminator "
                    "and use its losses from this step on (default 0, as in the paper); before it, "
                    "reconstruction + KL only, much faster on a CPU")
@@ -1557,9 +1559,9 @@ def parse_args(argv):
             p.error(f"--latent-scale must be a number or auto, got {args.latent_scale!r}")
         if not (math.isfinite(args.latent_scale) and args.latent_scale > 0):
             p.error(f"--latent-scale must be positive, got {args.latent_scale}")
-    if args.init and (args.stage not in ("vae", "diffusion", "all") or args.resume):
-        p.error("--init starts a fresh vae or diffusion run; it cannot go with another stage "
-                "or --resume")
+    if args.init and (args.stage == "export" or args.resume):
+        p.error("--init starts a fresh vae or diffusion run (or a clap one); it cannot go with "
+                "export or --resume")
     for name in ("steps", "save_every", "grad_accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
