@@ -3059,7 +3059,8 @@ DOC_SKIPPED = {"pip install": "the CI's own setup, from the network",
 # train.py vae, clap, diffusion: --batch-size 2; without --resume, --window-seconds 1.5 and
 #     (vae, clap) --crop 4096
 # --latent-cache N: 2 windows
-# sample.py and bench.py: --steps 2; bench.py: --eval-steps 2 --seeds 1 --repeats 1
+# sample.py and bench.py: --steps 2; bench.py: --eval-steps 2 --seeds 1 --repeats 1, and each
+#     section once per document for the same other flags (bench_sections_left)
 # --seconds, --start, --inpaint, and a Python block's seconds_total: a tenth; its steps: 2
 # exercises.py: --scale 0.01 and --seeds 1, without --check (its ranges hold at scale 1 only)
 # docs/mutants.py: --list, which checks that every mutant applies (running them takes hours)
@@ -3165,6 +3166,18 @@ def documented_repo(root, sat):
     write_safetensors(root / "model.safetensors", weights)
 
 
+def bench_sections_left(argv, done):
+    """A bench.py command's sections that have not run yet in this document with the same other
+    flags: its flags are checked by bench.py's own parser, and each section runs once (this
+    check asks whether a command runs, not what it measures)."""
+    args = bench.parse_args(argv[1:])
+    sections = bench.check_args(args)
+    key = tuple(sorted((k, str(v)) for k, v in vars(args).items() if k not in ("only", "out")))
+    left = [s for s in sections if (s, key) not in done]
+    done.update((s, key) for s in left)
+    return left
+
+
 def run_documented(argv, root, monkeypatch):
     """`python SCRIPT ARGS` as the shell would run it in `root` -> its exit code."""
     monkeypatch.setattr(sys, "argv", argv)
@@ -3187,7 +3200,7 @@ def run_commands(doc, commands, root, monkeypatch):
     counts = sorted({int(a[i + 1]) for a in argvs if a[:2] == ["python", "train.py"]
                      for i, flag in enumerate(a[:-1]) if flag in STEP_FLAGS})
     ranks = {str(n): i + 1 for i, n in enumerate(counts)}
-    ran, skipped = [], []
+    ran, skipped, benched = [], [], set()
     for kind, command in commands:
         if kind == "python":
             exec(compile(short_python(command), doc, "exec"), {})
@@ -3203,6 +3216,12 @@ def run_commands(doc, commands, root, monkeypatch):
         argv = short_form(words[1:], ranks)
         if argv in ran:                             # the prose repeats a command: it ran once
             continue
+        if argv[0] == "bench.py":
+            left = bench_sections_left(argv, benched)
+            if not left:
+                ran.append(argv)
+                continue
+            argv = set_flag(argv, "--only", ",".join(left))
         code = run_documented(argv, root, monkeypatch)
         assert code == 0, f"{doc}: {command!r}, run as {argv}, exited with {code}"
         for path in written_files(argv):
