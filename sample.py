@@ -236,6 +236,17 @@ def load_released(args, vae_only=False):
     return model, sample_rate
 
 
+def load_ckpt(args, device="cpu"):
+    """--ckpt's model and checkpoint dict; a missing or broken file is one error line."""
+    if not os.path.isfile(args.ckpt):
+        raise CLIError(f"--ckpt {args.ckpt} not found; pass a checkpoint train.py wrote "
+                       f"(train.py export --to FILE) or leave out --ckpt for the bundled demo")
+    try:
+        return sa.load_checkpoint(args.ckpt, ema=not args.no_ema, device=device)
+    except ValueError as e:
+        raise CLIError(e) from None
+
+
 def load_model(args, device):
     """Load the checkpoint, say what was loaded, and check the flags that depend on it."""
     try:
@@ -244,7 +255,7 @@ def load_model(args, device):
             model, ckpt = model.to(device), {"weights": f"released weights {args.from_sat[1]}"}
             args.ckpt = args.from_sat[0]
         else:
-            model, ckpt = sa.load_checkpoint(args.ckpt, ema=not args.no_ema, device=device)
+            model, ckpt = load_ckpt(args, device)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(e) from None
     cfg = model.cfg
@@ -360,10 +371,7 @@ def reconstruct(args, device):
     if args.from_sat:
         vae, sample_rate = load_released(args, vae_only=True)
     else:
-        try:
-            model, _ = sa.load_checkpoint(args.ckpt, ema=not args.no_ema)
-        except (FileNotFoundError, ValueError) as e:
-            raise CLIError(e) from None
+        model, _ = load_ckpt(args)
         vae, sample_rate = model.vae, model.cfg.sample_rate
     source = Path(args.reconstruct)
     out = [Path(args.out)] if args.out and Path(args.out).suffix else \

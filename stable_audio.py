@@ -1270,11 +1270,16 @@ def build_checked(cfg, parts, where, device="cpu", build=None):
     return model
 
 
+def named_tensors(weights):
+    """Whether a file's content is a state dict: tensors under string names, nothing else."""
+    return isinstance(weights, dict) and all(isinstance(k, str) and torch.is_tensor(v)
+                                             for k, v in weights.items())
+
+
 def check_weights(mine, weights, what):
     """Refuse, in one line, weights that are not exactly the module's: missing, left over, of
     another size (a reshape of the same size is allowed: e.g. SnakeBeta's (C,) vs (1, C, 1))."""
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
-                                                for k, v in weights.items()):
+    if not named_tensors(weights):
         raise ValueError(f"{what} holds weights that are not a dictionary of named tensors")
     missing, unexpected = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
     wrong = [k for k in mine if k in weights and weights[k].numel() != mine[k].numel()]
@@ -1443,8 +1448,7 @@ def read_sat_weights(path):
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     weights = weights.get("state_dict", weights) if isinstance(weights, dict) else None
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
-                                                for k, v in weights.items()):
+    if not named_tensors(weights):
         raise ValueError(f"{path} holds no dictionary of named tensors; pass the model's .ckpt "
                          f"or .safetensors")
     return weights
