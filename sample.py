@@ -23,6 +23,8 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+import released
+import sound_world
 import stable_audio as sa
 
 DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "demo.pt"
@@ -226,7 +228,7 @@ def load_released(args, vae_only=False):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = sa.from_sat(config, weights, vae_only=vae_only)
+            model = released.from_sat(config, weights, vae_only=vae_only)
         with open(config) as f:
             sample_rate = json.load(f)["sample_rate"]
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
@@ -287,7 +289,7 @@ def read_init_audio(args, cfg):
     if not os.path.isfile(args.init_audio):
         raise CLIError(f"--init-audio {args.init_audio}: no such file")
     try:
-        audio = read_audio(args.init_audio, cfg.sample_rate)     # (2, N)
+        audio = sound_world.read_audio(args.init_audio, cfg.sample_rate)     # (2, N)
     except ValueError as e:
         raise CLIError(e) from None
     if not torch.isfinite(audio).all():
@@ -307,18 +309,6 @@ def read_init_audio(args, cfg):
     print(f"init audio {args.init_audio}: {seconds:.2f} s, {what}, strength "
           f"{args.init_strength:g}")
     return audio[..., :round((args.seconds - args.start) * cfg.sample_rate)]   # §3.2's content
-
-
-def read_audio(path, sample_rate):
-    """Any file libsndfile reads -> float32 stereo (2, N) at `sample_rate`. For --init-audio,
-    --reconstruct, train.py's folders, and library users of generate(init_audio=...)."""
-    try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)    # (N, C)
-    except sf.SoundFileError as err:
-        raise ValueError(f"cannot read audio file {path}: {err}") from err
-    if len(data) == 0:
-        raise ValueError(f"audio file {path} is empty (0 frames)")
-    return sa.resample(sa.to_stereo(torch.from_numpy(data.T.copy())), sr, sample_rate)
 
 
 def sample_batch(model, args, seed, dtype, init=None):
@@ -382,7 +372,7 @@ def reconstruct(args, device):
     if not source.is_file():
         raise CLIError(f"--reconstruct {source}: no such file")
     try:
-        audio = read_audio(str(source), sample_rate)                  # (2, N)
+        audio = sound_world.read_audio(str(source), sample_rate)                  # (2, N)
     except ValueError as e:
         raise CLIError(e) from None
     vae = vae.to(device).eval()

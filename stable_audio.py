@@ -14,6 +14,7 @@ such latents, steered by text features from a CLAP text encoder and by two timin
 Shape alphabet: B batch, C channels, L latent frames, N audio samples, S tokens.
 `python stable_audio.py` prints a stage-by-stage shape trace of the `tiny` model.
 """
+import argparse
 import copy
 import json
 import math
@@ -920,64 +921,10 @@ SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": s
 
 
 # -------------------------------------------------------------------------------------------------
-# Audio at the model's rate (§4.4: 44.1 kHz stereo). For init audio and training data: any rate
-# is resampled with a windowed sinc, and any channel count becomes stereo.
-# -------------------------------------------------------------------------------------------------
-RESAMPLE_ZEROS = 32        # sinc zero crossings on each side of the resampling filter
-RESAMPLE_ROLLOFF = 0.94    # cutoff as a fraction of the lower Nyquist: room for the transition band
-KAISER_BETA = 8.0          # stopband ~ -80 dB
-
-
-def resample(audio, sr_in, sr_out):
-    """Band-limited resampling of (C, N) audio with a Kaiser-windowed sinc, evaluated polyphase."""
-    if sr_in == sr_out:
-        return audio
-    g = math.gcd(sr_in, sr_out)
-    up, down = sr_out // g, sr_in // g          # output j lies at input position j·down/up
-    fc = RESAMPLE_ROLLOFF * min(sr_in, sr_out) / (2 * sr_in)   # cutoff, cycles per input sample
-    half = RESAMPLE_ZEROS / (2 * fc)            # filter half-length in input samples
-    pad = math.ceil(half)
-    # Outputs m·up … m·up + up−1 all read from inputs m·down − pad … m·down + down + pad, so one
-    # convolution with stride `down` and `up` output channels (one per phase) computes them all.
-    taps = down + 2 * pad
-    t = (torch.arange(up, dtype=torch.float64)[:, None] * down / up
-         - (torch.arange(taps, dtype=torch.float64) - pad))       # (up, taps) distance in samples
-    kaiser = torch.special.i0(KAISER_BETA * (1 - (t / half) ** 2).clamp(min=0).sqrt())
-    kaiser = kaiser * (t.abs() <= half) / torch.special.i0(torch.tensor(KAISER_BETA))
-    kernel = 2 * fc * torch.sinc(2 * fc * t) * kaiser
-    C, N = audio.shape
-    n_out = round(N * sr_out / sr_in)
-    x = F.pad(audio[:, None], (pad, taps))                         # (C, 1, N + pad + taps)
-    y = F.conv1d(x, kernel[:, None].to(audio.dtype), stride=down)   # (C, up, frames)
-    return y.transpose(1, 2).reshape(C, -1)[:, :n_out]             # (C, N·up/down)
-
-
-def to_stereo(audio):
-    """(C, N) → (2, N): mono is duplicated, more than two channels are averaged into both sides."""
-    if audio.shape[0] == 2:
-        return audio
-    # A plain average ignores surround layouts (5.1 centre, LFE); good enough for training data.
-    return audio.mean(dim=0, keepdim=True).repeat(2, 1)
-
-
-# -------------------------------------------------------------------------------------------------
 # §3.4 generate: prompts + requested seconds -> stereo audio. The latent always spans the whole
 # window; the timing tokens tell the model where to stop, and the silent tail is trimmed. Sample i
 # of a batch starts from the noise of seed + i, so any one file can be regenerated on its own.
 # -------------------------------------------------------------------------------------------------
-class Stopwatch:
-    """Seconds between laps into a dict (nothing when it is None); waits for the GPU first."""
-    def __init__(self, device, laps):
-        self.device, self.laps, self.t = device, laps, time.perf_counter()
-
-    def lap(self, name):
-        if self.laps is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            now = time.perf_counter()
-            self.laps[name], self.t = now - self.t, now
-
-
 def init_sigmas(steps, strength, sigma_min=0.03, sigma_max=80.0):
     """The part of the `steps`-step schedule that a run from init audio takes: strength 1 is the
     whole schedule (plain text-to-audio), strength -> 0 ends with no step left at all."""
@@ -1130,13 +1077,6 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
     return audio
 
 
-def check_finite(x, what):
-    """Fail loudly instead of writing silence when low precision overflowed (NaN in fp16)."""
-    if not torch.isfinite(x).all():
-        raise FloatingPointError(f"the generated {what} has NaN/inf values; run in float32 "
-                                 f"(dtype=torch.float32 / --dtype float32) or check the checkpoint")
-
-
 # -------------------------------------------------------------------------------------------------
 # Checkpoints: a plain dict of tensors and Python values, loadable with weights_only=True, so a
 # checkpoint from a stranger cannot run code. Written to a temporary file, then renamed.
@@ -1177,19 +1117,6 @@ def upgrade_format_1(ckpt):
     return {**ckpt, "format": CHECKPOINT_FORMAT, "upgraded_from": FORMAT_1, "config": config,
             "model": split_norms(ckpt["model"]),
             **({"ema": split_norms(ckpt["ema"])} if ckpt.get("ema") else {})}
-
-
-def pick_device(name="auto"):
-    """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available(),
-                 "cpu": True}
-    if name == "auto":
-        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
-    if not available[name]:
-        gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
-        raise ValueError(f"--device {name} but no {gpu} is visible; use --device cpu")
-    return torch.device(name)
 
 
 def load_checkpoint(path, size=None, ema=True, device="cpu"):
@@ -1290,218 +1217,64 @@ def check_weights(mine, weights, what):
 
 
 # -------------------------------------------------------------------------------------------------
-# Released checkpoints. stable-audio-tools publishes a model as a config JSON plus weights (.ckpt
-# or .safetensors). from_sat builds the model the JSON describes and renames the released
-# parameters to this file's names; the modules compute the same functions (tested against the
-# released code to 1e-4 of the largest output). The released text encoder (LAION CLAP, RoBERTa)
-# has no counterpart here: our CLAP stays untrained and says so.
+# Plumbing the scripts share: device and precision picking, a stopwatch, finiteness checks, and
+# an argument parser whose errors are one line.
 # -------------------------------------------------------------------------------------------------
-SAT_UNET_NAMES = [                       # released U-Net name -> ours, applied in order
-    (r"^to_time\.0\.0\.weights$", "to_time.w"), (r"^to_time\.0\.1\.", "to_time.linear.0."),
-    (r"^fixed_embedding\.embedding\.weight$", "null_context"),
-    (r"^(to_in|to_out)\.block\.", r"\1."), (r"^downsamples\.", "down."), (r"^upsamples\.", "up."),
-    (r"^bottleneck\.pre_block\.", "mid1."), (r"^bottleneck\.post_block\.", "mid2."),
-    (r"^bottleneck\.transformer\.", "mid_transformer."),
-    (r"^(down|up)\.(\d+)\.blocks\.", r"\1.\2.resnets."),
-    (r"\.block1\.groupnorm\.", ".block1.0."), (r"\.block1\.project\.", ".block1.2."),
-    (r"\.to_scale_shift\.to_scale_shift\.1\.", ".to_film.1."),
-    (r"\.block2\.groupnorm\.", ".norm2."), (r"\.block2\.project\.", ".block2.1."),
-    (r"^(to_in|to_out|mid1|mid2|(?:down|up)\.\d+\.resnets\.\d+)\.to_out\.", r"\1.skip."),
-    (r"\.cross_attention\.attention\.to_out\.", ".cross_attn.to_out."),
-    (r"\.cross_attention\.", ".cross_attn."),
-    (r"\.attention\.attention\.to_out\.", ".self_attn.to_out."), (r"\.attention\.", ".self_attn."),
-    (r"\.feed_forward\.", ".ff."),
-    (r"transformer\.to_out\.1\.", "transformer.to_out."),
-]
-SAT_VAE_NAMES = [                        # DAC (Stable Audio 1.0) and Oobleck (Stable Audio Open)
-    (r"^encoder\.encoder\.block\.", "encoder."), (r"^decoder\.decoder\.model\.", "decoder."),
-    (r"^(encoder|decoder)\.layers\.", r"\1."),
-    (r"^(encoder|decoder)\.(\d+)\.(?:block|layers)\.(\d+)\.", r"\1.\2.\3."),
-    (r"\.layers\.", ".block."),
-    (r"weight_g$", "parametrizations.weight.original0"),
-    (r"weight_v$", "parametrizations.weight.original1"),
-]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def rename(weights, prefix, rules):
-    """The entries of `weights` under `prefix`, renamed by the (pattern, replacement) rules."""
-    out = {}
-    for key, value in weights.items():
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            for pattern, replacement in rules:
-                key = re.sub(pattern, replacement, key)
-            out[key] = value
-    return out
+def pick_device(name="auto"):
+    """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available(),
+                 "cpu": True}
+    if name == "auto":
+        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available[name]:
+        gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
+        raise ValueError(f"--device {name} but no {gpu} is visible; use --device cpu")
+    return torch.device(name)
 
 
-def sat_vae_config(d):
-    """A released autoencoder config ("model" of an autoencoder JSON) -> VAEConfig."""
-    enc, dec = d["encoder"], d["decoder"]
-    if enc["type"] == dec["type"] == "dac":
-        e, c = enc["config"], dec["config"]
-        strides = tuple(e["strides"])
-        if tuple(c["rates"]) != strides[::-1]:
-            raise ValueError("the decoder's rates must be the encoder's strides reversed")
-        return VAEConfig(channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],
-                         encoder_width=e["d_model"], decoder_width=c["channels"],
-                         strides=strides,
-                         multipliers=tuple(2 ** i for i in range(len(strides) + 1)))
-    if enc["type"] == dec["type"] == "oobleck":
-        e, c = enc["config"], dec["config"]
-        if c.get("final_tanh", True) or e.get("antialias_activation") or \
-                c.get("use_nearest_upsample"):
-            raise ValueError("only Oobleck as Stable Audio Open uses it is supported (final_tanh "
-                             "false, no antialiasing, transposed-conv upsampling)")
-        mults = (1, *e["c_mults"])
-        return VAEConfig(channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],
-                         encoder_width=e["channels"], decoder_width=c["channels"] * mults[-1],
-                         strides=tuple(e["strides"]), multipliers=mults, kind="oobleck",
-                         activation="snake_beta" if e.get("use_snake") else "elu")
-    raise ValueError(f"autoencoder type {enc['type']}/{dec['type']} is not supported "
-                     f"(dac or oobleck)")
+def pick_dtype(name, device):
+    """A DTYPES name, or "auto": bfloat16 on CUDA (the paper's setting), else float32. Half
+    precision only on CUDA; elsewhere float32 is the safe and usually faster choice."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    if name != "float32" and device.type != "cuda":
+        print(f"note: --dtype {name} needs cuda; running in float32 on {device.type}")
+        return torch.float32
+    return DTYPES[name]
 
 
-def sat_model_config(d):
-    """A released diffusion_cond config with the Stable Audio 1.0 U-Net -> ModelConfig."""
-    m = d["model"]
-    u, conds = m["diffusion"]["config"], [c["id"] for c in m["conditioning"]["configs"]]
-    if m["diffusion"]["type"] != "adp_cfg_1d":
-        raise ValueError(f"diffusion type {m['diffusion']['type']!r} is not built here; the "
-                         f"U-Net of Stable Audio 1.0 is adp_cfg_1d (pass vae_only=True for the "
-                         f"autoencoder alone)")
-    if m["diffusion"]["cross_attention_cond_ids"] != ["prompt", "seconds_start", "seconds_total"]:
-        raise ValueError("the U-Net must cross-attend to prompt, seconds_start, seconds_total")
-    if len(set(u["num_blocks"])) != 1 or u.get("kernel_multiplier_downsample", 2) != 2 or \
-            u.get("use_nearest_upsample") or not u.get("use_skip_scale", True):
-        raise ValueError("this U-Net config differs from Stable Audio 1.0's in a way not built "
-                         "here")
-    seconds = {c["id"]: c["config"] for c in m["conditioning"]["configs"] if c["type"] == "int"}
-    if set(seconds) != {"seconds_start", "seconds_total"} or "prompt" not in conds:
-        raise ValueError("expected a prompt and int seconds_start/seconds_total conditioners")
-    C = u["context_embedding_features"]
-    c = u["channels"]
-    return ModelConfig(
-        size="released", sample_rate=d["sample_rate"], window=d["sample_size"],
-        latent_scale=1 / m["pretransform"].get("scale", 1.0),
-        vae=sat_vae_config(m["pretransform"]["config"]),
-        clap=CLAPConfig(text_len=u["context_embedding_max_length"] - 2, text_width=C,   # untrained
-                        text_heads=math.gcd(12, C), audio_width=C, audio_heads=math.gcd(8, C),
-                        embed_dim=min(512, C)),
-        timing=TimingConfig(max_seconds=seconds["seconds_total"]["max_val"]),
-        unet=UNetConfig(widths=tuple(c * k for k in u["multipliers"]), factors=tuple(u["factors"]),
-                        attentions=tuple(u["attentions"]), resnet_blocks=u["num_blocks"][0],
-                        heads=u["attention_heads"], ff_multiplier=u.get("attention_multiplier", 2),
-                        time_frequencies=c // 2, mapping_features=4 * c,
-                        resnet_groups=u.get("resnet_groups", 8)))
+class Stopwatch:
+    """Seconds between laps into a dict (nothing when it is None); waits for the GPU first."""
+    def __init__(self, device, laps):
+        self.device, self.laps, self.t = device, laps, time.perf_counter()
+
+    def lap(self, name):
+        if self.laps is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.laps[name], self.t = now - self.t, now
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+def check_finite(x, what):
+    """Fail loudly instead of writing silence when low precision overflowed (NaN in fp16)."""
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"the generated {what} has NaN/inf values; run in float32 "
+                                 f"(dtype=torch.float32 / --dtype float32) or check the checkpoint")
 
 
-def read_safetensors(path):
-    """The .safetensors layout: the header's size (8 bytes, little-endian), a JSON header
-    {name: {dtype, shape, data_offsets}}, then the tensors' bytes. Every entry is checked
-    against the file's size before a byte of it is read."""
-    data = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            if not 2 <= n <= min(data - 8, 10 ** 8):
-                raise ValueError
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            raise ValueError(f"{path} is not a complete .safetensors file (its header does not "
-                             f"fit in its {data} bytes)") from None
-        data -= 8 + n
-        weights = {}
-        for name, entry in header.items():
-            try:
-                dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"])
-                begin, end = entry["data_offsets"]
-                fits = all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end)) and \
-                    begin <= end <= data and end - begin == math.prod(shape) * dtype.itemsize
-            except (KeyError, TypeError, ValueError):
-                fits = False
-            if not fits:
-                raise ValueError(f"{path} is damaged or truncated: tensor {name!r} does not fit "
-                                 f"in the file")
-            buffer = bytearray(end - begin)
-            f.seek(8 + n + begin)
-            f.readinto(buffer)
-            weights[name] = (torch.frombuffer(buffer, dtype=dtype) if buffer else
-                             torch.zeros(0, dtype=dtype)).reshape(shape)
-    return weights
+class UsageError(ValueError):
+    """Bad input to a script: its main() prints it as one `error:` line and exits with 2."""
 
 
-def read_sat_weights(path):
-    """A released .ckpt (Lightning: the weights under "state_dict") or .safetensors file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights {path} not found")
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    weights = weights.get("state_dict", weights) if isinstance(weights, dict) else None
-    if not named_tensors(weights):
-        raise ValueError(f"{path} holds no dictionary of named tensors; pass the model's .ckpt "
-                         f"or .safetensors")
-    return weights
-
-
-def sat_vae_weights(vae, weights, prefix):
-    """DAC's extra 1x1 conv ("proj_out") is the last module of our encoder."""
-    rules = SAT_VAE_NAMES + [(r"^encoder\.proj_out\.", f"encoder.{len(vae.encoder) - 1}.")]
-    return rename(weights, prefix, rules)
-
-
-def from_sat(config, weights, vae_only=False):
-    """A stable-audio-tools model: config (JSON path or dict) + weights (path or state dict).
-    A diffusion_cond config -> StableAudio (or its VAE alone with vae_only); an autoencoder
-    config -> VAE."""
-    where = config if isinstance(config, str) else "the config"
-    if not isinstance(config, dict):
-        if not os.path.isfile(config):
-            raise FileNotFoundError(f"config {config} not found")
-        try:
-            with open(config) as f:
-                config = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{where} is not a JSON file ({e})") from None
-    weights = read_sat_weights(weights) if isinstance(weights, str) else weights
-    try:
-        vae_only = vae_only or config["model_type"] == "autoencoder"
-        if vae_only:
-            cfg = sat_vae_config(config["model"] if config["model_type"] == "autoencoder" else
-                                 config["model"]["pretransform"]["config"])
-        elif config["model_type"] != "diffusion_cond":
-            raise ValueError(f"model_type {config['model_type']!r} is not supported")
-        else:
-            cfg = sat_model_config(config)
-    except KeyError as e:
-        raise ValueError(f"{where} lacks {e}; pass a stable-audio-tools model config") from None
-    except (TypeError, AttributeError, ValueError) as e:
-        raise ValueError(f"{where} is not a config this code can read ({e})") from None
-    if vae_only:
-        prefix = "pretransform.model." if any(k.startswith("pretransform.model.")
-                                             for k in weights) else ""
-        return build_checked(cfg, lambda vae: [(vae, sat_vae_weights(vae, weights, prefix),
-                                                "autoencoder")], where, build=VAE).eval()
-    tables = {f"{ours}.weight": weights.get(f"conditioner.conditioners.seconds_{ours}."
-                                            f"int_embedder.weight") for ours in ("start", "total")}
-    model = build_checked(cfg, lambda m: [
-        (m.unet, rename(weights, "model.model.", SAT_UNET_NAMES), "U-Net"),
-        (m.vae, sat_vae_weights(m.vae, weights, "pretransform.model."), "autoencoder"),
-        (m.timing, {k: v for k, v in tables.items() if v is not None}, "timing")], where)
-    warnings.warn("the released text encoder (LAION CLAP) has no counterpart here: this model's "
-                  "CLAP is untrained, so prompts do not steer it; pass your own context",
-                  stacklevel=2)
-    return model.eval()
+class Parser(argparse.ArgumentParser):
+    """argparse for the scripts: a bad flag is one line (UsageError), not a usage dump and exit."""
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
 
 
 # -------------------------------------------------------------------------------------------------

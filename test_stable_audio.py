@@ -19,6 +19,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import bench
 import sample
+import released
+import sound_world
 import stable_audio as sa
 import train
 
@@ -955,14 +957,14 @@ def floats(state_dict):
     return {k: v.float() for k, v in state_dict.items()}
 
 
-def released(sat, mutate=None):
+def released_model(sat, mutate=None):
     """The fixture's diffusion model through from_sat, optionally with one weight changed."""
     weights = floats(sat["diffusion"]["state_dict"])
     if mutate is not None:
         noise = torch.randn(weights[mutate].shape, generator=torch.Generator().manual_seed(0))
         weights[mutate] = weights[mutate] + 0.5 * noise
     with pytest.warns(UserWarning, match="LAION CLAP"):
-        return sa.from_sat(sat["diffusion"]["config"], weights)
+        return released.from_sat(sat["diffusion"]["config"], weights)
 
 
 def relative_error(ours, reference):
@@ -980,12 +982,12 @@ def released_unet_errors(model, u):
 
 
 def test_released_unet_gives_the_released_v_and_guided_v(sat):
-    errors = released_unet_errors(released(sat), sat["diffusion"]["unet"])
+    errors = released_unet_errors(released_model(sat), sat["diffusion"]["unet"])
     assert max(errors) <= 1e-4, errors
 
 
 def test_released_timing_tokens_are_the_released_ones_clamped_to_0_512(sat):
-    model, t = released(sat), sat["diffusion"]["timing"]
+    model, t = released_model(sat), sat["diffusion"]["timing"]
     tokens = model.timing(torch.tensor(t["seconds_start"]), torch.tensor(t["seconds_total"]))
     assert relative_error(tokens[:, 0], t["seconds_start_embeds"][:, 0]) <= 1e-4
     assert relative_error(tokens[:, 1], t["seconds_total_embeds"][:, 0]) <= 1e-4
@@ -994,9 +996,9 @@ def test_released_timing_tokens_are_the_released_ones_clamped_to_0_512(sat):
 @pytest.mark.parametrize("part", ["diffusion", "dac_vae", "oobleck"])
 def test_released_autoencoders_encode_and_decode_the_same(sat, part):
     if part == "diffusion":          # Stable Audio 1.0's VAE inside the diffusion checkpoint
-        vae, ref = released(sat).vae, sat["diffusion"]["vae"]
+        vae, ref = released_model(sat).vae, sat["diffusion"]["vae"]
     else:                            # standalone autoencoder configs, keys without a prefix
-        vae, ref = sa.from_sat(sat[part]["config"], floats(sat[part]["state_dict"])), sat[part]
+        vae, ref = released.from_sat(sat[part]["config"], floats(sat[part]["state_dict"])), sat[part]
     with torch.no_grad():
         mean, std = vae.encode(ref["audio"])
         audio = vae.decode(ref["z"])
@@ -1011,7 +1013,7 @@ def test_a_released_oobleck_decoder_takes_its_width_from_its_own_config(sat):
     # with a conv to channels x c_mults[-1], each from its own config.
     config = json.loads(json.dumps(sat["oobleck"]["config"]["model"]))
     config["decoder"]["config"]["channels"] = 6
-    vae = sa.VAE(sa.sat_vae_config(config))
+    vae = sa.VAE(released.sat_vae_config(config))
     assert vae.encoder[0].out_channels == 4
     assert vae.decoder[0].out_channels == 6 * 8
 
@@ -1025,11 +1027,11 @@ def test_a_released_oobleck_decoder_takes_its_width_from_its_own_config(sat):
     "model.model.fixed_embedding.embedding.weight",                     # guidance's null context
 ])
 def test_changing_one_released_unet_weight_breaks_the_equality(sat, key):
-    assert max(released_unet_errors(released(sat, mutate=key), sat["diffusion"]["unet"])) > 1e-4
+    assert max(released_unet_errors(released_model(sat, mutate=key), sat["diffusion"]["unet"])) > 1e-4
 
 
 def test_the_symmetric_padding_of_format_1_differs_from_the_released_unet(sat):
-    model = released(sat)
+    model = released_model(sat)
     for level in model.unet.down:
         level.pad = (level.downsample.stride[0],) * 2
     assert released_unet_errors(model, sat["diffusion"]["unet"])[0] > 1e-4
@@ -1043,7 +1045,7 @@ def test_a_released_pretransform_scale_divides_the_latent_the_unet_sees(sat, mon
     config = json.loads(json.dumps(sat["diffusion"]["config"]))
     config["model"]["pretransform"]["scale"] = 4.0
     with pytest.warns(UserWarning, match="LAION CLAP"):
-        model = sa.from_sat(config, floats(sat["diffusion"]["state_dict"]))
+        model = released.from_sat(config, floats(sat["diffusion"]["state_dict"]))
     ref = sat["diffusion"]["vae"]
     with torch.no_grad():
         mean = model.vae.encode(ref["audio"])[0]
@@ -1057,7 +1059,7 @@ def test_a_released_pretransform_scale_divides_the_latent_the_unet_sees(sat, mon
 def test_padded_context_tokens_are_excluded_where_the_released_code_zeroes_them(sat):
     """A documented difference: both agree with an all-true mask (tested above); with padding,
     ours equals the released output on the context with the padded tokens removed."""
-    model, u = released(sat), sat["diffusion"]["unet"]
+    model, u = released_model(sat), sat["diffusion"]["unet"]
     keep = u["partial_mask"][1]
     with torch.no_grad():
         ours = model.unet(u["x"], u["t"], u["context"], u["partial_mask"])
@@ -1072,7 +1074,7 @@ def test_a_partial_released_state_dict_names_what_is_missing_and_left_over(sat):
     weights["model.model.surplus.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"1 missing \['to_mapping.0.weight'\], "
                                          r"1 unexpected \['surplus.weight'\]"):
-        sa.from_sat(sat["diffusion"]["config"], weights)
+        released.from_sat(sat["diffusion"]["config"], weights)
 
 
 def test_released_weights_load_from_a_lightning_ckpt_and_refuse_a_dit(sat, tmp_path):
@@ -1080,14 +1082,14 @@ def test_released_weights_load_from_a_lightning_ckpt_and_refuse_a_dit(sat, tmp_p
     torch.save({"state_dict": floats(sat["oobleck"]["state_dict"])}, path)
     config = tmp_path / "model_config.json"
     config.write_text(json.dumps(sat["oobleck"]["config"]))
-    vae = sa.from_sat(str(config), str(path))
+    vae = released.from_sat(str(config), str(path))
     with torch.no_grad():
         assert relative_error(vae.decode(sat["oobleck"]["z"]), sat["oobleck"]["decoded"]) <= 1e-4
     dit = dict(sat["diffusion"]["config"], model={**sat["diffusion"]["config"]["model"],
                                                   "diffusion": {"type": "dit", "config": {}}})
     with pytest.raises(ValueError, match="vae_only=True"):
-        sa.from_sat(dit, floats(sat["diffusion"]["state_dict"]))
-    assert isinstance(sa.from_sat(dit, floats(sat["diffusion"]["state_dict"]), vae_only=True),
+        released.from_sat(dit, floats(sat["diffusion"]["state_dict"]))
+    assert isinstance(released.from_sat(dit, floats(sat["diffusion"]["state_dict"]), vae_only=True),
                       sa.VAE)
 
 
@@ -1114,7 +1116,7 @@ def test_safetensors_files_read_back_exactly_without_any_other_package(tmp_path)
     tensors = {"a": torch.randn(3, 4), "b.half": torch.randn(5).half(),
                "c": torch.arange(6).reshape(2, 3), "empty": torch.zeros(0, 2)}
     write_safetensors(tmp_path / "m.safetensors", tensors, {"format": "pt"})
-    read = sa.read_sat_weights(str(tmp_path / "m.safetensors"))
+    read = released.read_sat_weights(str(tmp_path / "m.safetensors"))
     assert set(read) == set(tensors)
     for name, t in tensors.items():
         assert read[name].dtype == t.dtype and torch.equal(read[name], t), name
@@ -1129,7 +1131,7 @@ def test_a_truncated_or_garbled_safetensors_file_is_one_line_naming_it(sat, tmp_
     for name, message in (("cut", "damaged or truncated"), ("header", "not a complete"),
                           ("noise", "not a complete")):
         with pytest.raises(ValueError, match=message) as error:
-            sa.read_sat_weights(str(tmp_path / f"{name}.safetensors"))
+            released.read_sat_weights(str(tmp_path / f"{name}.safetensors"))
         assert f"{name}.safetensors" in str(error.value)
     config, _ = released_files(sat, tmp_path)
     assert run_train("export", "--from-sat", config, tmp_path / "cut.safetensors", "--to",
@@ -1161,7 +1163,7 @@ def test_a_strangers_released_config_is_one_line_before_anything_large_is_alloca
     change(config)
     before = peak_memory_gib()
     with pytest.raises(ValueError, match=message) as error:
-        sa.from_sat(config, floats(sat["diffusion"]["state_dict"]))
+        released.from_sat(config, floats(sat["diffusion"]["state_dict"]))
     assert "\n" not in str(error.value) and peak_memory_gib() - before < 1
 
 
@@ -1196,7 +1198,7 @@ def test_weights_that_are_not_tensors_are_refused_in_one_line(model, tmp_path):
         sa.load_checkpoint(tmp_path / "m.pt")
     torch.save([1, 2], tmp_path / "w.ckpt")
     with pytest.raises(ValueError, match="no dictionary of named tensors"):
-        sa.read_sat_weights(str(tmp_path / "w.ckpt"))
+        released.read_sat_weights(str(tmp_path / "w.ckpt"))
 
 
 def test_full_size_parameter_counts_equal_the_released_networks():
@@ -1271,34 +1273,34 @@ def rms(x):
                                                  (SR, 48000, 10000)])
 def test_resample_keeps_a_sine_below_the_new_nyquist(sr_in, sr_out, freq):
     x = sine(freq, sr_in, 2 * sr_in).float().repeat(2, 1)
-    y = sa.resample(x, sr_in, sr_out)
+    y = sound_world.resample(x, sr_in, sr_out)
     expected = sine(freq, sr_out, y.shape[-1]).float().repeat(2, 1)
     assert rms(interior(y - expected)) < 1e-3 * rms(interior(expected))
 
 
 def test_resample_removes_a_tone_above_the_new_nyquist():
     x = sine(30000, 96000, 2 * 96000).float()[None]
-    y = sa.resample(x, 96000, SR)
+    y = sound_world.resample(x, 96000, SR)
     assert 20 * math.log10(rms(interior(y)) / rms(x)) < -40
 
 
 @pytest.mark.parametrize("n", [1, 999, 48000, 123457])
 @pytest.mark.parametrize("sr_in, sr_out", [(48000, SR), (96000, SR), (8000, SR), (SR, 48000)])
 def test_resample_output_length_is_n_times_the_rate_ratio(n, sr_in, sr_out):
-    y = sa.resample(torch.randn(2, n), sr_in, sr_out)
+    y = sound_world.resample(torch.randn(2, n), sr_in, sr_out)
     assert y.shape == (2, round(n * sr_out / sr_in))
 
 
 def test_resample_at_equal_rates_is_the_identity():
     x = torch.randn(2, 1000)
-    assert torch.equal(sa.resample(x, SR, SR), x)
+    assert torch.equal(sound_world.resample(x, SR, SR), x)
 
 
 def test_to_stereo_duplicates_mono_keeps_stereo_and_averages_more_channels():
     mono, stereo, six = torch.randn(1, 50), torch.randn(2, 50), torch.randn(6, 50)
-    assert torch.equal(sa.to_stereo(mono), mono.repeat(2, 1))
-    assert torch.equal(sa.to_stereo(stereo), stereo)
-    out = sa.to_stereo(six)
+    assert torch.equal(sound_world.to_stereo(mono), mono.repeat(2, 1))
+    assert torch.equal(sound_world.to_stereo(stereo), stereo)
+    out = sound_world.to_stereo(six)
     assert out.shape == (2, 50)
     torch.testing.assert_close(out[0], six.mean(0))
     torch.testing.assert_close(out[1], six.mean(0))
@@ -1310,7 +1312,7 @@ def test_read_audio_raises_value_error_for_unreadable_and_empty_files(tmp_path):
     sf.write(str(empty), np.zeros((0, 2), dtype=np.float32), SR)
     for path in (broken, empty):
         with pytest.raises(ValueError, match=path.name):
-            sample.read_audio(path, SR)
+            sound_world.read_audio(path, SR)
 
 
 # --- the sound world ------------------------------------------------------------------------------
@@ -1556,17 +1558,17 @@ def test_folder_files_load_as_stereo_at_the_model_rate(tmp_path):
     write_folder(tmp_path)
     items, _ = train.scan_folder(tmp_path)
     for item in items:
-        audio = sample.read_audio(item["path"], SR)
+        audio = sound_world.read_audio(item["path"], SR)
         n = round(item["seconds"] * item["sample_rate"])
         assert audio.dtype == torch.float32
         assert audio.shape == (2, round(n * SR / item["sample_rate"]))
-    hi = sample.read_audio(tmp_path / "hi.wav", SR)            # 96 kHz, 1 kHz sine
+    hi = sound_world.read_audio(tmp_path / "hi.wav", SR)            # 96 kHz, 1 kHz sine
     expected = 0.5 * sine(1000, SR, hi.shape[-1], phase=0.0).float()
     assert rms(interior(hi - expected)) < 1e-3
-    u8 = sample.read_audio(tmp_path / "u8.wav", SR)            # 8-bit, 22.05 kHz
+    u8 = sound_world.read_audio(tmp_path / "u8.wav", SR)            # 8-bit, 22.05 kHz
     expected = 0.5 * sine(440, SR, u8.shape[-1], phase=0.0).float()
     assert rms(interior(u8 - expected)) < 0.02                # 8-bit quantisation noise
-    six = sample.read_audio(tmp_path / "six.wav", SR)           # 6 channels, 48 kHz
+    six = sound_world.read_audio(tmp_path / "six.wav", SR)           # 6 channels, 48 kHz
     expected = 0.5 * 3.5 / 6 * sine(440, SR, six.shape[-1], phase=0.0).float()
     assert torch.equal(six[0], six[1]) and rms(interior(six - expected)) < 1e-3
 
@@ -1995,7 +1997,7 @@ def test_reconstruct_round_trips_a_file_through_a_released_autoencoder(sat, tmp_
             "--out", str(tmp_path / "out.wav")]
     assert sample.main(args) == 0
     written, sr = sf.read(tmp_path / "out.wav", dtype="float64")
-    vae = sa.from_sat(config, weights)
+    vae = released.from_sat(config, weights)
     with torch.no_grad():
         x = torch.tensor(np.stack([audio, -audio]), dtype=torch.float32)[None]
         expected = vae.decode(vae.encode(x)[0])[0, :, :3000].double().numpy()

@@ -36,7 +36,9 @@ from torch.nn.utils.parametrizations import weight_norm
 from tqdm import tqdm
 
 import stable_audio as sa
-from sample import read_audio
+import released
+import sound_world
+from sound_world import read_audio
 
 # -------------------------------------------------------------------------------------------------
 # Data (§4.4, §4.5). Every clip becomes stereo at the model's rate, a window cropped at random or
@@ -1453,7 +1455,7 @@ def export_released(args):
     config, weights = args.from_sat
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = sa.from_sat(config, weights)
+        model = released.from_sat(config, weights)
     if not isinstance(model, sa.StableAudio):
         raise TrainingError(f"{config} describes an autoencoder, not a diffusion model; "
                             f"sample.py --reconstruct FILE --from-sat reads it directly")

@@ -1,6 +1,7 @@
 """Mutation testing of test_stable_audio.py: does the suite catch the bugs a person could write?
 
-Each mutant below is one plausible bug in stable_audio.py, written as a change of one line (one
+Each mutant below is one plausible bug in stable_audio.py (released.py for the "from_sat"
+mutants), written as a change of one line (one
 two-line call, where the bug is a swap across its lines). For each, this script copies the
 repository to a temporary folder, makes the change there (the original text must occur exactly
 once) and runs pytest in the copy with `-x -q -p no:cacheprovider`: first the few tests named by
@@ -26,6 +27,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, TESTS = "stable_audio.py", "test_stable_audio.py"
+FILES = {"from_sat": "released.py"}    # a section's file, where it is not MODEL
 SKIP = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "out"}
 
 MUTANTS = [  # (section, bug, original text, replacement, -k expression for the first run)
@@ -176,12 +178,13 @@ def copy_repo(dest):
     shutil.copytree(REPO, dest, ignore=lambda d, names: [n for n in names if n in SKIP])
 
 
-def apply(root, original, replacement):
-    path = os.path.join(root, MODEL)
+def apply(root, section, original, replacement):
+    name = FILES.get(section, MODEL)
+    path = os.path.join(root, name)
     with open(path) as f:
         text = f.read()
     n = text.count(original)
-    assert n == 1, f"{original!r} occurs {n} times in {MODEL}, not once"
+    assert n == 1, f"{original!r} occurs {n} times in {name}, not once"
     with open(path, "w") as f:
         f.write(text.replace(original, replacement))
 
@@ -215,7 +218,7 @@ def run(number, mutant, base, quick=False):
     section, bug, original, replacement, k = mutant
     with tempfile.TemporaryDirectory(prefix=f"mutant{number}-") as root:
         shutil.copytree(base, root, dirs_exist_ok=True)
-        apply(root, original, replacement)
+        apply(root, section, original, replacement)
         passed, killer, seconds = pytest(root, k)
         stage = "subset"
         if passed and not quick:
@@ -244,8 +247,9 @@ def main(argv=None):
             shutil.copy(args.model, os.path.join(base, MODEL))
         for i in chosen:                     # fail before any run if a line has changed
             with tempfile.TemporaryDirectory() as probe:
-                shutil.copy(os.path.join(base, MODEL), probe)
-                apply(probe, *MUTANTS[i - 1][2:4])
+                for name in {MODEL, *FILES.values()}:
+                    shutil.copy(os.path.join(base, name), probe)
+                apply(probe, *MUTANTS[i - 1][0:1], *MUTANTS[i - 1][2:4])
         if args.list:
             for i in chosen:
                 print(f"{i:3d}  {MUTANTS[i - 1][0]:12s} {MUTANTS[i - 1][1]}")
