@@ -31,8 +31,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_FORMAT = "stable-audio-reference/2"
-PAD, BOS, EOS = 256, 257, 258  # byte tokenizer: the 256 byte values, then three specials
-VOCAB = 259
+PAD, BOS, EOS, VOCAB = 256, 257, 258, 259   # byte tokenizer: 256 byte values, then 3 specials
 DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
 
 
@@ -94,8 +93,8 @@ class UNetConfig:
     time_frequencies: int = 128          # learned Fourier frequencies of the noise level t
     mapping_features: int = 1024         # width of the noise-level embedding fed to FiLM
     resnet_groups: int = 16
-    symmetric_downsample: bool = False   # checkpoints of format 1: see DownLevel
-    padding_mask: bool = False           # Not the paper's (tiny): see frames_inside
+    symmetric_downsample: bool = False   # checkpoints of format 1: see upgrade_format_1
+    padding_mask: bool = False           # `tiny` only: see frames_inside
 
 
 @dataclass
@@ -103,8 +102,8 @@ class ModelConfig:
     size: str = "full"
     sample_rate: int = 44100
     window: int = 2 ** 22                # samples: 95.1 s, 4096 latent frames
-    # Not the paper's: diffusion runs on z * latent_scale (released: 1; a briefly trained VAE's
-    # latents are smaller than the schedule assumes); generate divides it out before decoding.
+    # Not the paper's (latent scale): diffusion runs on z * latent_scale (released: 1; a briefly
+    # trained VAE's latents are smaller than the schedule assumes); generate divides it out.
     latent_scale: float = 1.0
     vae: VAEConfig = field(default_factory=VAEConfig)
     clap: CLAPConfig = field(default_factory=CLAPConfig)
@@ -135,9 +134,10 @@ SIZES = {
         unet=UNetConfig(widths=(512, 512, 512, 640, 640), attentions=(1, 2, 2, 2, 2), heads=8,
                         mapping_features=512)),
     "tiny": ModelConfig(  # trains in minutes on 2 CPU cores
-        # Not the paper's, for CPU-sized training: the VAE's audible init, sinusoid timing tables,
-        # no attention at the first level (self-attention over its 2048 frames dominates a CPU
-        # forward pass) and the padding mask as a U-Net input (train.py --paper-timing drops it).
+        # For CPU-sized training: the VAE's audible init and sinusoid timing tables (see there),
+        # the padding mask as a U-Net input (train.py --paper-timing drops it), and
+        # Not the paper's (first-level attention): none, as self-attention over the first level's
+        # 2048 frames dominates a CPU forward pass.
         size="tiny", window=2 ** 21,
         vae=VAEConfig(encoder_width=16, decoder_width=128, audible_init=True),
         clap=CLAPConfig(text_len=128, text_width=64, text_layers=3, text_heads=4, audio_width=64,
@@ -187,7 +187,7 @@ ACTIVATIONS = {"snake": Snake, "snake_beta": SnakeBeta, "elu": lambda channels: 
 # §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz ->
 # 64 channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
 # 89.6 M + decoder 43.9 M = 133 M parameters. The same code builds Stable Audio Open's "Oobleck"
-# autoencoder (VAEConfig.oobleck(): SnakeBeta, strides 2, 4, 4, 8, 8 to 1/2048, no tanh).
+# autoencoder (OOBLECK: SnakeBeta, strides 2, 4, 4, 8, 8 to 1/2048, no tanh).
 # Weight norm is the parametrization API, which also works under bf16 autocast (the old hook
 # fails there).
 # -------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ class ResidualUnit(nn.Module):
         return x + self.block(x)
 
 
-def EncoderBlock(c_in, c_out, stride, act=Snake):
+def encoder_block(c_in, c_out, stride, act=Snake):
     """Residual units (dilations 1, 3, 9), then a strided conv: length / stride, width c_out."""
     return nn.Sequential(
         *[ResidualUnit(c_in, dilation, act) for dilation in (1, 3, 9)],
@@ -220,7 +220,7 @@ def EncoderBlock(c_in, c_out, stride, act=Snake):
         WNConv1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
 
 
-def DecoderBlock(c_in, c_out, stride, act=Snake):
+def decoder_block(c_in, c_out, stride, act=Snake):
     """A transposed conv that upsamples by `stride`, then residual units (dilations 1, 3, 9)."""
     return nn.Sequential(
         act(c_in),
@@ -231,8 +231,9 @@ def DecoderBlock(c_in, c_out, stride, act=Snake):
 def kl_divergence(mean, std):
     """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames.
 
-    The textbook form, with its 1/2. The released code leaves the 1/2 out (twice this) and its
-    Stable Audio 1.0 config weights the term 1e-6; the paper gives 1e-4 (train.py's weight)."""
+    The textbook form, with its 1/2. Released, not the paper (KL term): the released code leaves
+    the 1/2 out (twice this) and its Stable Audio 1.0 config weights the term 1e-6; the paper
+    gives 1e-4 (train.py's weight)."""
     return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
 
 
@@ -249,12 +250,12 @@ class VAE(nn.Module):
         latent2 = 2 * cfg.latent_dim                                         # mean and scale
         self.encoder = nn.Sequential(
             WNConv1d(cfg.channels, enc[0], 7, padding=3),
-            *[EncoderBlock(enc[i], enc[i + 1], s, act) for i, s in enumerate(cfg.strides)],
+            *[encoder_block(enc[i], enc[i + 1], s, act) for i, s in enumerate(cfg.strides)],
             act(enc[-1]), WNConv1d(enc[-1], enc[-1] if dac else latent2, 3, padding=1),
             *([nn.Conv1d(enc[-1], latent2, 1)] if dac else []))
         self.decoder = nn.Sequential(                                        # 1536 .. 96
             WNConv1d(cfg.latent_dim, dec[0], 7, padding=3),
-            *[DecoderBlock(dec[i], dec[i + 1], s, act)
+            *[decoder_block(dec[i], dec[i + 1], s, act)
               for i, s in enumerate(reversed(cfg.strides))],
             act(dec[-1]), WNConv1d(dec[-1], cfg.channels, 7, padding=3, bias=dac),
             *([nn.Tanh()] if dac else []))
@@ -263,9 +264,9 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def audible_init(self, latent_dim):
-        """Not the paper's (tiny): the released VAE keeps PyTorch's default init. With it, the
-        tiny decoder's output at step 0 barely depends on the latent (biases and Snake's sin^2
-        offsets drown it) and CPU-sized training collapses to one output for every input. So:
+        """Not the paper's (initialisation), `tiny` only: with PyTorch's default init, as
+        released, the tiny decoder's output at step 0 barely depends on the latent (biases and
+        Snake's sin^2 offsets drown it) and CPU-sized training collapses to one output. So:
         biases 0; the decoder's convs outside its residual units variance-preserving (std
         1/sqrt(fan in)), the last at a tenth so the tanh starts unsaturated; the posterior
         nearly deterministic (std = softplus(-5) ~ 0.007 rather than 0.69)."""
@@ -316,11 +317,11 @@ class VAE(nn.Module):
 # -------------------------------------------------------------------------------------------------
 # §3.2, §4.3 A small CLAP: a text transformer and an audio transformer over log-mel frames,
 # trained contrastively so that matching captions and clips land close together. The diffusion
-# model reads the text encoder's next-to-last layer (768 features per token at full size). The
-# paper's text tower is RoBERTa (77 BPE tokens, frozen); ours reads raw UTF-8 bytes, so it needs
-# no vocabulary file and trains here. `full` keeps the released 77 tokens, so the U-Net's context
-# is 79 as released; `small` and `tiny` read 128 bytes (a BPE token is ~4 characters, and
-# metadata prompts are mostly under 128 characters).
+# model reads the text encoder's next-to-last layer (768 features per token at full size).
+# Not the paper's (text encoder): the paper's is RoBERTa (77 BPE tokens, frozen); ours reads raw
+# UTF-8 bytes, so it needs no vocabulary file and trains here. `full` keeps the released 77
+# tokens (a context of 79, as released); `small` and `tiny` read 128 bytes (a BPE token is ~4
+# characters, and metadata prompts are mostly under 128 characters).
 # -------------------------------------------------------------------------------------------------
 def tokenize(prompts, length):
     """UTF-8 bytes between BOS and EOS, cut to `length`, padded -> tokens (B, S), mask (B, S)."""
@@ -351,8 +352,9 @@ class Attention(nn.Module):
         context = self.norm_context(x if context is None else context)
         q, (k, v) = self.to_q(self.norm(x)), self.to_kv(context).chunk(2, dim=-1)
         q, k, v = (t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        # The released model multiplies padded keys and values by 0, which leaves them in the
-        # softmax with logit 0; a boolean mask removes them. (B, heads, S, C / heads)
+        # Not the paper's (padded context tokens): the released model multiplies padded keys and
+        # values by 0, which leaves them in the softmax with logit 0; a boolean mask removes
+        # them, so the output does not depend on how much padding follows. (B, heads, S, C / h)
         mask = None if mask is None else mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(out.transpose(1, 2).reshape(B, S, C))
@@ -468,9 +470,9 @@ class TimingEmbedding(nn.Module):
         self.max_seconds = cfg.max_seconds
         self.start = nn.Embedding(cfg.max_seconds + 1, features)
         self.total = nn.Embedding(cfg.max_seconds + 1, features)
-        # Released: rows start from N(0, 1). Not the paper's (tiny): sinusoids of the second, so
-        # neighbouring seconds start close and what a short run teaches about 20 s carries over
-        # to 21 s before each row has been trained on its own.
+        # Released: rows start from N(0, 1). Not the paper's (initialisation), `tiny` only:
+        # sinusoids of the second, so neighbouring seconds start close and what a short run
+        # teaches about 20 s carries over to 21 s before each row has been trained on its own.
         if cfg.sinusoid_init:
             for table in (self.start, self.total):
                 table.weight.data.copy_(sinusoids(cfg.max_seconds + 1, features))
@@ -491,9 +493,9 @@ class TimingEmbedding(nn.Module):
 # cross-attention) and the zero padding at the window's edges.
 # -------------------------------------------------------------------------------------------------
 def frames_inside(length, L, device):
-    """Not the paper's (tiny): the padding mask that the released data pipeline computes, True for
-    the first length[b] latent frames, (B,) -> (B, L). With UNetConfig.padding_mask it joins the
-    noisy latent as one more input channel (as Stable Audio Open feeds its inpainting mask), so
+    """Not the paper's (padding mask channel), `tiny` only: the padding mask that the released
+    data pipeline computes, True for the first length[b] latent frames, (B,) -> (B, L). With
+    UNetConfig.padding_mask it joins the noisy latent as one more input channel (as Stable Audio Open feeds its inpainting mask), so
     every frame is told whether it lies inside the request: CPU-sized models never learned that
     from the timing tokens alone."""
     return torch.arange(L, device=device) < length.to(device)[:, None]
@@ -599,9 +601,8 @@ class DownLevel(nn.Module):
     """Strided conv (kernel 2f + 1), residual blocks, transformer; every output becomes a skip."""
     def __init__(self, c_in, c_out, factor, attentions, cfg: UNetConfig, context_features):
         super().__init__()
-        # Kernel 2f + 1, stride f: f + 1 zeros of padding keep L / f frames. The released code
-        # puts ceil((f + 1) / 2) of them on the left, the rest on the right. (Format-1
-        # checkpoints were trained with f on each side: the factor-4 level one sample later.)
+        # Kernel 2f + 1, stride f: f + 1 zeros of padding keep L / f frames, ceil((f + 1) / 2)
+        # of them on the left as released (format 1 padded f on each side: upgrade_format_1).
         self.pad = (factor, factor) if cfg.symmetric_downsample else (
             (factor + 2) // 2, (factor + 1) // 2)
         self.downsample = nn.Conv1d(c_in, c_out, 2 * factor + 1, stride=factor)
@@ -681,7 +682,7 @@ class UNet(nn.Module):
         L a multiple of self.downsampling. length (B,): latent frames inside the requested
         extent (StableAudio.content_frames), read only with padding_mask; None: the whole window."""
         mapping = self.to_mapping(self.to_time(t))                   # (B, M)
-        if self.padding_mask:                                        # Not the paper's (tiny)
+        if self.padding_mask:                                        # `tiny`: frames_inside
             B, _, L = x.shape
             length = torch.full((B,), L, device=x.device) if length is None else length
             inside = frames_inside(length, L, x.device)             # (B, L)
@@ -762,7 +763,9 @@ def randn(shape, generator, like):
 
 
 def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, length=None):
-    """v-objective loss for a batch of clean latents z (B, 64, L); length as in UNet.forward."""
+    """v-objective loss for a batch of clean latents z (B, 64, L); length as in UNet.forward.
+    Not the paper's (noise levels in training): t ~ U[0, 1] from the generator; the released
+    code draws t from a scrambled Sobol sequence and sets 1 % of them to 1."""
     B = z.shape[0]
     t = torch.rand(B, generator=generator).to(z.device)
     eps = randn(z.shape, generator, z)
@@ -793,8 +796,8 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4, lengt
 
     Rescaling pulls the guided v's per-frame std over channels back toward the conditional one
     (phi = 0.4, the released default), which keeps large scales from blowing up the signal.
-    Not the paper's (tiny): with `length` (B,), for a U-Net that reads the padding mask, frames
-    from `length` on take v_c alone. Both branches see the mask and should agree on silence
+    Not the paper's (padding mask channel), `tiny` only: with `length` (B,), for a U-Net that
+    reads the padding mask, frames from `length` on take v_c alone. Both branches see the mask and should agree on silence
     there, so guiding would only multiply their disagreement. In the paper the unconditional
     branch knows nothing of the timing, so there is no such choice."""
     if scale == 1:
@@ -896,7 +899,8 @@ def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
         x_{i+1} = e^{-h} x_i + I0 D_i + I1 p' + I2 p'',
         I0 = 1 - e^{-h},  I1 = h - I0,  I2 = h^2/2 - I1   (e^{-(h - tau)} against 1, tau, tau^2/2),
     and the error falls as h^3. (k-diffusion and diffusers weight p'' by I2 / 2, which is order
-    2.) Order 3 fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps
+    2.) Not the paper's (sampler): the paper names DPM-Solver++ without its variant; the
+    released default is 2M SDE; this deterministic 3M ODE is ours. Order 3 fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps
     the order and stops the quadratic from overshooting on the long steps of a short schedule,
     where D settles onto x0 (h ~ 1-2 at 10 steps; docs/samplers.md). The first two steps lack
     history and run at orders 1 and 2."""
@@ -925,25 +929,59 @@ SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": s
 # window; the timing tokens tell the model where to stop, and the silent tail is trimmed. Sample i
 # of a batch starts from the noise of seed + i, so any one file can be regenerated on its own.
 # -------------------------------------------------------------------------------------------------
-def init_sigmas(steps, strength, sigma_min=0.03, sigma_max=80.0):
-    """The part of the `steps`-step schedule that a run from init audio takes: strength 1 is the
-    whole schedule (plain text-to-audio), strength -> 0 ends with no step left at all."""
-    return get_sigmas(steps, sigma_min, sigma_max)[round((1 - strength) * steps):]
+@torch.inference_mode()
+def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
+             cfg_rescale=0.4, negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03,
+             sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None,
+             trim=True, decode_chunk=None, dtype=torch.float32, callback=None, timings=None,
+             latents=False):
+    """Audio (B, 2, N) for a list of prompts; N = min(seconds_total - seconds_start, window)
+    * sample_rate, or the whole window with trim=False. As in §3.2, the clip starts
+    `seconds_start` into a piece `seconds_total` long (at most cfg.timing.max_seconds, 512 s).
 
-
-def inpaint_mask(frames, gap, frame_rate, ramp=4):
-    """1 where the input is kept, 0 in the gap (start, end) in seconds, and a linear ramp over the
-    gap's first and last `ramp` frames so the seams blend instead of clicking. (L,)"""
-    a, b = math.floor(gap[0] * frame_rate), min(frames, math.ceil(gap[1] * frame_rate))
-    f = torch.arange(frames)
-    depth = torch.minimum(f - a + 1, b - f).clamp(min=0)           # frames into the gap
-    return (1 - depth / (ramp + 1)).clamp(min=0)
-
-
-def default_decode_chunk(device):
-    """Latent frames per decode chunk: 128 keep a CPU's memory low; a GPU has memory to spare
-    and goes faster with fewer, longer chunks."""
-    return 128 if device.type == "cpu" else 512
+    `cfg_rescale` is guided_v's phi: 0.4 as released, 0 for plain guidance.
+    init_audio (2, N) or (B, 2, N) at the model's rate starts from that clip instead of noise:
+    `init_strength` in (0, 1] picks how much of the schedule is run, `inpaint` = (start, end)
+    seconds regenerates only that gap. A dict passed as `timings` receives the seconds spent on
+    "text", "sampling" and "decoding". `dtype` bf16/fp16 runs under autocast, or, when the U-Net's
+    weights are already in that precision (`model.unet.to(dtype)`), runs the U-Net as it is.
+    `decode_chunk` latent frames are decoded at a time (default: 128 on a CPU, 512 on a GPU).
+    latents=True returns (audio, z): z (B, 64, L) is the sampled latent of the whole window, as
+    the diffusion sees it (VAE latent x latent_scale)."""
+    cfg, device = model.cfg, next(model.parameters()).device
+    check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
+                  init_strength, inpaint)
+    # Training sees whole seconds: start rounded down, total rounded up (sound_world.crop_or_pad).
+    B = len(prompts)
+    start, total = [math.floor(seconds_start)] * B, [math.ceil(seconds_total)] * B
+    clock = Stopwatch(device, timings)
+    with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+        # 1. Condition on the text and the two timing tokens; guidance's other branch.
+        context, mask = model.condition(prompts, start, total)
+        uncond, uncond_mask = unconditional(model, context, negative_prompt, start, total)
+        clock.lap("text")
+        length = (model.content_frames(start, total).to(device)      # `tiny`: the padding
+                  if cfg.unet.padding_mask else None)                # mask (frames_inside)
+        denoiser = v_to_denoiser(guided_v(unet_at_its_precision(model, device), context, mask,
+                                          uncond, uncond_mask, cfg_scale, cfg_rescale,
+                                          length))
+        # 2. The initial latent: the seeds' noise at the first sigma, or the init audio noised.
+        sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
+        x = sigmas[0].item() * seeded_noise(model, seed, B, device)
+        if init_audio is not None:
+            x, denoiser = from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint)
+        # 3. Solve the probability-flow ODE down the schedule.
+        z = SAMPLERS[sampler](denoiser, x, sigmas, callback)
+    clock.lap("sampling")
+    check_finite(z, "latent")
+    # 4. Decode. Not the paper's (output length): trimmed to the content, from seconds_start to
+    # seconds_total at most (the paper trims silence for presentation only).
+    content = min(seconds_total - seconds_start, cfg.window / cfg.sample_rate)
+    audio = decode_content(model, z, round(content * cfg.sample_rate) if trim else cfg.window,
+                           decode_chunk)
+    check_finite(audio, "audio")                                     # decoded in float32
+    clock.lap("decoding")
+    return (audio, z) if latents else audio
 
 
 def check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
@@ -969,6 +1007,17 @@ def check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, 
         raise ValueError(f"init_audio is longer than the model's window of {window_seconds:.1f} s")
 
 
+def unconditional(model, context, negative_prompt, start, total):
+    """What guidance steers away from (§3.4): the learned null context, or a negative prompt's
+    context with the same timing. Not the paper's (null context under guidance): the null
+    context is attended in full, since it has no padding; the released code gives it the
+    prompt's mask."""
+    if negative_prompt is None:
+        null = model.unet.null_context.expand_as(context).to(context.dtype)
+        return null, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+    return model.condition([negative_prompt] * len(start), start, total)
+
+
 def unet_at_its_precision(model, device):
     """The U-Net as a function. Weights already cast to half precision (model.unet.to(dtype))
     run as they are: autocast would keep every norm, and the casts around it, in float32."""
@@ -982,13 +1031,10 @@ def unet_at_its_precision(model, device):
     return unet
 
 
-def unconditional(model, context, negative_prompt, start, total):
-    """What guidance steers away from (§3.4): the learned null context, attended in full, or a
-    negative prompt's context with the same timing."""
-    if negative_prompt is None:
-        null = model.unet.null_context.expand_as(context).to(context.dtype)
-        return null, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
-    return model.condition([negative_prompt] * len(start), start, total)
+def init_sigmas(steps, strength, sigma_min=0.03, sigma_max=80.0):
+    """The part of the `steps`-step schedule that a run from init audio takes: strength 1 is the
+    whole schedule (plain text-to-audio), strength -> 0 ends with no step left at all."""
+    return get_sigmas(steps, sigma_min, sigma_max)[round((1 - strength) * steps):]
 
 
 def seeded_noise(model, seed, B, device):
@@ -1016,8 +1062,19 @@ def from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint):
     return x, lambda x, sigma: keep * z0 + (1 - keep) * denoiser(x, sigma)
 
 
+def inpaint_mask(frames, gap, frame_rate, ramp=4):
+    """1 where the input is kept, 0 in the gap (start, end) in seconds, and a linear ramp over the
+    gap's first and last `ramp` frames so the seams blend instead of clicking. (L,)"""
+    a, b = math.floor(gap[0] * frame_rate), min(frames, math.ceil(gap[1] * frame_rate))
+    f = torch.arange(frames)
+    depth = torch.minimum(f - a + 1, b - f).clamp(min=0)           # frames into the gap
+    return (1 - depth / (ramp + 1)).clamp(min=0)
+
+
 def decode_content(model, z, N, decode_chunk):
-    """Latent -> the first N audio samples. Only the frames kept are decoded, plus DECODE_OVERLAP
+    """Latent -> the first N audio samples. Not the paper's (decoding): in overlapping chunks
+    (VAE.decode), where the released code decodes in one pass. Only the frames kept are decoded,
+    plus DECODE_OVERLAP
     to cover the decoder's receptive field; past the window's end the last frame is repeated, so
     the decoder's own right edge (a small tick even from a silent latent) stays outside."""
     z = F.pad(z.float() / model.cfg.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
@@ -1026,55 +1083,10 @@ def decode_content(model, z, N, decode_chunk):
     return audio[..., :N]
 
 
-@torch.inference_mode()
-def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
-             cfg_rescale=0.4, negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03,
-             sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None,
-             trim=True, decode_chunk=None, dtype=torch.float32, callback=None, timings=None):
-    """Audio (B, 2, N) for a list of prompts; N = min(seconds_total - seconds_start, window)
-    * sample_rate, or the whole window with trim=False. As in §3.2, the clip starts
-    `seconds_start` into a piece `seconds_total` long (at most cfg.timing.max_seconds, 512 s).
-
-    `cfg_rescale` is guided_v's phi: 0.4 as released, 0 for plain guidance.
-    init_audio (2, N) or (B, 2, N) at the model's rate starts from that clip instead of noise:
-    `init_strength` in (0, 1] picks how much of the schedule is run, `inpaint` = (start, end)
-    seconds regenerates only that gap. A dict passed as `timings` receives the seconds spent on
-    "text", "sampling" and "decoding". `dtype` bf16/fp16 runs under autocast, or, when the U-Net's
-    weights are already in that precision (`model.unet.to(dtype)`), runs the U-Net as it is.
-    `decode_chunk` latent frames are decoded at a time (default: 128 on a CPU, 512 on a GPU)."""
-    cfg, device = model.cfg, next(model.parameters()).device
-    check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
-                  init_strength, inpaint)
-    # Training sees whole seconds: start rounded down, total rounded up (train.crop_or_pad).
-    B = len(prompts)
-    start, total = [math.floor(seconds_start)] * B, [math.ceil(seconds_total)] * B
-    clock = Stopwatch(device, timings)
-    with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-        # 1. Condition on the text and the two timing tokens; guidance's other branch.
-        context, mask = model.condition(prompts, start, total)
-        uncond, uncond_mask = unconditional(model, context, negative_prompt, start, total)
-        clock.lap("text")
-        length = (model.content_frames(start, total).to(device)      # Not the paper's (tiny):
-                  if cfg.unet.padding_mask else None)                # the padding-mask input
-        denoiser = v_to_denoiser(guided_v(unet_at_its_precision(model, device), context, mask,
-                                          uncond, uncond_mask, cfg_scale, cfg_rescale,
-                                          length))
-        # 2. The initial latent: the seeds' noise at the first sigma, or the init audio noised.
-        sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
-        x = sigmas[0].item() * seeded_noise(model, seed, B, device)
-        if init_audio is not None:
-            x, denoiser = from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint)
-        # 3. Solve the probability-flow ODE down the schedule.
-        z = SAMPLERS[sampler](denoiser, x, sigmas, callback)
-    clock.lap("sampling")
-    check_finite(z, "latent")
-    # 4. Decode, trimmed to the content (§3.2): from seconds_start to seconds_total at most.
-    content = min(seconds_total - seconds_start, cfg.window / cfg.sample_rate)
-    audio = decode_content(model, z, round(content * cfg.sample_rate) if trim else cfg.window,
-                           decode_chunk)
-    check_finite(audio, "audio")                                     # decoded in float32
-    clock.lap("decoding")
-    return audio
+def default_decode_chunk(device):
+    """Latent frames per decode chunk: 128 keep a CPU's memory low; a GPU has memory to spare
+    and goes faster with fewer, longer chunks."""
+    return 128 if device.type == "cpu" else 512
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1105,9 +1117,9 @@ FORMAT_1 = "stable-audio-reference/1"
 
 def upgrade_format_1(ckpt):
     """Format 1 (before the U-Net matched the released one) -> format 2, computing the same.
-    Its attention shared one LayerNorm between the query and key/value streams in
-    self-attention: two norms with equal weights are exactly that. Its downsampling padded f
-    samples on each side: the config says so."""
+    Its self-attention shared one LayerNorm between the query and key/value streams: two norms
+    with equal weights are exactly that. Its downsampling padded f samples on each side, which
+    moves the factor-4 level by one sample: symmetric_downsample says so."""
     def split_norms(weights):
         extra = {k.replace(".norm.", ".norm_context."): v for k, v in weights.items()
                  if ".self_attn.norm." in k or ".attn.norm." in k}
@@ -1287,13 +1299,11 @@ def count(module):
 def main():
     with torch.device("meta"):
         full = build_model("full")
-    print("full size: " + ", ".join(f"{name} {count(getattr(full, name)) / 1e6:.1f} M"
-                                    for name in ("vae", "clap", "timing", "unet")))
     torch.manual_seed(0)
-    model = build_model("tiny").eval()
-    cfg = model.cfg
-    print(f"tiny size: " + ", ".join(f"{name} {count(getattr(model, name)) / 1e6:.2f} M"
-                                     for name in ("vae", "clap", "timing", "unet")))
+    model, cfg = build_model("tiny").eval(), SIZES["tiny"]
+    for size, m in (("full", full), ("tiny", model)):
+        print(f"{size} size: " + ", ".join(f"{part} {count(getattr(m, part)) / 1e6:.2f} M"
+                                           for part in ("vae", "clap", "timing", "unet")))
     with torch.inference_mode():
         N = 5 * model.vae.hop * model.unet.downsampling
         audio = torch.randn(1, 2, N) * 0.1
