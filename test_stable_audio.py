@@ -3240,7 +3240,8 @@ def test_every_documented_command_runs_in_its_short_form(doc, sat, tmp_path, mon
     documented_repo(root, sat)
     monkeypatch.chdir(root)
     monkeypatch.syspath_prepend(str(root))
-    for name in ("stable_audio", "train", "sample", "bench", "exercises"):
+    for name in ("stable_audio", "released", "sound_world", "train", "sample", "bench",
+                 "exercises"):
         monkeypatch.delitem(sys.modules, name, raising=False)     # the copy's, when imported
     # One torch thread, here and in what the commands start: beside other processes on 2 cores,
     # two threads slowed training steps several times over (docs/exercises.md says so too).
