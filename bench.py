@@ -45,8 +45,9 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
+import sound_world
 import stable_audio as sa
-import train
+import train          # its §4.2 stereo_loss alone: the vae section's STFT-loss figure
 
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
@@ -85,12 +86,6 @@ FRAME_SECONDS = 0.05
 SAMPLER_STEPS = (5, 10, 20, 50, 100)
 SAMPLER_NAMES = ("euler", "dpmpp-2m", "dpmpp-3m")           # by order
 MODEL_SAMPLER_STEPS = (5, 10, 20, 50)       # on a checkpoint (--quick: the first three)
-# generate's sigma range. Data std 0.1 puts the part of the flow where the denoiser changes x
-# (sigma ~ s) well inside it; sigma_max / s = 800 damps the first low-order steps, so the
-# asymptotic orders show from about 20 steps on.
-DATA_STD = 0.1
-SIGMA_MIN, SIGMA_MAX = 0.03, 80.0
-GAUSS_SAMPLES = 16
 
 # adherence
 ADHERENCE_SOUNDS = ("rain", "piano", "drums", "birdsong", "ocean waves", "synth pad")
@@ -231,7 +226,7 @@ def speed_rows(model, steps, dtype, repeats):
 
 
 def time_cli(ckpt, device):
-    """Wall time of the README's sample.py command as a subprocess, split by its own `time:` line."""
+    """Wall time of the README's sample.py command as a subprocess, split by its `time:` line."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, str(HERE / "sample.py"), SPEED_PROMPT,
                    "--seconds", str(CLI_SECONDS), "--ckpt", str(ckpt), "--out", f"{tmp}/x.wav",
@@ -441,15 +436,10 @@ def real_clip(sound, seed, sample_rate, seconds):
     seeds seed, seed + 1e5, ... (clip lengths are random)."""
     n = round(seconds * sample_rate)
     while True:
-        audio, _ = train.make_clip(seed, sample_rate, max(1.0, 2 * seconds), sound=sound)
+        audio, _ = sound_world.make_clip(seed, sample_rate, max(1.0, 2 * seconds), sound=sound)
         if audio.shape[-1] >= n:
             return audio[:, :n]
         seed += 100_000
-
-
-def adherence_prompt(sound):
-    """A prompt in the form train.build_prompt makes: the description, then the sound's name."""
-    return f"{train.DESCRIPTIONS[sound][0]}, {sound}"
 
 
 def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
@@ -459,8 +449,9 @@ def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
     clips, real_errors = [], []
     for i, seconds in enumerate(tqdm(durations, desc="timing", leave=False)):
         sounds = [TIMING_SOUNDS[(i + j) % len(TIMING_SOUNDS)] for j in range(seeds)]
-        audio = sa.generate(model, [adherence_prompt(s) for s in sounds], seconds_total=seconds,
-                            steps=steps, cfg_scale=cfg_scale, seed=0, trim=False, dtype=dtype)
+        prompts = [sound_world.adherence_prompt(s) for s in sounds]
+        audio = sa.generate(model, prompts, seconds_total=seconds, steps=steps,
+                            cfg_scale=cfg_scale, seed=0, trim=False, dtype=dtype)
         for sound, a in zip(sounds, audio.cpu().numpy()):
             levels = frame_levels_db(a, sr, FRAME_SECONDS)
             k = round(seconds / FRAME_SECONDS)
@@ -510,7 +501,7 @@ def bench_timing(setup):
                 f"checkpoint {setup['ckpt']} (size {cfg.size}), {setup['seeds']} seed(s) per "
                 f"duration, {setup['eval_steps']} dpmpp-3m steps, CFG {setup['cfg_scale']:g}, "
                 f"trim=False; "
-                f"prompts: {', '.join(adherence_prompt(s) for s in TIMING_SOUNDS)}",
+                f"prompts: {', '.join(sound_world.adherence_prompt(s) for s in TIMING_SOUNDS)}",
                 f"audible end: end of the last {FRAME_SECONDS * 1000:g} ms frame whose RMS over "
                 f"both channels is above max(loudest frame {SILENCE_DB:+g} dB, "
                 f"{SILENCE_FLOOR_DBFS:g} dBFS); error = detected - requested; level inside: mean "
@@ -524,44 +515,11 @@ def bench_timing(setup):
 # -------------------------------------------------------------------------------------------------
 # samplers: against the exact probability-flow solution for Gaussian data.
 # -------------------------------------------------------------------------------------------------
-def gaussian_sampler_errors(sampler, steps_list, s=DATA_STD, sigma_min=SIGMA_MIN,
-                            sigma_max=SIGMA_MAX):
-    """Relative errors (at sigma_min, at 0) of a sampler on generate's schedule, data N(0, s^2).
-
-    With x = x0 + sigma eps the ideal denoiser is D(x, sigma) = x s^2 / (s^2 + sigma^2) and the
-    probability-flow ODE solves exactly: x(sigma) = x(sigma_max) sqrt(s^2 + sigma^2) /
-    sqrt(s^2 + sigma_max^2). get_sigmas ends at 0, where each sampler returns D(x, sigma_min): the
-    x the denoiser sees at sigma_min is the ODE solution after steps - 1 steps."""
-    x = torch.randn(GAUSS_SAMPLES, generator=torch.Generator().manual_seed(0),
-                    dtype=torch.float64) * math.hypot(s, sigma_max)            # x(sigma_max)
-    errors = []
-    for steps in steps_list:
-        sigmas = sa.get_sigmas(steps, sigma_min, sigma_max)
-        seen = {}
-
-        def denoiser(x_sigma, sigma):
-            seen[sigma] = x_sigma
-            return x_sigma * s ** 2 / (s ** 2 + sigma ** 2)
-        out = sampler(denoiser, x, sigmas)
-        hi, lo = sigmas[0].item(), sigmas[-2].item()
-        exact = [x * math.sqrt((s ** 2 + sigma ** 2) / (s ** 2 + hi ** 2)) for sigma in (lo, 0)]
-        errors.append(tuple(((a - b).norm() / b.norm()).item()
-                            for a, b in zip((seen[lo], out), exact)))
-    return errors
-
-
-def measured_orders(errors, steps_list):
-    """Slopes of -log(error) against log(steps - 1) between consecutive step counts: the order
-    p in error ~ h^p, h = log(sigma_max / sigma_min) / (steps - 1) ODE steps."""
-    return [math.log(e0 / e1) / math.log((n1 - 1) / (n0 - 1))
-            for e0, e1, n0, n1 in zip(errors, errors[1:], steps_list, steps_list[1:])]
-
-
 def model_sampler_rows(model, steps_list, reference_steps, dtype, cfg_scale, seconds):
     """Each sampler at few steps against DPM-Solver++(3M) at `reference_steps`, same prompt and
     noise: relative RMS difference of the audio (what a listener gets)."""
     run = lambda sampler, steps: sa.generate(
-        model, [adherence_prompt("rain")], seconds_total=seconds, steps=steps,
+        model, [sound_world.adherence_prompt("rain")], seconds_total=seconds, steps=steps,
         cfg_scale=cfg_scale, sampler=sampler, seed=0, dtype=dtype).cpu()
     reference = run("dpmpp-3m", reference_steps)
     rows = []
@@ -575,22 +533,23 @@ def model_sampler_rows(model, steps_list, reference_steps, dtype, cfg_scale, sec
 
 
 def bench_samplers(setup):
+    s, sigma_min, sigma_max = sound_world.DATA_STD, sound_world.SIGMA_MIN, sound_world.SIGMA_MAX
     rows = [{"steps": n} for n in SAMPLER_STEPS]
     at_zero = {}
     for name in SAMPLER_NAMES:
-        errors = gaussian_sampler_errors(sa.SAMPLERS[name], SAMPLER_STEPS)
+        errors = sound_world.gaussian_sampler_errors(sa.SAMPLERS[name], SAMPLER_STEPS)
         at_sigma_min = [e for e, _ in errors]
-        orders = [None] + measured_orders(at_sigma_min, SAMPLER_STEPS)
+        orders = [None] + sound_world.measured_orders(at_sigma_min, SAMPLER_STEPS)
         for row, error, order in zip(rows, at_sigma_min, orders):
             row[f"{name} error"], row[f"{name} order"] = error, order
         at_zero[name] = errors[-1][1]
-    floor = 1 - DATA_STD / math.hypot(DATA_STD, SIGMA_MIN)
+    floor = 1 - s / math.hypot(s, sigma_min)
     yield table("samplers: error against the exact Gaussian solution",
                 machine(torch.device("cpu"), torch.float64), rows,
-                f"data x0 ~ N(0, {DATA_STD:g}^2); generate's schedule (get_sigmas, sigma "
-                f"{SIGMA_MAX:g} -> {SIGMA_MIN:g}, then 0); relative RMS error of x at sigma_min, "
+                f"data x0 ~ N(0, {s:g}^2); generate's schedule (get_sigmas, sigma "
+                f"{sigma_max:g} -> {sigma_min:g}, then 0); relative RMS error of x at sigma_min, "
                 "i.e. after steps - 1 ODE steps; order: slope against the previous row, "
-                f"expected 1, 2, 3 once h = {math.log(SIGMA_MAX / SIGMA_MIN):.1f} / (steps - 1) "
+                f"expected 1, 2, 3 once h = {math.log(sigma_max / sigma_min):.1f} / (steps - 1) "
                 "is small (at few steps, errors of opposite sign can cancel)",
                 "the final sigma_min -> 0 step returns D(x, sigma_min), which is off the exact "
                 f"x(0) by 1 - s / sqrt(s^2 + sigma_min^2) = {floor:.2e} at any step count; "
@@ -605,7 +564,7 @@ def bench_samplers(setup):
                                                                           setup["dtype"]),
                     model_sampler_rows(model, steps_list, reference, setup["dtype"],
                                        setup["cfg_scale"], seconds),
-                    f"checkpoint {setup['ckpt']}; prompt {adherence_prompt('rain')!r}, "
+                    f"checkpoint {setup['ckpt']}; prompt {sound_world.adherence_prompt('rain')!r}, "
                     f"{seconds:g} s, seed 0, CFG {setup['cfg_scale']:g}; relative RMS difference "
                     f"of the audio from dpmpp-3m at {reference} steps")
 
@@ -768,7 +727,7 @@ def generate_clips(model, sounds, seeds, seconds, steps, dtype, cfg_scale=CFG_SC
     """One clip per sound and seed (batch 1, so seed k is the same noise for every prompt).
     -> (len(sounds) * seeds, 2, N), sound-major."""
     jobs = [(s, k) for s in sounds for k in range(seeds)]
-    return torch.cat([sa.generate(model, [adherence_prompt(s)], seconds_total=seconds,
+    return torch.cat([sa.generate(model, [sound_world.adherence_prompt(s)], seconds_total=seconds,
                                   steps=steps, cfg_scale=cfg_scale, seed=k, dtype=dtype).cpu()
                       for s, k in tqdm(jobs, desc="adherence", leave=False)])
 
@@ -815,7 +774,7 @@ def bench_adherence(setup):
         return
     cfg = model.cfg
     sounds = ADHERENCE_SOUNDS[:QUICK_SOUNDS] if setup["quick"] else ADHERENCE_SOUNDS
-    prompts, seeds = [adherence_prompt(s) for s in sounds], max(2, setup["seeds"])
+    prompts, seeds = [sound_world.adherence_prompt(s) for s in sounds], max(2, setup["seeds"])
     seconds = min(ADHERENCE_SECONDS, cfg.window / cfg.sample_rate)
     generated = generate_clips(model, sounds, seeds, seconds, setup["eval_steps"], setup["dtype"],
                                setup["cfg_scale"])

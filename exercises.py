@@ -23,9 +23,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-import bench
+import sound_world
 import stable_audio as sa
-import train
 
 DEMO = "checkpoints/demo.pt"
 
@@ -233,11 +232,11 @@ def exercise_2(seed, scale=1.0):
     CLAP distance (1 - cosine) between a prompt's two clips; the latent's RMS inside the
     request shows the over-saturation that the rescale holds back."""
     model, _ = sa.load_checkpoint(DEMO)
-    prompts = [bench.adherence_prompt(s) for s in SOUNDS for _ in range(2)]
+    prompts = [sound_world.adherence_prompt(s) for s in SOUNDS for _ in range(2)]
     labels = torch.arange(len(SOUNDS)).repeat_interleave(2)
     with torch.inference_mode():
         text = model.clap.embed_text(*model.clap.tokenize(
-            [bench.adherence_prompt(s) for s in SOUNDS]))                     # (3, D)
+            [sound_world.adherence_prompt(s) for s in SOUNDS]))               # (3, D)
     runs = [(1, RESCALE)] + [(s, r) for s in GUIDANCE_SCALES[1:] for r in (RESCALE, 0.0)]
     inside = int(model.content_frames(0, SECONDS))        # the latent frames of the request
     figures = {}
@@ -282,19 +281,20 @@ CFG_SCALE = 6.0                   # generate's default (§4.4)
 def exercise_3(seed, scale=1.0):
     """How fast does each sampler's error fall with the number of steps?
 
-    On Gaussian data the exact answer is known (bench.gaussian_sampler_errors): the error at 20
-    and 100 steps and the measured order p (error ~ steps^-p, between 50 and 100 steps; the same
-    for every seed). On the demo model, as generate runs it (guidance scale 6, a 5 s request):
+    On Gaussian data the exact answer is known (sound_world.gaussian_sampler_errors): the error
+    at 20 and 100 steps and the measured order p (error ~ steps^-p, between 50 and 100 steps; the
+    same for every seed). On the demo model, as generate runs it (guidance scale 6, a 5 s request):
     the relative RMS difference of the latent from a 50-step 3M run from the same noise, at 5,
     10 and 20 steps; seed k uses prompt k of rain, piano, drums."""
     figures = {}
     for name in SAMPLER_NAMES:
-        errors = [e for e, _ in bench.gaussian_sampler_errors(sa.SAMPLERS[name], GAUSS_STEPS)]
+        errors = [e for e, _ in sound_world.gaussian_sampler_errors(sa.SAMPLERS[name], GAUSS_STEPS)]
         figures[f"{name}: Gaussian error, 20 steps"] = errors[1]
         figures[f"{name}: Gaussian error, 100 steps"] = errors[3]
-        figures[f"{name}: Gaussian order"] = bench.measured_orders(errors[2:], GAUSS_STEPS[2:])[0]
+        orders = sound_world.measured_orders(errors[2:], GAUSS_STEPS[2:])
+        figures[f"{name}: Gaussian order"] = orders[0]
     model, _ = sa.load_checkpoint(DEMO)
-    prompt = [bench.adherence_prompt(SOUNDS[seed % len(SOUNDS)])]
+    prompt = [sound_world.adherence_prompt(SOUNDS[seed % len(SOUNDS)])]
     run = lambda sampler, steps: guided_latents(model, prompt, CFG_SCALE, RESCALE,
                                                 steps_at(steps, scale, 2), seed, sampler)
     reference = run("dpmpp-3m", REFERENCE_STEPS)
@@ -332,8 +332,8 @@ ACTIVATIONS = {"snake": sa.Snake, "relu": lambda channels: nn.ReLU(),
 
 
 def waveform(cycles):
-    """The tone at times given in periods, from train.py's wavetable oscillator. (N,)"""
-    return torch.from_numpy(train.oscillator(cycles.double().numpy(), HARMONICS)).float()
+    """The tone at times given in periods, from the sound world's wavetable oscillator. (N,)"""
+    return torch.from_numpy(sound_world.oscillator(cycles.double().numpy(), HARMONICS)).float()
 
 
 def mlp(act):
@@ -429,7 +429,7 @@ def exercise_5(seed, scale=1.0):
     pass per second of audio, over the paper's 95 s window."""
     sr = sa.SIZES["full"].sample_rate
     n = steps_at(CODE_CLIPS, scale, 4)
-    clips = [train.make_clip(seed * 10_000 + i, sr, CLIP_SECONDS)[0]
+    clips = [sound_world.make_clip(seed * 10_000 + i, sr, CLIP_SECONDS)[0]
              for i in tqdm(range(n + HELD_OUT), desc=f"seed {seed}, clips", leave=False)]
     clips = [a / a.pow(2).mean().sqrt() for a in clips]     # soft and loud clips count alike
     figures = {}

@@ -1251,7 +1251,7 @@ def test_format_1_checkpoints_compute_what_they_computed(tmp_path):
     torch.testing.assert_close(ours, before)
 
 
-# ================================================================================== train.py
+# ============================================================================ sound_world.py
 SR = 44100
 
 
@@ -1317,16 +1317,16 @@ def test_read_audio_raises_value_error_for_unreadable_and_empty_files(tmp_path):
 
 # --- the sound world ------------------------------------------------------------------------------
 def test_sound_world_is_deterministic_by_seed():
-    a, meta_a = train.make_clip(7, SR, 3.0)
-    b, meta_b = train.make_clip(7, SR, 3.0)
-    c, meta_c = train.make_clip(8, SR, 3.0)
+    a, meta_a = sound_world.make_clip(7, SR, 3.0)
+    b, meta_b = sound_world.make_clip(7, SR, 3.0)
+    c, meta_c = sound_world.make_clip(8, SR, 3.0)
     assert torch.equal(a, b) and meta_a == meta_b
     assert a.shape != c.shape or not torch.equal(a, c)
 
 
 def test_clip_is_stereo_float32_never_clips_and_lasts_its_seconds():
     for seed in range(12):
-        audio, meta = train.make_clip(seed, SR, 3.0)
+        audio, meta = sound_world.make_clip(seed, SR, 3.0)
         assert audio.dtype == torch.float32 and audio.shape == (2, round(meta["seconds"] * SR))
         assert torch.isfinite(audio).all() and audio.abs().max() <= 1.0
         assert audio.abs().max() > 0.1                      # never silent
@@ -1334,23 +1334,23 @@ def test_clip_is_stereo_float32_never_clips_and_lasts_its_seconds():
 
 
 def test_clip_durations_vary_from_1_s_to_max_seconds():
-    seconds = [train.make_clip(seed, 8000, 20.0)[1]["seconds"] for seed in range(30)]
+    seconds = [sound_world.make_clip(seed, 8000, 20.0)[1]["seconds"] for seed in range(30)]
     assert min(seconds) >= 1.0 and max(seconds) <= 20.0
     assert np.std(seconds) > 3.0
 
 
 def test_every_sound_and_a_mixture_can_be_made_and_is_named_in_the_metadata():
-    for sound in [*train.SOUNDS, "rain and piano"]:
-        audio, meta = train.make_clip(0, SR, 2.0, sound=sound)
+    for sound in [*sound_world.SOUNDS, "rain and piano"]:
+        audio, meta = sound_world.make_clip(0, SR, 2.0, sound=sound)
         assert meta["sound"] == sound and rms(audio) > 0.01
     with pytest.raises(ValueError, match="unknown sound"):
-        train.make_clip(0, SR, 2.0, sound="kazoo")
+        sound_world.make_clip(0, SR, 2.0, sound="kazoo")
 
 
 def test_music_has_tempo_and_key_and_nature_has_neither():
-    _, piano = train.make_clip(1, SR, 2.0, sound="piano")
-    _, drums = train.make_clip(1, SR, 2.0, sound="drums")
-    _, rain = train.make_clip(1, SR, 2.0, sound="rain")
+    _, piano = sound_world.make_clip(1, SR, 2.0, sound="piano")
+    _, drums = sound_world.make_clip(1, SR, 2.0, sound="drums")
+    _, rain = sound_world.make_clip(1, SR, 2.0, sound="rain")
     assert {"bpm", "key", "genre", "mood", "instruments"} <= set(piano)
     assert "bpm" in drums and "key" not in drums
     assert "bpm" not in rain and "key" not in rain
@@ -1359,14 +1359,14 @@ def test_music_has_tempo_and_key_and_nature_has_neither():
 def test_louder_intensity_means_a_higher_peak():
     peaks = {}
     for seed in range(40):
-        audio, meta = train.make_clip(seed, 8000, 1.5, sound="rain")
+        audio, meta = sound_world.make_clip(seed, 8000, 1.5, sound="rain")
         peaks.setdefault(meta["intensity"], []).append(float(audio.abs().max()))
     assert max(peaks["soft"]) < min(peaks["medium"]) and max(peaks["medium"]) < min(peaks["loud"])
 
 
 def test_position_and_width_are_heard_in_the_channels():
     for seed in range(30):
-        audio, meta = train.make_clip(seed, 16000, 2.0, sound="rain")
+        audio, meta = sound_world.make_clip(seed, 16000, 2.0, sound="rain")
         left, right = rms(audio[0]), rms(audio[1])
         corr = float(np.corrcoef(audio[0].numpy(), audio[1].numpy())[0, 1])
         assert {"left": left > 2 * right, "right": right > 2 * left,
@@ -1402,7 +1402,7 @@ def onset_strength(audio):
 
 
 def clips(sound, seeds=range(4)):
-    return [train.make_clip(seed, SR, 4.0, sound=sound)[0] for seed in seeds]
+    return [sound_world.make_clip(seed, SR, 4.0, sound=sound)[0] for seed in seeds]
 
 
 def test_rain_wind_and_waves_are_noise_and_piano_bells_bass_pad_are_tones():
@@ -1429,12 +1429,12 @@ def test_drums_have_sharper_onsets_than_a_synth_pad():
 
 def test_piano_plays_in_its_key():
     for seed in range(4):
-        audio, meta = train.make_clip(seed, SR, 4.0, sound="piano")
+        audio, meta = sound_world.make_clip(seed, SR, 4.0, sound="piano")
         power, freqs = power_spectrum(audio, 16384)
         midi = 69 + 12 * math.log2(freqs[power.argmax()] / 440)     # the strongest partial
         tonic, mode = meta["key"].split()
         scale = (0, 2, 4, 5, 7, 9, 11) if mode == "major" else (0, 2, 3, 5, 7, 8, 10)
-        degree = (round(midi) - train.NOTE_NAMES.index(tonic)) % 12
+        degree = (round(midi) - sound_world.NOTE_NAMES.index(tonic)) % 12
         assert degree in scale and abs(midi - round(midi)) < 0.4
 
 
@@ -1444,7 +1444,7 @@ META = {"sound": "rain and piano", "seconds": 12.5, "bpm": 96, "key": "C minor",
 
 def test_build_prompt_makes_both_forms_and_always_names_the_sound():
     rng = np.random.default_rng(0)
-    prompts = [train.build_prompt(META, rng) for _ in range(200)]
+    prompts = [sound_world.build_prompt(META, rng) for _ in range(200)]
     structured = [p for p in prompts if ": " in p]
     free = [p for p in prompts if ": " not in p]
     assert 60 < len(structured) < 140
@@ -1459,7 +1459,7 @@ def test_build_prompt_makes_both_forms_and_always_names_the_sound():
 def test_build_prompt_keeps_the_description_when_there_is_no_sound_field():
     meta = {"description": "lush strings", "genre": "film", "instruments": ["violin", "cello"]}
     rng = np.random.default_rng(1)
-    prompts = [train.build_prompt(meta, rng) for _ in range(50)]
+    prompts = [sound_world.build_prompt(meta, rng) for _ in range(50)]
     assert all("lush strings" in p for p in prompts)
     assert any("Instruments: violin, cello" in p for p in prompts)
 
@@ -1470,7 +1470,7 @@ def test_long_clip_is_cropped_at_a_random_offset_with_the_papers_seconds():
     audio = torch.arange(n, dtype=torch.float32).repeat(2, 1)   # each sample holds its index
     offsets = []
     for seed in range(200):
-        x, start, total = train.crop_or_pad(audio, window, np.random.default_rng(seed), sr)
+        x, start, total = sound_world.crop_or_pad(audio, window, np.random.default_rng(seed), sr)
         offset = int(x[0, 0])
         assert torch.equal(x, audio[:, offset:offset + window])
         assert start == offset // sr and total == 13          # ceil(1234 / 100)
@@ -1480,7 +1480,7 @@ def test_long_clip_is_cropped_at_a_random_offset_with_the_papers_seconds():
 
 def test_short_clip_is_padded_with_silence_and_starts_at_zero():
     audio = torch.randn(2, 150)
-    x, start, total = train.crop_or_pad(audio, 400, np.random.default_rng(0), 100)
+    x, start, total = sound_world.crop_or_pad(audio, 400, np.random.default_rng(0), 100)
     assert torch.equal(x[:, :150], audio) and not x[:, 150:].any()
     assert (start, total) == (0, 2)
 
@@ -1489,14 +1489,15 @@ def test_cropping_latents_gives_the_seconds_of_the_matching_audio_crop():
     hop = 1024
     latents = torch.arange(4000, dtype=torch.float32).repeat(64, 1)     # (64, L) frame indices
     for seed in range(50):
-        z, start, total = train.crop_or_pad(latents, 128, np.random.default_rng(seed), SR / hop)
+        rng = np.random.default_rng(seed)
+        z, start, total = sound_world.crop_or_pad(latents, 128, rng, SR / hop)
         offset_samples = int(z[0, 0]) * hop
         assert start == offset_samples // SR and total == math.ceil(4000 * hop / SR)
 
 
 # --- datasets -------------------------------------------------------------------------------------
 def test_toy_batches_have_the_trainers_shapes_and_timing():
-    data = train.ToyData(window=3 * SR, sample_rate=SR, seed=0)
+    data = sound_world.ToyData(window=3 * SR, sample_rate=SR, seed=0)
     batch = data.batch(4, step=0)
     assert batch["audio"].shape == (4, 2, 3 * SR) and batch["audio"].dtype == torch.float32
     assert len(batch["prompts"]) == 4 and all(batch["prompts"])
@@ -1509,11 +1510,11 @@ def test_toy_batches_have_the_trainers_shapes_and_timing():
 
 
 def test_batches_depend_only_on_seed_and_step_so_resuming_repeats_them():
-    first = train.ToyData(SR, SR, seed=3).batch(4, step=1)      # items 4..7
-    again = train.ToyData(SR, SR, seed=3).batch(2, step=3)      # items 6..7, in a fresh object
+    first = sound_world.ToyData(SR, SR, seed=3).batch(4, step=1)      # items 4..7
+    again = sound_world.ToyData(SR, SR, seed=3).batch(2, step=3)      # items 6..7, a fresh object
     assert torch.equal(first["audio"][2:], again["audio"])
     assert first["prompts"][2:] == again["prompts"]
-    other = train.ToyData(SR, SR, seed=4).batch(4, step=1)
+    other = sound_world.ToyData(SR, SR, seed=4).batch(4, step=1)
     assert not torch.equal(first["audio"], other["audio"])
 
 
@@ -1544,7 +1545,7 @@ def write_folder(root):
 
 def test_scan_folder_keeps_readable_captioned_audio_and_reports_the_rest(tmp_path, capsys):
     usable = write_folder(tmp_path)
-    items, skipped = train.scan_folder(tmp_path)
+    items, skipped = sound_world.scan_folder(tmp_path)
     assert {os.path.basename(item["path"]) for item in items} == usable
     reasons = {os.path.basename(path): reason for path, reason in skipped}
     assert set(reasons) == {"broken.wav", "empty.wav", "nocaption.wav", "blank.wav"}
@@ -1556,7 +1557,7 @@ def test_scan_folder_keeps_readable_captioned_audio_and_reports_the_rest(tmp_pat
 
 def test_folder_files_load_as_stereo_at_the_model_rate(tmp_path):
     write_folder(tmp_path)
-    items, _ = train.scan_folder(tmp_path)
+    items, _ = sound_world.scan_folder(tmp_path)
     for item in items:
         audio = sound_world.read_audio(item["path"], SR)
         n = round(item["seconds"] * item["sample_rate"])
@@ -1575,7 +1576,7 @@ def test_folder_files_load_as_stereo_at_the_model_rate(tmp_path):
 
 def test_folder_batches_use_the_captions_and_json_metadata(tmp_path):
     write_folder(tmp_path)
-    data = train.FolderData(tmp_path, window=SR // 2, sample_rate=SR, seed=0)
+    data = sound_world.FolderData(tmp_path, window=SR // 2, sample_rate=SR, seed=0)
     batch = data.batch(16, step=0)
     assert batch["audio"].shape == (16, 2, SR // 2)
     for prompt in batch["prompts"]:
@@ -1587,23 +1588,24 @@ def test_folder_with_nothing_usable_raises_value_error_saying_what_is_needed(tmp
     (tmp_path / "broken.wav").write_bytes(os.urandom(4000))
     sf.write(str(tmp_path / "nocaption.wav"), np.zeros(100), SR)
     with pytest.raises(ValueError, match=r"found 2 audio files.*\.txt.*\.json"):
-        train.scan_folder(tmp_path)
+        sound_world.scan_folder(tmp_path)
 
 
 def test_missing_folder_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train.scan_folder(tmp_path / "nowhere")
+        sound_world.scan_folder(tmp_path / "nowhere")
 
 
 def test_make_toy_folder_writes_a_dataset_that_scans_cleanly(tmp_path):
-    folder = train.make_toy_folder(tmp_path / "toy", SR, n=3, max_seconds=2.0)
-    items, skipped = train.scan_folder(folder)
+    folder = sound_world.make_toy_folder(tmp_path / "toy", SR, n=3, max_seconds=2.0)
+    items, skipped = sound_world.scan_folder(folder)
     assert len(items) == 3 and not skipped
     for item in items:
         assert item["channels"] == 2 and item["sample_rate"] == SR and item["caption"]
         assert 1.0 <= item["seconds"] <= 2.0
 
 
+# ================================================================================== train.py
 # --- the three stages (§4.2-§4.4) -----------------------------------------------------------------
 def run_train(*argv):
     return train.main([*map(str, argv)])
@@ -1751,7 +1753,7 @@ def test_diffusion_stage_overfits_one_batch(parts):
     fresh = sa.build_model(trained.cfg)
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items()
                            if k.startswith(("vae.", "clap."))}, strict=False)
-    batch = train.ToyData(trained.cfg.window, SR, seed=0).batch(2, 0)
+    batch = sound_world.ToyData(trained.cfg.window, SR, seed=0).batch(2, 0)
     assert ckpt["step"] == 40
     before, after = fixed_loss(fresh.eval(), batch), fixed_loss(trained.eval(), batch)
     assert after < 0.85 * before, (before, after)     # same (t, eps) draws for both
@@ -1928,7 +1930,7 @@ def test_latent_cache_holds_the_vae_posterior_of_the_datas_own_items(parts, caps
     assert run_train("diffusion", *args, "--workers", 2) == 0      # windows made in 2 processes
     cache = torch.load(parts / "latents.pt", weights_only=True)
     model, _ = sa.load_checkpoint(parts / "diffusion.pt")
-    data = train.ToyData(model.cfg.window, SR, seed=0)
+    data = sound_world.ToyData(model.cfg.window, SR, seed=0)
     for j in range(3):
         audio, prompt, start, total = data.item(j, model.cfg.window)
         mean, std = model.vae.encode(audio[None])
@@ -2079,7 +2081,7 @@ def test_an_existing_checkpoint_is_not_overwritten_without_force(tmp_path, capsy
 
 def test_training_on_a_messy_folder_skips_what_it_cannot_use(tmp_path, capsys):
     folder = tmp_path / "data"
-    train.make_toy_folder(folder, SR, n=3, max_seconds=2, seed=1)
+    sound_world.make_toy_folder(folder, SR, n=3, max_seconds=2, seed=1)
     (folder / "broken.wav").write_bytes(os.urandom(300))
     (folder / "broken.txt").write_text("noise")
     sf.write(folder / "empty.wav", np.zeros((0, 2)), SR)
@@ -2102,7 +2104,7 @@ def test_long_prompts_are_shortened_by_dropping_fields_never_the_sound():
     meta = {"sound": "rain", "description": "x" * 60, "genre": "y" * 40, "mood": "z" * 40}
     rng = np.random.default_rng(0)
     for _ in range(100):
-        prompt = train.build_prompt(meta, rng)
+        prompt = sound_world.build_prompt(meta, rng)
         assert len(prompt.encode()) <= 126 and "rain" in prompt
 
 
@@ -2467,14 +2469,14 @@ def test_audible_end_ignores_hiss_under_the_absolute_floor():
                                             (sa.sample_dpmpp_3m, 3)])
 def test_measured_sampler_order_matches_theory_on_the_exact_gaussian_problem(sampler, order):
     steps = [50, 100]
-    errors = [e for e, _ in bench.gaussian_sampler_errors(sampler, steps)]
-    assert bench.measured_orders(errors, steps)[0] == pytest.approx(order, abs=0.15 * order)
+    errors = [e for e, _ in sound_world.gaussian_sampler_errors(sampler, steps)]
+    assert sound_world.measured_orders(errors, steps)[0] == pytest.approx(order, abs=0.15 * order)
 
 
 def test_error_at_sigma_zero_is_the_final_denoising_steps_closed_form_bias():
-    s = bench.DATA_STD
-    (_, at_zero), = bench.gaussian_sampler_errors(sa.sample_dpmpp_3m, [100], s=s)
-    assert at_zero == pytest.approx(1 - s / math.hypot(s, bench.SIGMA_MIN), rel=0.01)
+    s = sound_world.DATA_STD
+    (_, at_zero), = sound_world.gaussian_sampler_errors(sa.sample_dpmpp_3m, [100], s=s)
+    assert at_zero == pytest.approx(1 - s / math.hypot(s, sound_world.SIGMA_MIN), rel=0.01)
 
 
 # ---------------------------------------------------------------------------------- descriptors
@@ -2518,8 +2520,8 @@ def test_log_spectral_distance_ignores_loudness_and_separates_noise_from_a_tone(
 
 def test_real_clip_is_the_start_of_the_first_sound_world_clip_that_is_long_enough():
     n = round(2.5 * BENCH_SR)
-    long, _ = train.make_clip(0, BENCH_SR, 5.0, sound="piano")
-    short, _ = train.make_clip(3, BENCH_SR, 5.0, sound="piano")
+    long, _ = sound_world.make_clip(0, BENCH_SR, 5.0, sound="piano")
+    short, _ = sound_world.make_clip(3, BENCH_SR, 5.0, sound="piano")
     assert long.shape[-1] >= n > short.shape[-1]
     assert torch.equal(bench.real_clip("piano", 0, BENCH_SR, 2.5), long[:, :n])
     assert bench.real_clip("piano", 3, BENCH_SR, 2.5).shape == (2, n)      # another seed is tried
@@ -2675,13 +2677,13 @@ def rank_main(argv):
         for name, fn in FIXED_NOISE.items():
             setattr(sa, name, fn)
     if mode == "rank-1-fails" and os.environ["RANK"] == "1":
-        batch = train.AudioData.batch
+        batch = sound_world.AudioData.batch
 
         def failing(self, batch_size, index, window=None):
             if index >= 2:
                 raise ValueError(f"cannot read audio file clip_{index:03d}.wav: test")
             return batch(self, batch_size, index, window)
-        train.AudioData.batch = failing
+        sound_world.AudioData.batch = failing
     return train.main(argv)
 
 
@@ -3159,7 +3161,7 @@ def documented_repo(root, sat):
     torch.save(demo, root / "checkpoints" / "demo.pt")
     for name, sound, seconds in (("my_clip", "rain", 2), ("drums", "drums", 1.2),
                                  ("song", "piano", 1)):
-        audio = train.make_clip(0, SR, 1, sound)[0].numpy()      # 1 s, repeated
+        audio = sound_world.make_clip(0, SR, 1, sound)[0].numpy()      # 1 s, repeated
         audio = np.tile(audio, math.ceil(seconds))[:, :round(seconds * SR)]
         sf.write(root / f"{name}.wav", audio.T, SR)
     (root / "model_config.json").write_text(json.dumps(sat["diffusion"]["config"]))
