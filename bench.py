@@ -26,7 +26,7 @@ Every table names the machine (CPU model and torch threads, or GPU), the torch v
 speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
 and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
 """
-import argparse
+import inspect
 import json
 import math
 import os
@@ -52,9 +52,8 @@ import train          # its §4.2 stereo_loss alone: the vae section's STFT-loss
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
 SECTIONS = ("speed", "throughput", "vae", "timing", "samplers", "adherence")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
-CFG_SCALE = 6.0                             # §4.4, generate's default
+CFG_SCALE = inspect.signature(sa.generate).parameters["cfg_scale"].default   # §4.4
 
 # speed
 SPEED_SECONDS = (10, 30)                    # and the whole window
@@ -84,7 +83,6 @@ FRAME_SECONDS = 0.05
 
 # samplers
 SAMPLER_STEPS = (5, 10, 20, 50, 100)
-SAMPLER_NAMES = ("euler", "dpmpp-2m", "dpmpp-3m")           # by order
 MODEL_SAMPLER_STEPS = (5, 10, 20, 50)       # on a checkpoint (--quick: the first three)
 
 # adherence
@@ -101,15 +99,6 @@ ENVELOPE_SECONDS = 0.01
 SPECTRUM_FLOOR_DB = -80.0                   # log spectra are floored 80 dB under their maximum
 CLAP_NOTE = ("CLAP figures use this project's own small CLAP (train.py clap), not OpenL3, PaSST "
              "or LAION-CLAP as in the paper, so they are not comparable with the paper's numbers")
-
-
-class BenchError(Exception):
-    """Bad input: main() prints it as one `error:` line and exits with 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):               # one line, not argparse's usage dump and sys.exit
-        raise BenchError(f"{message} (see --help)")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -525,7 +514,7 @@ def model_sampler_rows(model, steps_list, reference_steps, dtype, cfg_scale, sec
     rows = []
     for steps in tqdm(steps_list, desc="samplers on the model", leave=False):
         row = {"steps": steps}
-        for name in SAMPLER_NAMES:
+        for name in sound_world.SAMPLERS_BY_ORDER:
             row[f"{name} difference"] = float((run(name, steps) - reference).norm()
                                               / reference.norm())
         rows.append(row)
@@ -536,7 +525,7 @@ def bench_samplers(setup):
     s, sigma_min, sigma_max = sound_world.DATA_STD, sound_world.SIGMA_MIN, sound_world.SIGMA_MAX
     rows = [{"steps": n} for n in SAMPLER_STEPS]
     at_zero = {}
-    for name in SAMPLER_NAMES:
+    for name in sound_world.SAMPLERS_BY_ORDER:
         errors = sound_world.gaussian_sampler_errors(sa.SAMPLERS[name], SAMPLER_STEPS)
         at_sigma_min = [e for e, _ in errors]
         orders = [None] + sound_world.measured_orders(at_sigma_min, SAMPLER_STEPS)
@@ -822,8 +811,8 @@ BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "vae": bench_va
 
 
 def parse_args(argv):
-    p = Parser(description="Benchmark the Stable Audio reference; prints markdown tables and "
-                           "writes the figures to a JSON file.")
+    p = sa.Parser(description="Benchmark the Stable Audio reference; prints markdown tables "
+                              "and writes the figures to a JSON file.")
     add = p.add_argument
     add("--quick", action="store_true", help="a CPU run of a few minutes: 1 repeat, 1 seed, "
         "25 steps for timing and adherence, fewer durations and prompts, one size")
@@ -831,7 +820,7 @@ def parse_args(argv):
         "the --ckpt's size if given, else full on cuda and tiny elsewhere)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
-    add("--dtype", choices=["auto", *DTYPES], default="auto", help="the U-Net's precision "
+    add("--dtype", choices=["auto", *sa.DTYPES], default="auto", help="the U-Net's precision "
         "(default auto: bfloat16 on cuda as in the paper, float32 elsewhere)")
     add("--ckpt", help="checkpoint for timing, adherence and the cli run, and for speed when "
         "given (default checkpoints/demo.pt beside this script; those parts are skipped if "
@@ -862,33 +851,24 @@ def check_args(args):
     only = SECTIONS if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
-        raise BenchError(f"unknown section {unknown[0]!r} in --only; choose from "
-                         f"{', '.join(SECTIONS)}")
+        raise sa.UsageError(f"unknown section {unknown[0]!r} in --only; choose from "
+                            f"{', '.join(SECTIONS)}")
     for flag in ("steps", "eval_steps", "repeats", "seeds"):
         if getattr(args, flag) < 1:
-            raise BenchError(f"--{flag.replace('_', '-')} must be at least 1, "
-                             f"got {getattr(args, flag)}")
+            raise sa.UsageError(f"--{flag.replace('_', '-')} must be at least 1, "
+                                f"got {getattr(args, flag)}")
     if args.ckpt is not None and not Path(args.ckpt).is_file():
-        raise BenchError(f"checkpoint {args.ckpt} not found; train one with train.py or leave "
-                         "out --ckpt")
+        raise sa.UsageError(f"checkpoint {args.ckpt} not found; train one with train.py or leave "
+                            "out --ckpt")
     folder = Path(args.out).resolve().parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass                                             # reported just below
     if not (folder.is_dir() and os.access(folder, os.W_OK)):
-        raise BenchError(f"--out {args.out}: cannot write to folder {folder}; choose another --out")
+        raise sa.UsageError(f"--out {args.out}: cannot write to folder {folder}; "
+                            "choose another --out")
     return [s for s in SECTIONS if s in only]
-
-
-def pick_dtype(name, device):
-    """bfloat16 on CUDA by default (the paper's setting); half precision only on CUDA."""
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    if name != "float32" and device.type != "cuda":
-        print(f"note: --dtype {name} needs cuda; running in float32 on {device.type}")
-        return torch.float32
-    return DTYPES[name]
 
 
 def prepare(args, sections):
@@ -903,7 +883,7 @@ def prepare(args, sections):
             ckpt_model = sa.load_checkpoint(ckpt, size=args.size if given else None,
                                             device=device)[0]
     except (FileNotFoundError, ValueError) as e:
-        raise BenchError(e) from None
+        raise sa.UsageError(e) from None
     size = args.size or (ckpt_model.cfg.size if given else
                          "full" if device.type == "cuda" else "tiny")
     speed_model = None
@@ -913,7 +893,7 @@ def prepare(args, sections):
         else:
             with torch.device(device):
                 speed_model = sa.build_model(size).eval()
-    dtype = pick_dtype(args.dtype, device)
+    dtype = sa.pick_dtype(args.dtype, device)
     for model in {id(m): m for m in (ckpt_model, speed_model) if m is not None}.values():
         model.unet.to(dtype)               # half-precision weights, as sample.py --dtype uses
     return {"device": device, "dtype": dtype, "size": size,
@@ -942,7 +922,7 @@ def main(argv=None):
     """Run the benchmark; returns the exit code (2 for bad input, after one `error:` line)."""
     try:
         return run(parse_args(argv))
-    except BenchError as e:
+    except sa.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

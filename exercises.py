@@ -13,6 +13,7 @@ figure.
 Shape alphabet: B batch, C channels, L latent frames, N samples, S tokens.
 """
 import argparse
+import inspect
 import math
 import sys
 import time
@@ -272,10 +273,10 @@ def check_2(r):
 # Exercise 3. Samplers (§3.4): Euler against DPM-Solver++ 2M and 3M, first on Gaussian data,
 # where the probability-flow ODE has an exact solution, then on the demo model.
 # -------------------------------------------------------------------------------------------------
-SAMPLER_NAMES = ("euler", "dpmpp-2m", "dpmpp-3m")
+SAMPLER_NAMES = sound_world.SAMPLERS_BY_ORDER       # orders 1, 2, 3
 GAUSS_STEPS = (10, 20, 50, 100)
 MODEL_STEPS, REFERENCE_STEPS = (5, 10, 20), 50
-CFG_SCALE = 6.0                   # generate's default (§4.4)
+CFG_SCALE = inspect.signature(sa.generate).parameters["cfg_scale"].default   # §4.4
 
 
 def exercise_3(seed, scale=1.0):
@@ -519,15 +520,6 @@ EXPECTED = {  # seeds 0, 1, 2 on two 2-core machines, 2026-12-02 (docs/exercises
 }
 
 
-class ExerciseError(Exception):
-    """Bad input: main() prints it as one `error:` line and exits with 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):               # one line, not argparse's usage dump
-        raise ExerciseError(f"{message} (see --help)")
-
-
 def positive_int(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
@@ -545,9 +537,9 @@ def scale_factor(text):
 
 
 def parse_args(argv):
-    p = Parser(description="Six exercises on Stable Audio's ideas, each a few minutes on a "
-                           "laptop CPU: " + "; ".join(f"{n} {t}" for n, (t, _, _) in
-                                                      EXERCISES.items()) + ".")
+    p = sa.Parser(description="Six exercises on Stable Audio's ideas, each a few minutes on a "
+                              "laptop CPU: " + "; ".join(f"{n} {t}" for n, (t, _, _) in
+                                                         EXERCISES.items()) + ".")
     p.add_argument("exercise", type=int, choices=sorted(EXERCISES),
                    help="which exercise to run, 1 to 6")
     p.add_argument("--seeds", type=positive_int, default=1,
@@ -583,7 +575,7 @@ def main(argv=None):
         print(f"Exercise {args.exercise}: {title}. {exercise.__doc__.splitlines()[0]}")
         start = time.perf_counter()
         per_seed = [exercise(seed, args.scale) for seed in range(args.seeds)]
-    except (ExerciseError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:    # a bad flag too: sa.UsageError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_figures(per_seed)

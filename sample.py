@@ -4,7 +4,7 @@ Writes one file per sample (wav, flac or ogg, from the --out extension) at the c
 rate, and a spectrogram PNG beside it. Sample i starts from the noise of seed + i and its file name
 carries that seed, so `--seed S` alone re-makes any one file of a batch.
 """
-import argparse
+import inspect
 import json
 import os
 import re
@@ -31,24 +31,16 @@ DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "demo.pt"
 FORMATS = (".wav", ".flac", ".ogg")          # soundfile picks the container from the extension
 CEILING = 10 ** (-1 / 20)                    # -1 dBFS: headroom for lossy encoders and resamplers
 SILENCE = 1e-4                               # a peak below -80 dBFS: nothing audible came out
+CFG_SCALE = inspect.signature(sa.generate).parameters["cfg_scale"].default   # §4.4
+CLIError = sa.UsageError     # what main() reports as one `error:` line, with exit status 2
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Spectrogram colours from quiet to loud; their brightness rises monotonically.
 COLOURS = np.array([[0, 0, 0], [60, 0, 110], [200, 40, 60], [255, 170, 0], [255, 255, 200]])
 
 
-class CLIError(Exception):
-    """Bad input: main() prints it as one `error:` line and exits with 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):               # one line, not argparse's usage dump and sys.exit
-        raise CLIError(f"{message} (see --help)")
-
-
 def parse_args(argv):
-    p = Parser(description="Text to stereo audio with a Stable Audio checkpoint: one batch, "
-                           "then one audio file and one spectrogram PNG per sample.")
+    p = sa.Parser(description="Text to stereo audio with a Stable Audio checkpoint: one batch, "
+                              "then one audio file and one spectrogram PNG per sample.")
     add = p.add_argument
     add("prompt", nargs="?", default="", help='what it should sound like, e.g. "ambient rain"')
     add("--seconds", type=float, help="seconds_total (§3.2): the whole piece's length, at most "
@@ -57,12 +49,13 @@ def parse_args(argv):
     add("--start", type=float, default=0.0, help="seconds_start (§3.2): where the clip begins "
         "within the piece of --seconds, 0 <= start < seconds (default 0)")
     add("--steps", type=int, default=100, help="sampler steps (default 100, the paper)")
-    add("--cfg-scale", type=float, default=6.0,
-        help="classifier-free guidance scale (default 6, the paper); 1 turns guidance off")
+    add("--cfg-scale", type=float, default=CFG_SCALE,
+        help=f"classifier-free guidance scale (default {CFG_SCALE:g}, the paper); 1 turns "
+        "guidance off")
     add("--cfg-rescale", type=float, default=0.4, metavar="PHI", help="how far guidance's "
         "output is pulled back to the conditional one's spread, in [0, 1] (default 0.4, as "
         "released); 0 turns the rescale off, so large scales over-saturate")
-    add("--sampler", choices=["dpmpp-2m", "dpmpp-3m", "euler"], default="dpmpp-3m",
+    add("--sampler", choices=sa.SAMPLERS, default="dpmpp-3m",
         help="DPM-Solver++ multistep of order 2 or 3 (default dpmpp-3m), or Euler, the "
         "first-order baseline")
     add("--seed", type=int, help="seed of sample 0; sample i uses seed + i "
@@ -89,7 +82,7 @@ def parse_args(argv):
         "and decode the posterior mean, writing the result and its spectrogram")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
-    add("--dtype", choices=DTYPES, default="float32", help="the U-Net's precision (default "
+    add("--dtype", choices=sa.DTYPES, default="float32", help="the U-Net's precision (default "
         "float32); bfloat16 and float16 need cuda and fall back to float32 elsewhere, with a note")
     add("--no-ema", action="store_true", help="use the raw weights, not the EMA ones (if saved)")
     add("--decode-chunk", type=int, default=None, help="latent frames the VAE decodes at a time, "
@@ -136,14 +129,6 @@ def check_args(args):
         raise CLIError(f"--start {args.start:g} must be less than --seconds {args.seconds:g}, the "
                        f"whole piece's length (§3.2); for {args.seconds:g} s of audio from "
                        f"{args.start:g} s on, pass --seconds {args.start + args.seconds:g}")
-
-
-def pick_dtype(name, device):
-    """Half precision only on CUDA; elsewhere float32 is the safe and usually faster choice."""
-    if name != "float32" and device.type != "cuda":
-        print(f"note: --dtype {name} needs cuda; running in float32 on {device.type}")
-        return torch.float32
-    return DTYPES[name]
 
 
 def slug(prompt, length=40):
@@ -395,7 +380,7 @@ def run(args):
         raise CLIError(e) from None
     if args.reconstruct is not None:
         return reconstruct(args, device)
-    dtype = pick_dtype(args.dtype, device)
+    dtype = sa.pick_dtype(args.dtype, device)
     seed = secrets.randbelow(2 ** 31) if args.seed is None else args.seed
     paths = output_paths(args.out, args.prompt, seed, args.n)
     prepare_outputs(paths, args.force)

@@ -563,6 +563,7 @@ def make_toy_folder(path, sample_rate, n=10, max_seconds=10.0, seed=0):
 DATA_STD = 0.1
 SIGMA_MIN, SIGMA_MAX = 0.03, 80.0                        # generate's sigma range
 GAUSS_SAMPLES = 16
+SAMPLERS_BY_ORDER = ("euler", "dpmpp-2m", "dpmpp-3m")    # sa.SAMPLERS by order: 1, 2, 3
 
 
 def gaussian_sampler_errors(sampler, steps_list, s=DATA_STD, sigma_min=SIGMA_MIN,
