@@ -33,6 +33,10 @@ CEILING = 10 ** (-1 / 20)                    # -1 dBFS: headroom for lossy encod
 SILENCE = 1e-4                               # a peak below -80 dBFS: nothing audible came out
 CFG_SCALE = inspect.signature(sa.generate).parameters["cfg_scale"].default   # §4.4
 CLIError = sa.UsageError     # what main() reports as one `error:` line, with exit status 2
+# generate's arguments by the flags that set them: its checks, in the words the user typed.
+FLAGS = {"seconds_total": "--seconds", "seconds_start": "--start", "cfg_rescale": "--cfg-rescale",
+         "decode_chunk": "--decode-chunk", "init_audio": "--init-audio",
+         "init_strength": "--init-strength", "inpaint": "--inpaint"}
 
 # Spectrogram colours from quiet to loud; their brightness rises monotonically.
 COLOURS = np.array([[0, 0, 0], [60, 0, 110], [200, 40, 60], [255, 170, 0], [255, 255, 200]])
@@ -93,7 +97,8 @@ def parse_args(argv):
 
 
 def check_args(args):
-    """Reject bad flags that need no model, before anything slow happens."""
+    """Reject bad flags that need no model, before anything slow happens. generate's own checks
+    of the request follow once the model is loaded (check_request)."""
     if args.reconstruct is not None:
         if args.prompt or args.init_audio:
             raise CLIError("--reconstruct FILE takes no prompt and no --init-audio")
@@ -107,20 +112,12 @@ def check_args(args):
          f"--seconds must be more than 0, got {args.seconds}"),
         (args.init_audio is None and (args.init_strength, args.inpaint) != (None, None),
          "--init-strength and --inpaint need --init-audio FILE"),
-        (args.init_strength is not None and not 0 < args.init_strength <= 1,
-         f"--init-strength must be in (0, 1], got {args.init_strength}"),
         (args.inpaint is not None and not 0 <= args.inpaint[0] < args.inpaint[1],
          "--inpaint START END needs 0 <= START < END (seconds)"),
-        (not args.start >= 0, f"--start must be 0 or more, got {args.start:g}"),
         (args.steps < 1, f"--steps must be at least 1, got {args.steps}"),
-        (not 0 <= args.cfg_rescale <= 1,
-         f"--cfg-rescale must be in [0, 1] (0 turns it off), got {args.cfg_rescale:g}"),
         (args.n < 1, f"--n must be at least 1, got {args.n}"),
         (args.seed is not None and not 0 <= args.seed < 2 ** 63,
          f"--seed must be in [0, 2^63), got {args.seed}; leave it out for a random one"),
-        (args.decode_chunk is not None and args.decode_chunk <= sa.DECODE_OVERLAP,
-         f"--decode-chunk must be more than {sa.DECODE_OVERLAP} latent frames (the chunks' "
-         f"overlap), got {args.decode_chunk}"),
     ]
     for bad, message in problems:
         if bad:
@@ -261,7 +258,25 @@ def load_model(args, device):
         raise CLIError(f"--seconds {args.seconds:g} (the whole piece) is past the timing "
                        f"embedding's range of {cfg.timing.max_seconds} s; pass a shorter "
                        f"--seconds, or a smaller --start when --seconds is left out")
+    check_request(cfg, args, init)
     return model, init
+
+
+def request(args, init):
+    """The flags as generate's request arguments; `init` is --init-audio as read, or None."""
+    return {"seconds_total": args.seconds, "seconds_start": args.start,
+            "cfg_rescale": args.cfg_rescale, "decode_chunk": args.decode_chunk, "init_audio": init,
+            "init_strength": 1.0 if args.init_strength is None else args.init_strength,
+            "inpaint": args.inpaint}
+
+
+def check_request(cfg, args, init):
+    """generate's own checks of the request (sa.check_request) before sampling, in flags."""
+    try:
+        sa.check_request(cfg, **request(args, init))
+    except ValueError as e:
+        words = r"\b(" + "|".join(FLAGS) + r")\b"
+        raise CLIError(re.sub(words, lambda m: FLAGS[m[1]], str(e))) from None
 
 
 def read_init_audio(args, cfg):
@@ -306,12 +321,9 @@ def sample_batch(model, args, seed, dtype, init=None):
                 bar.set_description("decoding")         # the VAE decode runs after the last step
         try:
             audio = sa.generate(
-                model, [args.prompt] * args.n, seconds_total=args.seconds,
-                seconds_start=args.start, steps=args.steps, cfg_scale=args.cfg_scale,
-                cfg_rescale=args.cfg_rescale, negative_prompt=args.negative, seed=seed,
-                sampler=args.sampler, init_audio=init, init_strength=args.init_strength or 1.0,
-                inpaint=args.inpaint, trim=not args.no_trim, decode_chunk=args.decode_chunk,
-                dtype=dtype, callback=callback)
+                model, [args.prompt] * args.n, **request(args, init), steps=args.steps,
+                cfg_scale=args.cfg_scale, negative_prompt=args.negative, seed=seed,
+                sampler=args.sampler, trim=not args.no_trim, dtype=dtype, callback=callback)
         except FloatingPointError as e:
             raise CLIError(e) from None
         return audio.cpu().numpy()                      # waits for the device to finish
