@@ -475,6 +475,8 @@ class Trainer:
 def autocast(device, dtype):
     """bf16/fp16 autocast on CUDA (the paper trains with AMP); plain float32 elsewhere."""
     return torch.autocast(device.type, getattr(torch, dtype), enabled=dtype != "float32")
+
+
 # -------------------------------------------------------------------------------------------------
 # The three stages. Each writes OUT/{stage}.pt (the whole model's config and weights, plus EMA,
 # optimizer, step and RNG state) and OUT/{stage}.log.
@@ -944,6 +946,10 @@ def train_diffusion(args):
 STAGES = {"vae": train_vae, "clap": train_clap, "diffusion": train_diffusion}
 
 
+# -------------------------------------------------------------------------------------------------
+# Export: a trained run's EMA weights and config alone, what sample.py loads (about a third of the
+# checkpoint), or a stable-audio-tools model under our names, the same way.
+# -------------------------------------------------------------------------------------------------
 def export(args):
     """OUT/diffusion.pt (or --from) -> --to: the EMA weights and config alone, what sample.py
     needs (no optimizer state, no raw weights; about a third of the size). --vae swaps in a
@@ -999,6 +1005,10 @@ def export_released(args):
     print(f"export: wrote {args.to} ({os.path.getsize(args.to) / 2 ** 20:.1f} MiB) from {weights}")
 
 
+# -------------------------------------------------------------------------------------------------
+# Command line: the flags, each defaulting to the paper's choice, and main, which runs the stages in
+# order; a run that fails says why in one `error:` line and exits with status 2.
+# -------------------------------------------------------------------------------------------------
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Train Stable Audio's three stages (paper §4).")
     p.add_argument("stage", choices=[*STAGES, "all", "export"], help="what to train; `all` runs "
