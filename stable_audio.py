@@ -16,23 +16,22 @@ Shape alphabet: B batch, C channels, L latent frames, N audio samples, S tokens.
 """
 import argparse
 import copy
-import json
 import math
 import os
-import re
 import time
-import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.parametrizations import weight_norm  # the old hook fails under bf16 autocast
 from torch.utils.checkpoint import checkpoint
 
 CHECKPOINT_FORMAT = "stable-audio-reference/2"
+FORMAT_1 = "stable-audio-reference/1"     # still read: see upgrade_format_1
 PAD, BOS, EOS, VOCAB = 256, 257, 258, 259   # byte tokenizer: 256 byte values, then 3 specials
 DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -94,7 +93,7 @@ class UNetConfig:
     mapping_features: int = 1024         # width of the noise-level embedding fed to FiLM
     resnet_groups: int = 16
     symmetric_downsample: bool = False   # checkpoints of format 1: see upgrade_format_1
-    padding_mask: bool = False           # `tiny` only: see frames_inside
+    padding_mask: bool = False           # `tiny` only (not train.py --paper-timing): frames_inside
 
 
 @dataclass
@@ -127,22 +126,18 @@ class ModelConfig:
 SIZES = {
     "full": ModelConfig(),
     "small": ModelConfig(  # trains on a 16-24 GB card
-        size="small", window=2 ** 21,
-        vae=VAEConfig(encoder_width=64, decoder_width=768),
+        size="small", window=2 ** 21, vae=VAEConfig(encoder_width=64, decoder_width=768),
         clap=CLAPConfig(text_len=128, text_width=512, text_layers=8, text_heads=8,
                         audio_width=256, audio_layers=4, audio_heads=4, embed_dim=256),
         unet=UNetConfig(widths=(512, 512, 512, 640, 640), attentions=(1, 2, 2, 2, 2), heads=8,
                         mapping_features=512)),
     "tiny": ModelConfig(  # trains in minutes on 2 CPU cores
-        # For CPU-sized training: the VAE's audible init and sinusoid timing tables (see there),
-        # the padding mask as a U-Net input (train.py --paper-timing drops it), and
         # Not the paper's (first-level attention): none, as self-attention over the first level's
-        # 2048 frames dominates a CPU forward pass.
-        size="tiny", window=2 ** 21,
+        # 2048 frames dominates a CPU forward pass. (The other `tiny` only fields: see each.)
+        size="tiny", window=2 ** 21, timing=TimingConfig(sinusoid_init=True),
         vae=VAEConfig(encoder_width=16, decoder_width=128, audible_init=True),
         clap=CLAPConfig(text_len=128, text_width=64, text_layers=3, text_heads=4, audio_width=64,
                         audio_layers=2, audio_heads=4, embed_dim=64),
-        timing=TimingConfig(sinusoid_init=True),
         unet=UNetConfig(widths=(64, 64, 64, 96, 96), attentions=(0, 1, 1, 1, 1), heads=4,
                         mapping_features=128, padding_mask=True)),
 }
@@ -188,8 +183,6 @@ ACTIVATIONS = {"snake": Snake, "snake_beta": SnakeBeta, "elu": lambda channels: 
 # 64 channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
 # 89.6 M + decoder 43.9 M = 133 M parameters. The same code builds Stable Audio Open's "Oobleck"
 # autoencoder (OOBLECK: SnakeBeta, strides 2, 4, 4, 8, 8 to 1/2048, no tanh).
-# Weight norm is the parametrization API, which also works under bf16 autocast (the old hook
-# fails there).
 # -------------------------------------------------------------------------------------------------
 def WNConv1d(*args, **kwargs):
     return weight_norm(nn.Conv1d(*args, **kwargs))
@@ -204,8 +197,7 @@ class ResidualUnit(nn.Module):
     def __init__(self, channels, dilation, act=Snake):
         super().__init__()
         self.block = nn.Sequential(
-            act(channels),
-            WNConv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
+            act(channels), WNConv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
             act(channels), WNConv1d(channels, channels, 1))
 
     def forward(self, x):
@@ -215,8 +207,7 @@ class ResidualUnit(nn.Module):
 def encoder_block(c_in, c_out, stride, act=Snake):
     """Residual units (dilations 1, 3, 9), then a strided conv: length / stride, width c_out."""
     return nn.Sequential(
-        *[ResidualUnit(c_in, dilation, act) for dilation in (1, 3, 9)],
-        act(c_in),
+        *[ResidualUnit(c_in, dilation, act) for dilation in (1, 3, 9)], act(c_in),
         WNConv1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)))
 
 
@@ -229,11 +220,9 @@ def decoder_block(c_in, c_out, stride, act=Snake):
 
 
 def kl_divergence(mean, std):
-    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames.
-
-    The textbook form, with its 1/2. Released, not the paper (KL term): the released code leaves
-    the 1/2 out (twice this) and its Stable Audio 1.0 config weights the term 1e-6; the paper
-    gives 1e-4 (train.py's weight)."""
+    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames, with
+    the textbook 1/2. Released, not the paper (KL term): the released code leaves it out (twice
+    this) and weights the term 1e-6 (Stable Audio 1.0); the paper gives 1e-4, as train.py does."""
     return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
 
 
@@ -255,8 +244,7 @@ class VAE(nn.Module):
             *([nn.Conv1d(enc[-1], latent2, 1)] if dac else []))
         self.decoder = nn.Sequential(                                        # 1536 .. 96
             WNConv1d(cfg.latent_dim, dec[0], 7, padding=3),
-            *[decoder_block(dec[i], dec[i + 1], s, act)
-              for i, s in enumerate(reversed(cfg.strides))],
+            *[decoder_block(dec[i], dec[i + 1], s, act) for i, s in enumerate(cfg.strides[::-1])],
             act(dec[-1]), WNConv1d(dec[-1], cfg.channels, 7, padding=3, bias=dac),
             *([nn.Tanh()] if dac else []))
         if cfg.audible_init:
@@ -264,12 +252,11 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def audible_init(self, latent_dim):
-        """Not the paper's (initialisation), `tiny` only: with PyTorch's default init, as
-        released, the tiny decoder's output at step 0 barely depends on the latent (biases and
-        Snake's sin^2 offsets drown it) and CPU-sized training collapses to one output. So:
-        biases 0; the decoder's convs outside its residual units variance-preserving (std
-        1/sqrt(fan in)), the last at a tenth so the tanh starts unsaturated; the posterior
-        nearly deterministic (std = softplus(-5) ~ 0.007 rather than 0.69)."""
+        """Not the paper's (initialisation), `tiny` only: with PyTorch's default init, as released,
+        the tiny decoder's output at step 0 barely depends on the latent (biases and Snake's sin^2
+        offsets drown it) and CPU-sized training collapses to one output. So: biases 0; decoder
+        convs outside the residual units variance-preserving (std 1/sqrt(fan in)), the last at a
+        tenth (tanh starts unsaturated); posterior std softplus(-5) ~ 0.007, not 0.69."""
         inside = {id(m) for unit in self.decoder.modules() if isinstance(unit, ResidualUnit)
                   for m in unit.modules()}
         for m in self.modules():
@@ -278,24 +265,20 @@ class VAE(nn.Module):
         for m in self.decoder.modules():
             if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) and id(m) not in inside:
                 fan_in = m.in_channels * m.kernel_size[0] // m.stride[0]    # taps per output
-                v = m.parametrizations.weight.original1
-                v.normal_(0, fan_in ** -0.5)
-                m.parametrizations.weight.original0.copy_(         # g = |v|, so w = v
-                    v.norm(dim=tuple(range(1, v.dim())), keepdim=True))
+                v = m.parametrizations.weight.original1.normal_(0, fan_in ** -0.5)
+                m.parametrizations.weight.original0.copy_(v.norm(dim=(1, 2), keepdim=True))  # w = v
         last = [m for m in self.decoder if isinstance(m, nn.Conv1d)][-1]
         last.parametrizations.weight.original0.mul_(0.1)
         self.encoder[-1].bias[latent_dim:] = -5.0
 
     def encode(self, audio):
         """Posterior mean and std. Audio is zero-padded on the right to a multiple of the hop."""
-        N = audio.shape[-1]
-        audio = F.pad(audio, (0, -N % self.hop))                    # (B, 2, L * 1024)
+        audio = F.pad(audio, (0, -audio.shape[-1] % self.hop))      # (B, 2, L * 1024)
         mean, scale = self.encoder(audio).chunk(2, dim=1)           # (B, 64, L) each
         return mean, F.softplus(scale) + 1e-4
 
     def decode(self, z, chunk=None, overlap=DECODE_OVERLAP):
         """Latent (B, 64, L) -> audio (B, 2, L * 1024), optionally `chunk` latent frames at a time.
-
         Chunks overlap by `overlap` frames and each keeps only its centre: overlap/2 = 16 frames
         exceed the decoder's receptive field (about 10 frames), so the result equals a one-shot
         decode. Overlap-add would be wrong: the decoder is nonlinear."""
@@ -304,9 +287,8 @@ class VAE(nn.Module):
             return self.decoder(z)
         assert chunk > overlap, "decode chunk must be longer than the overlap"
         edge, step = overlap // 2, chunk - overlap
-        starts = list(range(0, L - chunk, step)) + [L - chunk]      # last chunk ends at L
         pieces, done = [], 0
-        for s in starts:
+        for s in list(range(0, L - chunk, step)) + [L - chunk]:     # the last chunk ends at L
             audio = self.decoder(z[..., s:s + chunk])               # (B, 2, chunk * 1024)
             keep_to = chunk if s + chunk == L else chunk - edge
             pieces.append(audio[..., (done - s) * self.hop:keep_to * self.hop])
@@ -315,13 +297,12 @@ class VAE(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# §3.2, §4.3 A small CLAP: a text transformer and an audio transformer over log-mel frames,
-# trained contrastively so that matching captions and clips land close together. The diffusion
-# model reads the text encoder's next-to-last layer (768 features per token at full size).
-# Not the paper's (text encoder): the paper's is RoBERTa (77 BPE tokens, frozen); ours reads raw
-# UTF-8 bytes, so it needs no vocabulary file and trains here. `full` keeps the released 77
-# tokens (a context of 79, as released); `small` and `tiny` read 128 bytes (a BPE token is ~4
-# characters, and metadata prompts are mostly under 128 characters).
+# §3.2, §4.3 A small CLAP: text and audio (log-mel) transformers trained contrastively, so that
+# matching captions and clips land close together; the diffusion model reads the text encoder's
+# next-to-last layer (768 features per token at full size). Not the paper's (text encoder): the
+# paper's is RoBERTa (77 BPE tokens, frozen); ours reads raw UTF-8 bytes, so it needs no vocabulary
+# file and trains here. `full` keeps the released 77 tokens (a context of 79); `small` and `tiny`
+# read 128 bytes (a BPE token is ~4 characters; metadata prompts are mostly under 128).
 # -------------------------------------------------------------------------------------------------
 def tokenize(prompts, length):
     """UTF-8 bytes between BOS and EOS, cut to `length`, padded -> tokens (B, S), mask (B, S)."""
@@ -333,11 +314,9 @@ def tokenize(prompts, length):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention (flash kernels where possible).
-
-    Self-attention when `context` is None; otherwise queries from x, keys and values from the
-    context. As in the released U-Net, the query stream and the key/value stream each have their
-    own LayerNorm, in self-attention too (there both read x)."""
+    """Multi-head attention through F.scaled_dot_product_attention (flash kernels where possible):
+    self-attention when `context` is None, else queries from x, keys and values from the context. As
+    released, the query and key/value streams have a LayerNorm each, in self-attention too."""
     def __init__(self, features, heads, context_features=None):
         super().__init__()
         self.heads = heads
@@ -394,7 +373,7 @@ class CLAP(nn.Module):
     def __init__(self, cfg: CLAPConfig, sample_rate):
         super().__init__()
         self.cfg, self.sample_rate = cfg, sample_rate
-        W, A = cfg.text_width, cfg.audio_width
+        W, A, D = cfg.text_width, cfg.audio_width, cfg.embed_dim
         self.token_embedding = nn.Embedding(VOCAB, W)
         self.position = nn.Parameter(0.02 * torch.randn(cfg.text_len, W))
         self.text_layers = nn.ModuleList(CLAPLayer(W, cfg.text_heads)
@@ -407,15 +386,12 @@ class CLAP(nn.Module):
         self.audio_layers = nn.ModuleList(CLAPLayer(A, cfg.audio_heads)
                                           for _ in range(cfg.audio_layers))
         self.audio_norm = nn.LayerNorm(A)
-        self.text_proj = nn.Sequential(nn.Linear(W, cfg.embed_dim), nn.GELU(),
-                                       nn.Linear(cfg.embed_dim, cfg.embed_dim))
-        self.audio_proj = nn.Sequential(nn.Linear(A, cfg.embed_dim), nn.GELU(),
-                                        nn.Linear(cfg.embed_dim, cfg.embed_dim))
+        self.text_proj = nn.Sequential(nn.Linear(W, D), nn.GELU(), nn.Linear(D, D))
+        self.audio_proj = nn.Sequential(nn.Linear(A, D), nn.GELU(), nn.Linear(D, D))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature
 
     def tokenize(self, prompts):
-        tokens, mask = tokenize(prompts, self.cfg.text_len)
-        return tokens.to(self.position.device), mask.to(self.position.device)
+        return tuple(t.to(self.position.device) for t in tokenize(prompts, self.cfg.text_len))
 
     def text_hidden(self, tokens, mask, layers):
         """Hidden state after the first `layers` transformer layers. (B, S, W)"""
@@ -425,9 +401,8 @@ class CLAP(nn.Module):
         return h
 
     def text_features(self, tokens, mask):
-        """§3.2: per-token features for cross-attention from layer `feature_layer` (-2)."""
-        n = len(self.text_layers)
-        return self.text_hidden(tokens, mask, n + 1 + self.cfg.feature_layer)   # (B, S, W)
+        """§3.2: per-token features (B, S, W) for cross-attention, from layer `feature_layer`."""
+        return self.text_hidden(tokens, mask, len(self.text_layers) + 1 + self.cfg.feature_layer)
 
     def embed_text(self, tokens, mask):
         """Unit-norm text embedding: last layer, mean over real tokens, projection. (B, D)"""
@@ -459,10 +434,9 @@ class CLAP(nn.Module):
 
 # -------------------------------------------------------------------------------------------------
 # §3.2 Timing conditioning: seconds_start (where the window begins in the source file) and
-# seconds_total (the file's length) each index a learned per-second embedding, 0..512 s. The two
-# vectors are appended to the text features as two extra cross-attention tokens, so the context
-# is S text tokens + 2 (the paper: 77 + 2 = 79 x 768). Asking for seconds_total = 30 in a 95 s
-# window makes the model end the content at 30 s and fill the rest with silence.
+# seconds_total (the file's length) each index a learned per-second embedding, 0..512 s, and join
+# the text features as two extra cross-attention tokens (the paper: 77 + 2 = 79 x 768). Asking for
+# seconds_total = 30 in a 95 s window makes the model end the content at 30 s, then silence.
 # -------------------------------------------------------------------------------------------------
 class TimingEmbedding(nn.Module):
     def __init__(self, cfg: TimingConfig, features):
@@ -484,20 +458,18 @@ class TimingEmbedding(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# §3.3 The U-Net (after Mousai / audio-diffusion-pytorch): 4 levels with channels 1024, 1024, 1024,
-# 1280, downsampling 1, 2, 2, 4 and a 1280 bottleneck; per level 2 residual conv blocks and then
-# transformer blocks (self-attention, cross-attention to text + timing, feed-forward; 1, 3, 3, 3
-# per level, 3 in the bottleneck, 16 heads). The noise level t enters every residual block by FiLM
-# (a per-channel scale and shift). Full size: 906.7 M parameters. It predicts v (§4.4). It has no
-# positional encoding: a frame learns where the requested end lies from the timing tokens (through
-# cross-attention) and the zero padding at the window's edges.
+# §3.3 The U-Net (after Mousai / audio-diffusion-pytorch): 4 levels of 1024, 1024, 1024, 1280
+# channels, downsampling 1, 2, 2, 4, and a 1280 bottleneck; per level 2 residual conv blocks, then
+# transformer blocks (self-attention, cross-attention to text + timing, feed-forward; 1, 3, 3, 3 per
+# level, 3 in the bottleneck, 16 heads). The noise level t enters every residual block by FiLM (a
+# per-channel scale and shift). Full size: 906.7 M parameters; it predicts v (§4.4). No positional
+# encoding: a frame finds the requested end from the timing tokens and the window's zero padding.
 # -------------------------------------------------------------------------------------------------
 def frames_inside(length, L, device):
-    """Not the paper's (padding mask channel), `tiny` only: the padding mask that the released
-    data pipeline computes, True for the first length[b] latent frames, (B,) -> (B, L). With
-    UNetConfig.padding_mask it joins the noisy latent as one more input channel (as Stable Audio Open feeds its inpainting mask), so
-    every frame is told whether it lies inside the request: CPU-sized models never learned that
-    from the timing tokens alone."""
+    """Not the paper's (padding mask channel), `tiny` only: the released data pipeline's padding
+    mask, True for the first length[b] latent frames, (B,) -> (B, L). With UNetConfig.padding_mask
+    it is one more U-Net input channel (as Stable Audio Open feeds its inpainting mask): CPU-sized
+    models never learned from the timing tokens alone which frames lie inside the request."""
     return torch.arange(L, device=device) < length.to(device)[:, None]
 
 
@@ -517,12 +489,10 @@ class NoiseLevelEmbedding(nn.Module):
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, with the statistics from var_mean on a GPU (the same function).
-
-    PyTorch's CUDA group norm reduces each (sample, group) in one thread block, B x 16 blocks
-    for a card's 100+ multiprocessors, which leaves most of a large GPU idle on this U-Net's
-    long sequences; var_mean spreads the reduction over the whole card, and the normalisation
-    folds into one per-channel multiply-add. CPUs keep the fused kernel, faster there."""
+    """nn.GroupNorm, with the statistics from var_mean on a GPU (the same function). PyTorch's CUDA
+    kernel reduces each (sample, group) in one thread block, B x 16 blocks for 100+ multiprocessors,
+    idling most of a large GPU on this U-Net's long sequences; var_mean spreads the reduction over
+    the card; the normalisation folds into one multiply-add. On CPUs the fused kernel is faster."""
     def forward(self, x):
         return self.spread(x) if x.is_cuda else super().forward(x)
 
@@ -535,7 +505,17 @@ class GroupNorm(nn.GroupNorm):
         return torch.addcmul(b.reshape(B, C, 1), x, a.reshape(B, C, 1))   # x a + b per channel
 
 
-class ResnetBlock(nn.Module):
+class Checkpointed(nn.Module):
+    """A block whose `_forward` UNet.set_checkpointing can have recomputed in the backward pass."""
+    checkpoint = False
+
+    def forward(self, *args):
+        if self.checkpoint and self.training:
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+
+class ResnetBlock(Checkpointed):
     """GroupNorm -> SiLU -> conv, then GroupNorm -> FiLM(t) -> SiLU -> conv, plus a skip."""
     def __init__(self, c_in, c_out, mapping_features, groups):
         super().__init__()
@@ -545,12 +525,6 @@ class ResnetBlock(nn.Module):
         self.norm2 = GroupNorm(groups, c_out)
         self.block2 = nn.Sequential(nn.SiLU(), nn.Conv1d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.checkpoint = False
-
-    def forward(self, x, mapping):
-        if self.checkpoint and self.training:
-            return checkpoint(self._forward, x, mapping, use_reentrant=False)
-        return self._forward(x, mapping)
 
     def _forward(self, x, mapping):
         h = self.block1(x)                                           # (B, C_out, L)
@@ -559,7 +533,7 @@ class ResnetBlock(nn.Module):
         return h + self.skip(x)
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(Checkpointed):
     def __init__(self, features, heads, context_features, multiplier=4):
         super().__init__()
         self.self_attn = Attention(features, heads)
@@ -567,12 +541,6 @@ class TransformerBlock(nn.Module):
         # The released block has no norm before its feed-forward; we keep that.
         self.ff = nn.Sequential(nn.Linear(features, multiplier * features), nn.GELU(),
                                 nn.Linear(multiplier * features, features))
-        self.checkpoint = False
-
-    def forward(self, x, context, mask):
-        if self.checkpoint and self.training:
-            return checkpoint(self._forward, x, context, mask, use_reentrant=False)
-        return self._forward(x, context, mask)
 
     def _forward(self, x, context, mask):
         x = x + self.self_attn(x)
@@ -598,7 +566,7 @@ class Transformer1d(nn.Module):
 
 
 class DownLevel(nn.Module):
-    """Strided conv (kernel 2f + 1), residual blocks, transformer; every output becomes a skip."""
+    """Strided conv (kernel 2f + 1), residual blocks, transformer (if any); each output a skip."""
     def __init__(self, c_in, c_out, factor, attentions, cfg: UNetConfig, context_features):
         super().__init__()
         # Kernel 2f + 1, stride f: f + 1 zeros of padding keep L / f frames, ceil((f + 1) / 2)
@@ -609,8 +577,6 @@ class DownLevel(nn.Module):
         self.resnets = nn.ModuleList(ResnetBlock(c_out, c_out, cfg.mapping_features,
                                                  cfg.resnet_groups)
                                      for _ in range(cfg.resnet_blocks))
-        # A level with 0 attention blocks has no transformer at all (tiny drops the first level's:
-        # self-attention over all L frames is most of a CPU forward).
         self.transformer = (Transformer1d(c_out, attentions, cfg, context_features)
                             if attentions else None)
 
@@ -671,10 +637,9 @@ class UNet(nn.Module):
                 p.mul_(0.5)
 
     def set_checkpointing(self, on):
-        """Gradient checkpointing: recompute each residual/transformer block in the backward pass
-        instead of storing its activations (less memory, about a third more time)."""
+        """Gradient checkpointing of every Checkpointed block: less memory, a third more time."""
         for m in self.modules():
-            if isinstance(m, (ResnetBlock, TransformerBlock)):
+            if isinstance(m, Checkpointed):
                 m.checkpoint = on
 
     def forward(self, x, t, context, mask, length=None):
@@ -691,8 +656,7 @@ class UNet(nn.Module):
         outer, skips = x, []
         for level in self.down:
             x = level(x, mapping, context, mask, skips)              # (B, 1280, L / 16) at end
-        x = self.mid1(x, mapping)
-        x = self.mid2(self.mid_transformer(x, context, mask), mapping)
+        x = self.mid2(self.mid_transformer(self.mid1(x, mapping), context, mask), mapping)
         for level in self.up:
             x = level(x, mapping, context, mask, skips)              # (B, 1024, L) at end
         return self.to_out(x + outer, mapping)                       # (B, 64, L)
@@ -707,10 +671,7 @@ class StableAudio(nn.Module):
         self.clap = CLAP(cfg.clap, cfg.sample_rate)
         self.timing = TimingEmbedding(cfg.timing, cfg.clap.text_width)
         self.unet = UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.context_len)
-
-    @property
-    def latent_frames(self):
-        return self.cfg.window // self.vae.hop
+        self.latent_frames = cfg.window // self.vae.hop                # L of the whole window
 
     def content_frames(self, seconds_start, seconds_total):
         """Seconds (B,) -> latent frames (B,) before the silence: (total - start) x frame rate.
@@ -738,20 +699,18 @@ def build_model(size="full"):
     cfg = copy.deepcopy(SIZES[size] if isinstance(size, str) else size)
     if not (isinstance(cfg.latent_scale, (int, float)) and 0 < cfg.latent_scale < math.inf):
         raise ValueError(f"latent_scale must be a positive number, got {cfg.latent_scale!r}")
-    stride = math.prod(cfg.vae.strides) * math.prod(cfg.unet.factors)
-    if cfg.window % stride:
-        raise ValueError(f"window {cfg.window} samples is not a multiple of {stride} "
-                         f"(VAE hop {math.prod(cfg.vae.strides)} x U-Net downsampling "
-                         f"{math.prod(cfg.unet.factors)}); pick a window that is")
+    hop, down = math.prod(cfg.vae.strides), math.prod(cfg.unet.factors)
+    if cfg.window % (hop * down):
+        raise ValueError(f"window {cfg.window} samples is not a multiple of {hop * down} (VAE hop "
+                         f"{hop} x U-Net downsampling {down}); pick a window that is")
     return StableAudio(cfg)
 
 
 # -------------------------------------------------------------------------------------------------
 # §4.4 Diffusion objective: continuous t ~ U[0, 1], cosine schedule alpha = cos(pi t / 2),
-# sigma = sin(pi t / 2), z_t = alpha z + sigma eps, and the network predicts v = alpha eps - sigma z
-# (mean squared error). 10 % of the samples see the null context, which teaches the unconditional
-# model that classifier-free guidance needs. The schedule assumes latents of unit variance, as the
-# released VAE's roughly are (see latent_scale in ModelConfig for smaller ones).
+# sigma = sin(pi t / 2), z_t = alpha z + sigma eps; the network predicts v = alpha eps - sigma z
+# (mean squared error). 10 % of samples see the null context, teaching the unconditional model that
+# guidance needs. The schedule assumes latents of unit variance, as released (see latent_scale).
 # -------------------------------------------------------------------------------------------------
 def alpha_sigma(t):
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
@@ -780,10 +739,9 @@ def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, length=N
 
 # -------------------------------------------------------------------------------------------------
 # §3.4 Sampling. The samplers see a denoiser in the variance-exploding form: x = x0 + sigma eps,
-# denoiser(x, sigma) ~ x0. A v-model at (alpha, sigma) = (cos, sin) maps onto it by
+# denoiser(x, sigma) ~ x0; a v-model at (alpha, sigma) = (cos, sin) maps onto it by
 # sigma_VE = sigma / alpha and x_VE = z / alpha. Guidance (scale 6) mixes conditional and
-# unconditional predictions, both computed in one batched forward; with `tiny`'s padding mask,
-# only inside the requested extent (the silence after it is left to the conditional branch).
+# unconditional predictions, both computed in one batched forward.
 # -------------------------------------------------------------------------------------------------
 def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
     """`steps` noise levels spaced evenly in log sigma, then a final 0. (steps + 1,)"""
@@ -792,24 +750,20 @@ def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
 
 
 def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4, length=None):
-    """Classifier-free guidance: v = v_u + scale (v_c - v_u), then the CFG rescale of Lin et al.
-
-    Rescaling pulls the guided v's per-frame std over channels back toward the conditional one
-    (phi = 0.4, the released default), which keeps large scales from blowing up the signal.
-    Not the paper's (padding mask channel), `tiny` only: with `length` (B,), for a U-Net that
-    reads the padding mask, frames from `length` on take v_c alone. Both branches see the mask and should agree on silence
-    there, so guiding would only multiply their disagreement. In the paper the unconditional
-    branch knows nothing of the timing, so there is no such choice."""
+    """Classifier-free guidance: v = v_u + scale (v_c - v_u), then the CFG rescale of Lin et al.,
+    pulling the guided v's per-frame std over channels back toward v_c's (phi = 0.4, the released
+    default) so that large scales do not blow up the signal. Not the paper's (padding mask channel),
+    `tiny` only: with `length` (B,), frames from `length` on take v_c alone. Both branches see the
+    mask and should agree on silence there, so guiding would only multiply their disagreement; in
+    the paper the unconditional branch knows nothing of the timing, so there is no such choice."""
     if scale == 1:
         return lambda z, t: unet(z, t, context, mask, length)
-
     # The conditional and unconditional halves of one batch, concatenated once.
     pair, pair_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])
     pair_length = None if length is None else torch.cat([length, length])
 
     def v_fn(z, t):
-        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), pair, pair_mask,
-                        pair_length).chunk(2)
+        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), pair, pair_mask, pair_length).chunk(2)
         v = v_u + scale * (v_c - v_u)
         v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))
         v = rescale * v_rescaled + (1 - rescale) * v
@@ -833,15 +787,13 @@ def v_to_denoiser(v_fn):
 
 
 def dpmpp_multistep(denoiser, x, sigmas, step, callback=None):
-    """The loop the samplers share, in lam = -log sigma (DPM-Solver++, Lu et al. 2022).
-
-    The probability-flow ODE dx/dlam = D(x, lam) - x integrates exactly over a step of size h to
+    """The loop the samplers share, in lam = -log sigma (DPM-Solver++, Lu et al. 2022). The
+    probability-flow ODE dx/dlam = D(x, lam) - x integrates exactly over a step of size h to
         x_{i+1} = e^{-h} x_i + int_0^h e^{-(h - tau)} D(lam_i + tau) dtau,
     and each sampler is a `step(x, denoised, lam, h, history)` that approximates the integral
     from D_i and the past (lam, D) pairs (newest last). The step to sigma = 0 (h = inf) is first
     order, as in Lu et al. and k-diffusion: it returns D_i, the clean estimate."""
-    sigmas = sigmas.tolist()
-    history = []
+    sigmas, history = sigmas.tolist(), []
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
         if sigmas[i + 1] == 0:
@@ -876,13 +828,11 @@ def dpm_derivatives(history, lam, denoised):
 
 
 def sample_dpmpp_2m(denoiser, x, sigmas, callback=None):
-    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (data prediction, multistep).
-
-    D is held at its value at the step's midpoint, extrapolated along the line through D_{i-1}
-    and D_i: D(lam_i + h/2) ~ D_i + (h/2) (D_i - D_{i-1}) / h_{i-1}; with r = h_{i-1} / h,
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (data prediction, multistep): D is held at
+    its value at the step's midpoint, extrapolated along the line through D_{i-1} and D_i:
+    D(lam_i + h/2) ~ D_i + (h/2) (D_i - D_{i-1}) / h_{i-1}; with r = h_{i-1} / h,
         x_{i+1} = e^{-h} x_i + (1 - e^{-h}) [(1 + 1/(2r)) D_i - 1/(2r) D_{i-1}].
-    The integral is off by O(h^3) per step, so the error falls as h^2. The first step has no
-    D_{i-1} and is first order."""
+    Off by O(h^3) per step, the error falls as h^2; the first step (no D_{i-1}) is first order."""
     def step(x, denoised, lam, h, history):
         if not history:
             return ddim_step(x, denoised, h)
@@ -894,16 +844,15 @@ def sample_dpmpp_2m(denoiser, x, sigmas, callback=None):
 
 def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
     """DPM-Solver++(3M): D replaced by the quadratic p through the last three denoised values.
-
     With p = D_i + tau p' + tau^2/2 p'' the integral is exact:
         x_{i+1} = e^{-h} x_i + I0 D_i + I1 p' + I2 p'',
         I0 = 1 - e^{-h},  I1 = h - I0,  I2 = h^2/2 - I1   (e^{-(h - tau)} against 1, tau, tau^2/2),
-    and the error falls as h^3. (k-diffusion and diffusers weight p'' by I2 / 2, which is order
-    2.) Not the paper's (sampler): the paper names DPM-Solver++ without its variant; the
-    released default is 2M SDE; this deterministic 3M ODE is ours. Order 3 fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps
-    the order and stops the quadratic from overshooting on the long steps of a short schedule,
-    where D settles onto x0 (h ~ 1-2 at 10 steps; docs/samplers.md). The first two steps lack
-    history and run at orders 1 and 2."""
+    and the error falls as h^3 (k-diffusion and diffusers weight p'' by I2 / 2, which is order 2).
+    Order 3 fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps the
+    order and stops the quadratic from overshooting on the long steps of a short schedule, where D
+    settles onto x0 (h ~ 1-2 at 10 steps; docs/samplers.md). The first two steps lack history and
+    run at orders 1 and 2. Not the paper's (sampler): the paper names DPM-Solver++ without its
+    variant; the released default is 2M SDE; this deterministic 3M ODE is ours."""
     def step(x, denoised, lam, h, history):
         I0 = -math.expm1(-h)
         I1 = h - I0
@@ -914,8 +863,7 @@ def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
 
 
 def sample_euler(denoiser, x, sigmas, callback=None):
-    """Euler on dx/dsigma = (x - D) / sigma: the first-order baseline.
-
+    """Euler on dx/dsigma = (x - D) / sigma: the first-order baseline. Its step
     x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i is the DDIM step with e^{-h} =
     sigma_{i+1} / sigma_i: on this ODE Euler, DDIM and first-order DPM-Solver++ coincide."""
     return dpmpp_multistep(denoiser, x, sigmas, lambda x, D, lam, h, history: ddim_step(x, D, h),
@@ -926,28 +874,22 @@ SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": s
 
 # -------------------------------------------------------------------------------------------------
 # §3.4 generate: prompts + requested seconds -> stereo audio. The latent always spans the whole
-# window; the timing tokens tell the model where to stop, and the silent tail is trimmed. Sample i
-# of a batch starts from the noise of seed + i, so any one file can be regenerated on its own.
+# window; the timing tokens tell the model where to stop, and the silent tail is trimmed.
 # -------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
              cfg_rescale=0.4, negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03,
-             sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None,
-             trim=True, decode_chunk=None, dtype=torch.float32, callback=None, timings=None,
-             latents=False):
-    """Audio (B, 2, N) for a list of prompts; N = min(seconds_total - seconds_start, window)
-    * sample_rate, or the whole window with trim=False. As in §3.2, the clip starts
-    `seconds_start` into a piece `seconds_total` long (at most cfg.timing.max_seconds, 512 s).
-
-    `cfg_rescale` is guided_v's phi: 0.4 as released, 0 for plain guidance.
-    init_audio (2, N) or (B, 2, N) at the model's rate starts from that clip instead of noise:
-    `init_strength` in (0, 1] picks how much of the schedule is run, `inpaint` = (start, end)
-    seconds regenerates only that gap. A dict passed as `timings` receives the seconds spent on
-    "text", "sampling" and "decoding". `dtype` bf16/fp16 runs under autocast, or, when the U-Net's
-    weights are already in that precision (`model.unet.to(dtype)`), runs the U-Net as it is.
-    `decode_chunk` latent frames are decoded at a time (default: 128 on a CPU, 512 on a GPU).
-    latents=True returns (audio, z): z (B, 64, L) is the sampled latent of the whole window, as
-    the diffusion sees it (VAE latent x latent_scale)."""
+             sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None, trim=True,
+             decode_chunk=None, dtype=torch.float32, callback=None, timings=None, latents=False):
+    """Audio (B, 2, N) for a list of prompts, N = min(seconds_total - seconds_start, window) *
+    sample_rate (the whole window with trim=False): as in §3.2, the clip starts `seconds_start` into
+    a piece `seconds_total` long (at most cfg.timing.max_seconds, 512 s). `cfg_rescale` is
+    guided_v's phi (0: plain guidance). init_audio (2, N) or (B, 2, N) at the model's rate starts
+    from that clip, not noise: `init_strength` in (0, 1] picks how much of the schedule is run,
+    `inpaint` = (start, end) seconds regenerates only that gap. `timings`, a dict, gets the seconds
+    spent on "text", "sampling" and "decoding". `dtype` bf16/fp16: autocast, or a U-Net already cast
+    to it as it is (unet_at_its_precision). `decode_chunk`: see default_decode_chunk. latents=True
+    returns (audio, z), z (B, 64, L) the whole window's latent as sampled (VAE's x latent_scale)."""
     cfg, device = model.cfg, next(model.parameters()).device
     check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
                   init_strength, inpaint)
@@ -963,8 +905,7 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         length = (model.content_frames(start, total).to(device)      # `tiny`: the padding
                   if cfg.unet.padding_mask else None)                # mask (frames_inside)
         denoiser = v_to_denoiser(guided_v(unet_at_its_precision(model, device), context, mask,
-                                          uncond, uncond_mask, cfg_scale, cfg_rescale,
-                                          length))
+                                          uncond, uncond_mask, cfg_scale, cfg_rescale, length))
         # 2. The initial latent: the seeds' noise at the first sigma, or the init audio noised.
         sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
         x = sigmas[0].item() * seeded_noise(model, seed, B, device)
@@ -1009,9 +950,8 @@ def check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, 
 
 def unconditional(model, context, negative_prompt, start, total):
     """What guidance steers away from (§3.4): the learned null context, or a negative prompt's
-    context with the same timing. Not the paper's (null context under guidance): the null
-    context is attended in full, since it has no padding; the released code gives it the
-    prompt's mask."""
+    context with the same timing. Not the paper's (null context under guidance): the null context is
+    attended in full, since it has no padding; the released code gives it the prompt's mask."""
     if negative_prompt is None:
         null = model.unet.null_context.expand_as(context).to(context.dtype)
         return null, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
@@ -1032,13 +972,12 @@ def unet_at_its_precision(model, device):
 
 
 def init_sigmas(steps, strength, sigma_min=0.03, sigma_max=80.0):
-    """The part of the `steps`-step schedule that a run from init audio takes: strength 1 is the
-    whole schedule (plain text-to-audio), strength -> 0 ends with no step left at all."""
+    """The tail of the `steps`-step schedule run from init audio: all of it at strength 1."""
     return get_sigmas(steps, sigma_min, sigma_max)[round((1 - strength) * steps):]
 
 
 def seeded_noise(model, seed, B, device):
-    """Sample i's starting noise comes from seed + i alone, so any one file can be remade."""
+    """Sample i of a batch starts from the noise of seed + i, so any one file can be remade."""
     shape = (model.cfg.vae.latent_dim, model.latent_frames)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
                         for i in range(B)]).to(device)                       # (B, 64, L)
@@ -1049,16 +988,14 @@ def from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint):
     sigma is x = z0 + sigma eps. At strength 1 only the kept part of an inpainting starts there."""
     cfg, L = model.cfg, model.latent_frames
     audio = init_audio.to(x.device, torch.float32).expand(len(x), cfg.vae.channels, -1)
-    z0 = model.vae.encode(F.pad(audio, (0, cfg.window - audio.shape[-1])))[0]
-    z0 = z0 * cfg.latent_scale                                               # (B, 64, L)
+    z0 = model.vae.encode(F.pad(audio, (0, cfg.window - audio.shape[-1])))[0] * cfg.latent_scale
     keep = (torch.zeros(L) if inpaint is None else
             inpaint_mask(L, inpaint, cfg.sample_rate / model.vae.hop)).to(x.device)
     x = x + (z0 if init_strength < 1 else keep * z0)
     if inpaint is None:
         return x, denoiser
     # Holding the denoised estimate at z0 where the input is kept makes every solver step map
-    # z0 + sigma eps to z0 + sigma_next eps there: the kept region is always the input noised to
-    # the sampler's current sigma, and ends as z0.
+    # z0 + sigma eps to z0 + sigma_next eps there, so the kept region ends as z0.
     return x, lambda x, sigma: keep * z0 + (1 - keep) * denoiser(x, sigma)
 
 
@@ -1074,18 +1011,15 @@ def inpaint_mask(frames, gap, frame_rate, ramp=4):
 def decode_content(model, z, N, decode_chunk):
     """Latent -> the first N audio samples. Not the paper's (decoding): in overlapping chunks
     (VAE.decode), where the released code decodes in one pass. Only the frames kept are decoded,
-    plus DECODE_OVERLAP
-    to cover the decoder's receptive field; past the window's end the last frame is repeated, so
-    the decoder's own right edge (a small tick even from a silent latent) stays outside."""
+    plus DECODE_OVERLAP for the receptive field; past the window's end the last frame is repeated,
+    so the decoder's own right edge (a small tick even from a silent latent) stays outside."""
     z = F.pad(z.float() / model.cfg.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
     z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
-    audio = model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(z.device))
-    return audio[..., :N]
+    return model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(z.device))[..., :N]
 
 
 def default_decode_chunk(device):
-    """Latent frames per decode chunk: 128 keep a CPU's memory low; a GPU has memory to spare
-    and goes faster with fewer, longer chunks."""
+    """Latent frames per decode chunk: 128 keep a CPU's memory low; a GPU is faster with 512."""
     return 128 if device.type == "cpu" else 512
 
 
@@ -1095,7 +1029,7 @@ def default_decode_chunk(device):
 # -------------------------------------------------------------------------------------------------
 def save_checkpoint(path, model, **extra):
     """Atomically write {format, size, config, model, **extra} (extra: ema, optimizer, step...).
-    An "ema" entry may hold some of the weights; loading puts them over "model"."""
+    An "ema" entry may cover only the part a stage trained; loading puts it over "model"."""
     atomic_save({"format": CHECKPOINT_FORMAT, "size": model.cfg.size,
                  "config": asdict(model.cfg), "model": model.state_dict(), **extra}, path)
 
@@ -1112,14 +1046,10 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-FORMAT_1 = "stable-audio-reference/1"
-
-
 def upgrade_format_1(ckpt):
-    """Format 1 (before the U-Net matched the released one) -> format 2, computing the same.
-    Its self-attention shared one LayerNorm between the query and key/value streams: two norms
-    with equal weights are exactly that. Its downsampling padded f samples on each side, which
-    moves the factor-4 level by one sample: symmetric_downsample says so."""
+    """Format 1 (before the U-Net matched the released one) -> format 2, computing the same: its
+    self-attention's one LayerNorm for queries and keys/values becomes two with equal weights; its
+    padding of f on each side (the factor-4 level shifts a sample) stays: symmetric_downsample."""
     def split_norms(weights):
         extra = {k.replace(".norm.", ".norm_context."): v for k, v in weights.items()
                  if ".self_attn.norm." in k or ".attn.norm." in k}
@@ -1154,7 +1084,6 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
         cfg = ModelConfig.from_dict(ckpt["config"])
     except (TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"checkpoint {path} has a config this code cannot build: {e}") from None
-    # "ema" may cover only the part a stage trained; it overrides those weights.
     weights = {**ckpt["model"], **(ckpt.get("ema") or {} if ema else {})}
     model = build_checked(cfg, lambda m: [(m, weights, None)], f"checkpoint {path}", device)
     return model.eval(), ckpt
@@ -1181,12 +1110,11 @@ def check_config(cfg, name="config"):
             raise ValueError(f"{where} is {value!r}; expected {expected} of sensible size")
 
 
-def build_checked(cfg, parts, where, device="cpu", build=None):
+def build_checked(cfg, parts, where, device="cpu", build=build_model):
     """Build the model `cfg` describes without memory first (on the meta device), check that the
     weights fit it and that its fixed tables are of sensible size, then build it for real and
     load them: a stranger's file is refused in one line before anything large is allocated.
-    parts(model) -> [(module, weights, what)]; build: the constructor (default build_model)."""
-    build = build or build_model
+    parts(model) -> [(module, weights, what)]; build: the constructor."""
     try:
         check_config(cfg)
         with torch.device("meta"):
@@ -1203,9 +1131,8 @@ def build_checked(cfg, parts, where, device="cpu", build=None):
     with torch.device(device):                     # no slow CPU initialisation first
         model = build(cfg)
     for module, weights, what in parts(model):
-        mine = module.state_dict()
         module.load_state_dict({k: weights[k].reshape(v.shape).to(v.dtype)
-                                for k, v in mine.items()})
+                                for k, v in module.state_dict().items()})
     return model
 
 
@@ -1232,13 +1159,9 @@ def check_weights(mine, weights, what):
 # Plumbing the scripts share: device and precision picking, a stopwatch, finiteness checks, and
 # an argument parser whose errors are one line.
 # -------------------------------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def pick_device(name="auto"):
     """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cuda": torch.cuda.is_available(), "mps": mps is not None and mps.is_available(),
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
                  "cpu": True}
     if name == "auto":
         name = next(d for d in ("cuda", "mps", "cpu") if available[d])
