@@ -26,7 +26,6 @@ Every table names the machine (CPU model and torch threads, or GPU), the torch v
 speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
 and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
 """
-import inspect
 import json
 import math
 import os
@@ -47,13 +46,11 @@ from tqdm import tqdm
 
 import sound_world
 import stable_audio as sa
-import train          # its §4.2 stereo_loss alone: the vae section's STFT-loss figure
 
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
 SECTIONS = ("speed", "throughput", "vae", "timing", "samplers", "adherence")
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
-CFG_SCALE = inspect.signature(sa.generate).parameters["cfg_scale"].default   # §4.4
 
 # speed
 SPEED_SECONDS = (10, 30)                    # and the whole window
@@ -191,16 +188,16 @@ def time_generate(model, seconds, steps, dtype):
     """One `generate` call -> seconds on text, sampling, decoding, and in all (bench's clock)."""
     laps = {}
     t0 = time.perf_counter()
-    sa.generate(model, [SPEED_PROMPT], seconds_total=seconds, steps=steps, cfg_scale=CFG_SCALE,
-                dtype=dtype, timings=laps)
+    sa.generate(model, [SPEED_PROMPT], seconds_total=seconds, steps=steps, dtype=dtype,
+                laps=laps)
     sync(next(model.parameters()).device)
     return {**laps, "total": time.perf_counter() - t0}
 
 
 def speed_rows(model, steps, dtype, repeats):
     """Median times of `generate` for 10 s, 30 s and the whole window (those that fit)."""
-    cfg = model.cfg
-    window = cfg.window / cfg.sample_rate
+    config = model.config
+    window = config.window / config.sample_rate
     durations = [s for s in SPEED_SECONDS if s < window] + [window]
     # A whole run as warm-up: on an H100 a short one left the first timed runs 1.5x slower.
     time_generate(model, durations[-1], steps, dtype)
@@ -236,14 +233,14 @@ def time_cli(ckpt, device):
 
 def bench_speed(setup):
     model, where = setup["speed_model"], machine(setup["device"], setup["dtype"])
-    cfg, steps = model.cfg, setup["steps"]
+    config, steps = model.config, setup["steps"]
     weights = (f"checkpoint {setup['ckpt']}" if setup["ckpt_given"]
                else "random weights (no --ckpt; speed does not depend on the weights)")
     rows = speed_rows(model, steps, setup["dtype"], setup["repeats"])
-    notes = [f"size {cfg.size}, {weights}; CFG {CFG_SCALE:g}, batch 1, median of "
+    notes = [f"size {config.size}, {weights}; CFG {sa.CFG_SCALE:g}, batch 1, median of "
              f"{setup['repeats']} after a warm-up; the diffusion always runs on the whole window, "
              "so only the decoding grows with the seconds asked for"]
-    if setup["device"].type == "cuda" and cfg.size == "full" and steps == PAPER_STEPS:
+    if setup["device"].type == "cuda" and config.size == "full" and steps == PAPER_STEPS:
         for row in rows:
             full_window = row is rows[-1]
             row["target s (H100)"] = f"< {H100_TARGET_S:g}" if full_window else None
@@ -268,17 +265,18 @@ def bench_speed(setup):
 # -------------------------------------------------------------------------------------------------
 def build_parts(size, device):
     """Random-weight U-Net and VAE of a size, built on the device (no slow CPU init first)."""
-    cfg = sa.SIZES[size]
+    config = sa.SIZES[size]
     with torch.device(device):
-        unet = sa.UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.context_len)
-        return cfg, unet, sa.VAE(cfg.vae)
+        unet = sa.UNet(config.unet, config.vae.latent_dim, config.clap.text_width,
+                       config.context_len)
+        return config, unet, sa.VAE(config.vae)
 
 
-def random_inputs(cfg, batch, L, device):
+def random_inputs(config, batch, L, device):
     """Latents (B, 64, L), t (B,), context (B, S, C) and an all-true mask (B, S)."""
     g = torch.Generator().manual_seed(0)
-    S, C = cfg.context_len, cfg.clap.text_width
-    return (torch.randn(batch, cfg.vae.latent_dim, L, generator=g).to(device),
+    S, C = config.context_len, config.clap.text_width
+    return (torch.randn(batch, config.vae.latent_dim, L, generator=g).to(device),
             torch.rand(batch, generator=g).to(device),
             torch.randn(batch, S, C, generator=g).to(device),
             torch.ones(batch, S, dtype=torch.bool, device=device))
@@ -287,14 +285,14 @@ def random_inputs(cfg, batch, L, device):
 @torch.inference_mode()
 def throughput_rows(size, device, dtype, repeats):
     """U-Net forward (batch 2) and VAE decode (batch 1) per latent length, with peak memory."""
-    cfg, unet, vae = build_parts(size, device)
+    config, unet, vae = build_parts(size, device)
     unet.eval()
     vae.eval()
     unet.to(dtype)                         # weights in the run's precision, as sample.py does
-    frames, chunk = cfg.window // vae.hop, sa.default_decode_chunk(device)
+    frames, chunk = config.window // vae.hop, sa.default_decode_chunk(device)
     rows = []
     for L in tqdm([frames // d for d in LATENT_DIVISORS], desc=f"throughput {size}", leave=False):
-        x, t, context, mask = random_inputs(cfg, 2, L, device)
+        x, t, context, mask = random_inputs(config, 2, L, device)
         reset_peak_memory(device)
         unet_s = median_seconds(lambda: unet(x.to(dtype), t, context.to(dtype), mask), device,
                                 repeats)
@@ -302,16 +300,16 @@ def throughput_rows(size, device, dtype, repeats):
         reset_peak_memory(device)          # generate decodes in float32, chunk by chunk
         decode_s = median_seconds(lambda: vae.decode(x[:1], chunk=chunk), device, repeats)
         rows.append({"size": size, "latent frames": L,
-                     "audio s": round(L * vae.hop / cfg.sample_rate, 1),
+                     "audio s": round(L * vae.hop / config.sample_rate, 1),
                      "U-Net forward s (B=2)": unet_s, "U-Net peak GiB": unet_gib,
                      "VAE decode s (B=1)": decode_s, "decode peak GiB": peak_memory_gib(device)})
     return rows
 
 
-def train_step_seconds(unet, opt, cfg, batch, device, dtype):
+def train_step_seconds(unet, opt, config, batch, device, dtype):
     """Median seconds of one U-Net training step (Adam, the v-loss), or None if out of memory."""
-    L = cfg.window // math.prod(cfg.vae.strides)
-    z, _, context, mask = random_inputs(cfg, batch, L, device)
+    L = config.window // math.prod(config.vae.strides)
+    z, _, context, mask = random_inputs(config, batch, L, device)
     generator = torch.Generator().manual_seed(0)
 
     def step():
@@ -331,13 +329,13 @@ def train_step_seconds(unet, opt, cfg, batch, device, dtype):
 
 def train_batch_rows(size, device, dtype, checkpointing):
     """Training steps at batch 1, 2, 4, ... until one runs out of memory (CUDA only)."""
-    cfg, unet, _ = build_parts(size, device)
+    config, unet, _ = build_parts(size, device)
     unet.train().set_checkpointing(checkpointing)
     opt = torch.optim.Adam(unet.parameters(), lr=1e-5)     # the paper trains with Adam
     rows, batch = [], 1
     while batch <= MAX_TRAIN_BATCH:
         reset_peak_memory(device)
-        seconds = train_step_seconds(unet, opt, cfg, batch, device, dtype)
+        seconds = train_step_seconds(unet, opt, config, batch, device, dtype)
         fits = seconds is not None
         rows.append({"size": size, "checkpointing": checkpointing, "batch": batch, "fits": fits,
                      "steps per s": 1 / seconds if fits else None,
@@ -431,10 +429,10 @@ def real_clip(sound, seed, sample_rate, seconds):
         seed += 100_000
 
 
-def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=CFG_SCALE):
+def timing_rows(model, durations, seeds, steps, dtype, cfg_scale=sa.CFG_SCALE):
     """Detected audible end of untrimmed outputs per requested duration, against a real clip;
     then the same figures per sound, and over all clips."""
-    sr, window = model.cfg.sample_rate, model.cfg.window
+    sr, window = model.config.sample_rate, model.config.window
     clips, real_errors = [], []
     for i, seconds in enumerate(tqdm(durations, desc="timing", leave=False)):
         sounds = [TIMING_SOUNDS[(i + j) % len(TIMING_SOUNDS)] for j in range(seeds)]
@@ -481,13 +479,13 @@ def bench_timing(setup):
         yield table("timing: §6.3 timing accuracy", machine(setup["device"], setup["dtype"]), [],
                     f"skipped: no checkpoint at {setup['ckpt']}")
         return
-    cfg = model.cfg
+    config = model.config
     every = QUICK_TIMING_EVERY_S if setup["quick"] else TIMING_EVERY_S
-    durations = timing_durations(cfg.window / cfg.sample_rate, every)
+    durations = timing_durations(config.window / config.sample_rate, every)
     rows = timing_rows(model, durations, setup["seeds"], setup["eval_steps"], setup["dtype"],
                        setup["cfg_scale"])
     yield table("timing: §6.3 timing accuracy", machine(setup["device"], setup["dtype"]), rows,
-                f"checkpoint {setup['ckpt']} (size {cfg.size}), {setup['seeds']} seed(s) per "
+                f"checkpoint {setup['ckpt']} (size {config.size}), {setup['seeds']} seed(s) per "
                 f"duration, {setup['eval_steps']} dpmpp-3m steps, CFG {setup['cfg_scale']:g}, "
                 f"trim=False; "
                 f"prompts: {', '.join(sound_world.adherence_prompt(s) for s in TIMING_SOUNDS)}",
@@ -548,7 +546,7 @@ def bench_samplers(setup):
     if setup["ckpt_given"] and model is not None:
         steps_list = MODEL_SAMPLER_STEPS[:3] if setup["quick"] else MODEL_SAMPLER_STEPS
         reference = 2 * steps_list[-1]
-        seconds = min(ADHERENCE_SECONDS, model.cfg.window / model.cfg.sample_rate)
+        seconds = min(ADHERENCE_SECONDS, model.config.window / model.config.sample_rate)
         yield table("samplers: on the model, against a long run", machine(setup["device"],
                                                                           setup["dtype"]),
                     model_sampler_rows(model, steps_list, reference, setup["dtype"],
@@ -571,7 +569,7 @@ def vae_rows(vae, sounds, clips, sample_rate, seconds):
         x_hat = vae.decode(vae.encode(x)[0])[..., :x.shape[-1]]
         noise = (x_hat - x).pow(2).sum((1, 2)) / x.pow(2).sum((1, 2))
         rows.append({"sound": sound,
-                     "STFT loss": float(train.stereo_loss(x_hat, x, sample_rate)),
+                     "STFT loss": float(sa.stereo_loss(x_hat, x, sample_rate)),
                      "SNR dB": float((-10 * noise.log10()).mean()),
                      "log-spectral distance dB": float(np.mean(
                          [log_spectral_distance(a, b) for a, b in zip(x_hat.numpy(), x.numpy())])),
@@ -588,24 +586,26 @@ def bench_vae(setup):
     if model is None:
         yield table("vae: reconstruction", where, [], f"skipped: no checkpoint at {setup['ckpt']}")
         return
-    cfg, vae = model.cfg, model.vae.float()
+    config, vae = model.config, model.vae.float()
     sounds = ADHERENCE_SOUNDS[:QUICK_SOUNDS] if setup["quick"] else ADHERENCE_SOUNDS
     clips = 2 if setup["quick"] else REAL_CLIPS
-    values_in = cfg.vae.channels * vae.hop
+    values_in = config.vae.channels * vae.hop
     yield table("vae: reconstruction of unseen clips", where,
                 vae_rows(vae.cpu() if setup["device"].type == "cpu" else vae, sounds, clips,
-                         cfg.sample_rate, VAE_SECONDS),
-                f"checkpoint {setup['ckpt']} (size {cfg.size}, activation {cfg.vae.activation}, "
-                f"strides {cfg.vae.strides}); {clips} sound-world clips of {VAE_SECONDS:g} s per "
-                "sound, never seen in training, encoded to the posterior mean and decoded",
-                f"compression: {values_in} samples ({cfg.vae.channels} channels x hop {vae.hop}) "
-                f"-> {cfg.vae.latent_dim} latent values per frame, "
-                f"{values_in / cfg.vae.latent_dim:g}x; "
-                f"latent rate {cfg.sample_rate / vae.hop:.1f} frames/s",
-                "STFT loss: train.py's A-weighted multi-resolution loss on mid/side and L/R (the "
-                "training objective); SNR: waveform signal-to-error ratio (phase-sensitive, low "
-                "for noise even when it sounds right); log-spectral distance: average spectra; "
-                "tonality: share of power in spectral peaks, as in the adherence section")
+                         config.sample_rate, VAE_SECONDS),
+                f"checkpoint {setup['ckpt']} (size {config.size}, activation "
+                f"{config.vae.activation}, strides {config.vae.strides}); {clips} sound-world "
+                f"clips of {VAE_SECONDS:g} s per sound, never seen in training, encoded to the "
+                "posterior mean and decoded",
+                f"compression: {values_in} samples ({config.vae.channels} channels x hop "
+                f"{vae.hop}) -> {config.vae.latent_dim} latent values per frame, "
+                f"{values_in / config.vae.latent_dim:g}x; "
+                f"latent rate {config.sample_rate / vae.hop:.1f} frames/s",
+                "STFT loss: stable_audio.stereo_loss, A-weighted multi-resolution on mid/side and "
+                "L/R (the training objective); SNR: waveform signal-to-error ratio (phase-"
+                "sensitive, low for noise even when it sounds right); log-spectral distance: "
+                "average spectra; tonality: share of power in spectral peaks, as in the adherence "
+                "section")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -712,7 +712,7 @@ def clap_summary(scores, labels):
             "top-1 accuracy": float((scores.argmax(1) == labels).mean())}
 
 
-def generate_clips(model, sounds, seeds, seconds, steps, dtype, cfg_scale=CFG_SCALE):
+def generate_clips(model, sounds, seeds, seconds, steps, dtype, cfg_scale=sa.CFG_SCALE):
     """One clip per sound and seed (batch 1, so seed k is the same noise for every prompt).
     -> (len(sounds) * seeds, 2, N), sound-major."""
     jobs = [(s, k) for s in sounds for k in range(seeds)]
@@ -761,18 +761,18 @@ def bench_adherence(setup):
     if model is None:
         yield table("adherence", where, [], f"skipped: no checkpoint at {setup['ckpt']}")
         return
-    cfg = model.cfg
+    config = model.config
     sounds = ADHERENCE_SOUNDS[:QUICK_SOUNDS] if setup["quick"] else ADHERENCE_SOUNDS
     prompts, seeds = [sound_world.adherence_prompt(s) for s in sounds], max(2, setup["seeds"])
-    seconds = min(ADHERENCE_SECONDS, cfg.window / cfg.sample_rate)
+    seconds = min(ADHERENCE_SECONDS, config.window / config.sample_rate)
     generated = generate_clips(model, sounds, seeds, seconds, setup["eval_steps"], setup["dtype"],
                                setup["cfg_scale"])
     generated = generated.view(len(sounds), seeds, *generated.shape[1:])   # (sounds, seeds, 2, N)
-    real = real_set(sounds, 0, REAL_CLIPS, cfg.sample_rate, seconds)
-    real_b = real_set(sounds, REAL_CLIPS, seeds, cfg.sample_rate, seconds)   # as many as generated
-    setting = (f"checkpoint {setup['ckpt']} (size {cfg.size}); {seconds:.1f} s, {seeds} seeds per "
-               f"prompt, {setup['eval_steps']} dpmpp-3m steps, CFG {setup['cfg_scale']:g}; real: "
-               f"{REAL_CLIPS} sound-world clips per sound")
+    real = real_set(sounds, 0, REAL_CLIPS, config.sample_rate, seconds)
+    real_b = real_set(sounds, REAL_CLIPS, seeds, config.sample_rate, seconds)   # as many as made
+    setting = (f"checkpoint {setup['ckpt']} (size {config.size}); {seconds:.1f} s, {seeds} seeds "
+               f"per prompt, {setup['eval_steps']} dpmpp-3m steps, CFG {setup['cfg_scale']:g}; "
+               f"real: {REAL_CLIPS} sound-world clips per sound")
     text = clap_text(model, prompts)
     gen_emb, real_emb, real_b_emb = (clap_audio(model, clips.flatten(0, 1))
                                      for clips in (generated, real, real_b))
@@ -793,7 +793,7 @@ def bench_adherence(setup):
                 f"clips; the reference row uses {len(real_b_emb)} other real clips, as many as "
                 "generated ones: the distance between two real sets of that size, its noise floor")
     yield table("adherence: acoustic descriptors", where,
-                descriptor_rows(sounds, generated.numpy(), real.numpy(), cfg.sample_rate),
+                descriptor_rows(sounds, generated.numpy(), real.numpy(), config.sample_rate),
                 setting, "no learned model: flatness ~1 for noise (rain), tonality ~1 for notes "
                 "(piano), percussiveness: crest factor of the 10 ms envelope (drums high)")
     yield table("adherence: log-spectral distance", where,
@@ -832,8 +832,9 @@ def parse_args(argv):
         help=f"sampler steps for speed (default {PAPER_STEPS}, the paper)")
     add("--eval-steps", type=int, help="sampler steps for timing and adherence "
         f"(default {PAPER_STEPS}; --quick 25)")
-    add("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance scale for "
-        f"timing, adherence and the model part of samplers (default {CFG_SCALE:g}, the paper)")
+    add("--cfg-scale", type=float, default=sa.CFG_SCALE, help="classifier-free guidance scale "
+        f"for timing, adherence and the model part of samplers (default {sa.CFG_SCALE:g}, the "
+        "paper)")
     add("--repeats", type=int, help="timed runs per speed and throughput figure, after a "
         "warm-up; the median is reported (default 3; --quick 1)")
     add("--seeds", type=int, help="seeds per duration for timing and per prompt for adherence, "
@@ -884,7 +885,7 @@ def prepare(args, sections):
                                             device=device)[0]
     except (FileNotFoundError, ValueError) as e:
         raise sa.UsageError(e) from None
-    size = args.size or (ckpt_model.cfg.size if given else
+    size = args.size or (ckpt_model.config.size if given else
                          "full" if device.type == "cuda" else "tiny")
     speed_model = None
     if "speed" in sections:

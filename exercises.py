@@ -13,7 +13,6 @@ figure.
 Shape alphabet: B batch, C channels, L latent frames, N samples, S tokens.
 """
 import argparse
-import inspect
 import math
 import sys
 import time
@@ -204,24 +203,8 @@ def check_1(r):
 # v = v_null + scale (v_prompt - v_null), then the CFG rescale (phi = 0.4) of Lin et al.
 # -------------------------------------------------------------------------------------------------
 GUIDANCE_SCALES = (1, 3, 6, 9, 12)
-RESCALE = 0.4                     # guided_v's default, as released; 0 turns the rescale off
 SOUNDS = ("rain", "piano", "drums")
 SECONDS, STEPS = 5, 10            # short clips, few DPM-Solver++(3M) steps: minutes, not hours
-
-
-@torch.inference_mode()
-def guided_latents(model, prompts, cfg_scale, rescale, steps, seed, sampler="dpmpp-3m"):
-    """generate's steps 1 to 3, with the CFG rescale as an argument: latents (B, 64, L) for
-    SECONDS-long requests, sample i from the noise of seed + i."""
-    B = len(prompts)
-    start, total = [0] * B, [SECONDS] * B
-    context, mask = model.condition(prompts, start, total)
-    null, null_mask = sa.unconditional(model, context, None, start, total)
-    length = model.content_frames(start, total) if model.cfg.unet.padding_mask else None
-    v = sa.guided_v(model.unet, context, mask, null, null_mask, cfg_scale, rescale, length)
-    sigmas = sa.get_sigmas(steps)
-    x = sigmas[0].item() * sa.seeded_noise(model, seed, B, torch.device("cpu"))
-    return sa.SAMPLERS[sampler](sa.v_to_denoiser(v), x, sigmas)
 
 
 def exercise_2(seed, scale=1.0):
@@ -238,14 +221,16 @@ def exercise_2(seed, scale=1.0):
     with torch.inference_mode():
         text = model.clap.embed_text(*model.clap.tokenize(
             [sound_world.adherence_prompt(s) for s in SOUNDS]))               # (3, D)
-    runs = [(1, RESCALE)] + [(s, r) for s in GUIDANCE_SCALES[1:] for r in (RESCALE, 0.0)]
+    runs = [(1, sa.CFG_RESCALE)] + [(s, r) for s in GUIDANCE_SCALES[1:]
+                                    for r in (sa.CFG_RESCALE, 0.0)]
     inside = int(model.content_frames(0, SECONDS))        # the latent frames of the request
     figures = {}
     for cfg_scale, rescale in tqdm(runs, desc=f"seed {seed}, guidance", leave=False):
-        z = guided_latents(model, prompts, cfg_scale, rescale, steps_at(STEPS, scale, 2),
-                           seed * len(prompts))
+        z = sa.generate(model, prompts, SECONDS, steps=steps_at(STEPS, scale, 2),
+                        cfg_scale=cfg_scale, cfg_rescale=rescale, seed=seed * len(prompts),
+                        latents=True)                                       # (B, 64, L)
         with torch.inference_mode():
-            audio = sa.decode_content(model, z, SECONDS * model.cfg.sample_rate, None)
+            audio = sa.decode_content(model, z, SECONDS * model.config.sample_rate, None)
             emb = model.clap.embed_audio(audio)                                 # (B, D)
         scores = emb @ text.T                                                   # (B, 3)
         pairs = emb.view(len(SOUNDS), 2, -1)                                    # two per prompt
@@ -276,7 +261,6 @@ def check_2(r):
 SAMPLER_NAMES = sound_world.SAMPLERS_BY_ORDER       # orders 1, 2, 3
 GAUSS_STEPS = (10, 20, 50, 100)
 MODEL_STEPS, REFERENCE_STEPS = (5, 10, 20), 50
-CFG_SCALE = inspect.signature(sa.generate).parameters["cfg_scale"].default   # §4.4
 
 
 def exercise_3(seed, scale=1.0):
@@ -296,8 +280,8 @@ def exercise_3(seed, scale=1.0):
         figures[f"{name}: Gaussian order"] = orders[0]
     model, _ = sa.load_checkpoint(DEMO)
     prompt = [sound_world.adherence_prompt(SOUNDS[seed % len(SOUNDS)])]
-    run = lambda sampler, steps: guided_latents(model, prompt, CFG_SCALE, RESCALE,
-                                                steps_at(steps, scale, 2), seed, sampler)
+    run = lambda sampler, steps: sa.generate(model, prompt, SECONDS, seed=seed, sampler=sampler,
+                                             steps=steps_at(steps, scale, 2), latents=True)
     reference = run("dpmpp-3m", REFERENCE_STEPS)
     jobs = [(n, name) for n in MODEL_STEPS for name in SAMPLER_NAMES]
     for n, name in tqdm(jobs, desc=f"seed {seed}, samplers on the model", leave=False):
@@ -410,14 +394,15 @@ def linear_code_loss(train_clips, test_clips, hop, channels=64):
 def unet_gflops_per_second(hop):
     """One pass of the full-size U-Net over the paper's 95 s window at this hop, counted (not
     timed) on PyTorch's meta device, per second of audio."""
-    cfg = sa.SIZES["full"]
-    L = cfg.window // hop
+    config = sa.SIZES["full"]
+    L = config.window // hop
     with torch.device("meta"), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet = sa.UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.context_len)
-        unet(torch.zeros(1, cfg.vae.latent_dim, L), torch.zeros(1),
-             torch.zeros(1, cfg.context_len, cfg.clap.text_width),
-             torch.ones(1, cfg.context_len, dtype=torch.bool))
-    return counter.get_total_flops() / 1e9 / (cfg.window / cfg.sample_rate)
+        unet = sa.UNet(config.unet, config.vae.latent_dim, config.clap.text_width,
+                       config.context_len)
+        unet(torch.zeros(1, config.vae.latent_dim, L), torch.zeros(1),
+             torch.zeros(1, config.context_len, config.clap.text_width),
+             torch.ones(1, config.context_len, dtype=torch.bool))
+    return counter.get_total_flops() / 1e9 / (config.window / config.sample_rate)
 
 
 def exercise_5(seed, scale=1.0):

@@ -68,9 +68,9 @@ def sat_vae_config(d):
         if tuple(c["rates"]) != strides[::-1]:
             raise ValueError("the decoder's rates must be the encoder's strides reversed")
         return sa.VAEConfig(channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],
-                         encoder_width=e["d_model"], decoder_width=c["channels"],
-                         strides=strides,
-                         multipliers=tuple(2 ** i for i in range(len(strides) + 1)))
+                            encoder_width=e["d_model"], decoder_width=c["channels"],
+                            strides=strides,
+                            multipliers=tuple(2 ** i for i in range(len(strides) + 1)))
     if enc["type"] == dec["type"] == "oobleck":
         e, c = enc["config"], dec["config"]
         if c.get("final_tanh", True) or e.get("antialias_activation") or \
@@ -79,9 +79,9 @@ def sat_vae_config(d):
                              "false, no antialiasing, transposed-conv upsampling)")
         mults = (1, *e["c_mults"])
         return sa.VAEConfig(channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],
-                         encoder_width=e["channels"], decoder_width=c["channels"] * mults[-1],
-                         strides=tuple(e["strides"]), multipliers=mults, kind="oobleck",
-                         activation="snake_beta" if e.get("use_snake") else "elu")
+                            encoder_width=e["channels"], decoder_width=c["channels"] * mults[-1],
+                            strides=tuple(e["strides"]), multipliers=mults, kind="oobleck",
+                            activation="snake_beta" if e.get("use_snake") else "elu")
     raise ValueError(f"autoencoder type {enc['type']}/{dec['type']} is not supported "
                      f"(dac or oobleck)")
 
@@ -201,24 +201,24 @@ def from_sat(config, weights, vae_only=False):
     try:
         vae_only = vae_only or config["model_type"] == "autoencoder"
         if vae_only:
-            cfg = sat_vae_config(config["model"] if config["model_type"] == "autoencoder" else
-                                 config["model"]["pretransform"]["config"])
+            ours = sat_vae_config(config["model"] if config["model_type"] == "autoencoder" else
+                                  config["model"]["pretransform"]["config"])
         elif config["model_type"] != "diffusion_cond":
             raise ValueError(f"model_type {config['model_type']!r} is not supported")
         else:
-            cfg = sat_model_config(config)
+            ours = sat_model_config(config)
     except KeyError as e:
         raise ValueError(f"{where} lacks {e}; pass a stable-audio-tools model config") from None
     except (TypeError, AttributeError, ValueError) as e:
         raise ValueError(f"{where} is not a config this code can read ({e})") from None
     if vae_only:
         prefix = "pretransform.model." if any(k.startswith("pretransform.model.")
-                                             for k in weights) else ""
+                                              for k in weights) else ""
         parts = lambda vae: [(vae, sat_vae_weights(vae, weights, prefix), "autoencoder")]
-        return sa.build_checked(cfg, parts, where, build=sa.VAE).eval()
+        return sa.build_checked(ours, parts, where, build=sa.VAE).eval()
     tables = {f"{ours}.weight": weights.get(f"conditioner.conditioners.seconds_{ours}."
                                             f"int_embedder.weight") for ours in ("start", "total")}
-    model = sa.build_checked(cfg, lambda m: [
+    model = sa.build_checked(ours, lambda m: [
         (m.unet, rename(weights, "model.model.", SAT_UNET_NAMES), "U-Net"),
         (m.vae, sat_vae_weights(m.vae, weights, "pretransform.model."), "autoencoder"),
         (m.timing, {k: v for k, v in tables.items() if v is not None}, "timing")], where)

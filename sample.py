@@ -4,7 +4,6 @@ Writes one file per sample (wav, flac or ogg, from the --out extension) at the c
 rate, and a spectrogram PNG beside it. Sample i starts from the noise of seed + i and its file name
 carries that seed, so `--seed S` alone re-makes any one file of a batch.
 """
-import inspect
 import json
 import os
 import re
@@ -31,7 +30,6 @@ DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "demo.pt"
 FORMATS = (".wav", ".flac", ".ogg")          # soundfile picks the container from the extension
 CEILING = 10 ** (-1 / 20)                    # -1 dBFS: headroom for lossy encoders and resamplers
 SILENCE = 1e-4                               # a peak below -80 dBFS: nothing audible came out
-CFG_SCALE = inspect.signature(sa.generate).parameters["cfg_scale"].default   # §4.4
 CLIError = sa.UsageError     # what main() reports as one `error:` line, with exit status 2
 # generate's arguments by the flags that set them: its checks, in the words the user typed.
 FLAGS = {"seconds_total": "--seconds", "seconds_start": "--start", "cfg_rescale": "--cfg-rescale",
@@ -53,12 +51,12 @@ def parse_args(argv):
     add("--start", type=float, default=0.0, help="seconds_start (§3.2): where the clip begins "
         "within the piece of --seconds, 0 <= start < seconds (default 0)")
     add("--steps", type=int, default=100, help="sampler steps (default 100, the paper)")
-    add("--cfg-scale", type=float, default=CFG_SCALE,
-        help=f"classifier-free guidance scale (default {CFG_SCALE:g}, the paper); 1 turns "
+    add("--cfg-scale", type=float, default=sa.CFG_SCALE,
+        help=f"classifier-free guidance scale (default {sa.CFG_SCALE:g}, the paper); 1 turns "
         "guidance off")
-    add("--cfg-rescale", type=float, default=0.4, metavar="PHI", help="how far guidance's "
-        "output is pulled back to the conditional one's spread, in [0, 1] (default 0.4, as "
-        "released); 0 turns the rescale off, so large scales over-saturate")
+    add("--cfg-rescale", type=float, default=sa.CFG_RESCALE, metavar="PHI", help="how far "
+        "guidance's output is pulled back to the conditional one's spread, in [0, 1] (default "
+        f"{sa.CFG_RESCALE:g}, as released); 0 turns the rescale off, so large scales over-saturate")
     add("--sampler", choices=sa.SAMPLERS, default="dpmpp-3m",
         help="DPM-Solver++ multistep of order 2 or 3 (default dpmpp-3m), or Euler, the "
         "first-order baseline")
@@ -242,8 +240,8 @@ def load_model(args, device):
             model, ckpt = load_ckpt(args, device)
     except (FileNotFoundError, ValueError) as e:
         raise CLIError(e) from None
-    cfg = model.cfg
-    window = cfg.window / cfg.sample_rate
+    config = model.config
+    window = config.window / config.sample_rate
     if ckpt.get("weights"):                      # train.py export: one set, described
         weights = ckpt["weights"]
     elif ckpt.get("ema") is None:
@@ -251,14 +249,14 @@ def load_model(args, device):
     else:
         weights = "raw weights (--no-ema)" if args.no_ema else "EMA weights"
     step = f", step {ckpt['step']}" if "step" in ckpt else ""
-    print(f"loaded {args.ckpt}: size {cfg.size}, window {window:.1f} s at {cfg.sample_rate} Hz, "
-          f"{weights}{step}")
-    init = read_init_audio(args, cfg)
-    if args.seconds > cfg.timing.max_seconds:
+    print(f"loaded {args.ckpt}: size {config.size}, window {window:.1f} s at "
+          f"{config.sample_rate} Hz, {weights}{step}")
+    init = read_init_audio(args, config)
+    if args.seconds > config.timing.max_seconds:
         raise CLIError(f"--seconds {args.seconds:g} (the whole piece) is past the timing "
-                       f"embedding's range of {cfg.timing.max_seconds} s; pass a shorter "
+                       f"embedding's range of {config.timing.max_seconds} s; pass a shorter "
                        f"--seconds, or a smaller --start when --seconds is left out")
-    check_request(cfg, args, init)
+    check_request(config, args, init)
     return model, init
 
 
@@ -270,16 +268,16 @@ def request(args, init):
             "inpaint": args.inpaint}
 
 
-def check_request(cfg, args, init):
+def check_request(config, args, init):
     """generate's own checks of the request (sa.check_request) before sampling, in flags."""
     try:
-        sa.check_request(cfg, **request(args, init))
+        sa.check_request(config, **request(args, init))
     except ValueError as e:
         words = r"\b(" + "|".join(FLAGS) + r")\b"
         raise CLIError(re.sub(words, lambda m: FLAGS[m[1]], str(e))) from None
 
 
-def read_init_audio(args, cfg):
+def read_init_audio(args, config):
     """--init-audio as stereo at the model's rate (None without it); fills in the defaults of
     --seconds (--start + 30 s, or + the clip's length) and --init-strength (0.6, or 1 for
     inpainting)."""
@@ -289,12 +287,12 @@ def read_init_audio(args, cfg):
     if not os.path.isfile(args.init_audio):
         raise CLIError(f"--init-audio {args.init_audio}: no such file")
     try:
-        audio = sound_world.read_audio(args.init_audio, cfg.sample_rate)     # (2, N)
+        audio = sound_world.read_audio(args.init_audio, config.sample_rate)     # (2, N)
     except ValueError as e:
         raise CLIError(e) from None
     if not torch.isfinite(audio).all():
         raise CLIError(f"--init-audio {args.init_audio} has NaN or infinite samples")
-    seconds, window = audio.shape[-1] / cfg.sample_rate, cfg.window / cfg.sample_rate
+    seconds, window = audio.shape[-1] / config.sample_rate, config.window / config.sample_rate
     if seconds > window:
         raise CLIError(f"--init-audio lasts {seconds:.1f} s, longer than the model's window of "
                        f"{window:.1f} s; cut it to at most that")
@@ -308,7 +306,7 @@ def read_init_audio(args, cfg):
             else "a variation")
     print(f"init audio {args.init_audio}: {seconds:.2f} s, {what}, strength "
           f"{args.init_strength:g}")
-    return audio[..., :round((args.seconds - args.start) * cfg.sample_rate)]   # §3.2's content
+    return audio[..., :round((args.seconds - args.start) * config.sample_rate)]   # §3.2's content
 
 
 def sample_batch(model, args, seed, dtype, init=None):
@@ -359,7 +357,7 @@ def reconstruct(args, device):
         vae, sample_rate = load_released(args, vae_only=True)
     else:
         model, _ = load_ckpt(args)
-        vae, sample_rate = model.vae, model.cfg.sample_rate
+        vae, sample_rate = model.vae, model.config.sample_rate
     source = Path(args.reconstruct)
     out = [Path(args.out)] if args.out and Path(args.out).suffix else \
         [Path(args.out or "out") / f"{source.stem}_reconstructed.wav"]
@@ -403,7 +401,7 @@ def run(args):
     if args.negative is not None and args.cfg_scale == 1:
         print("note: --negative has no effect at --cfg-scale 1 (guidance is off)")
     seeds = f"seed {seed}" if args.n == 1 else f"seeds {seed}..{seed + args.n - 1}"
-    content = min(args.seconds - args.start, model.cfg.window / model.cfg.sample_rate)
+    content = min(args.seconds - args.start, model.config.window / model.config.sample_rate)
     print(f"generating {args.n} x {content:g} s from {args.start:g} s into a {args.seconds:g} s "
           f"piece, {seeds}, {args.steps} {args.sampler} steps, "
           f"cfg scale {args.cfg_scale:g} (rescale {args.cfg_rescale:g}), on {device.type} in "
@@ -411,8 +409,8 @@ def run(args):
     t1 = time.perf_counter()
     audio = sample_batch(model, args, seed, dtype, init)            # (n, 2, N)
     t2 = time.perf_counter()
-    write_results(paths, audio, model.cfg.sample_rate, seed)
-    seconds = audio.shape[0] * audio.shape[-1] / model.cfg.sample_rate
+    write_results(paths, audio, model.config.sample_rate, seed)
+    seconds = audio.shape[0] * audio.shape[-1] / model.config.sample_rate
     # bench.py reads this line (TIME_LINE): keep the two figures' wording if it changes.
     print(f"time: loading {t1 - t0:.1f} s + sampling and decoding {t2 - t1:.1f} s = "
           f"{t2 - t0:.1f} s; {seconds:g} s of audio, real-time factor {seconds / (t2 - t1):.2f} "

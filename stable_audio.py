@@ -30,7 +30,9 @@ from torch.utils.checkpoint import checkpoint
 CHECKPOINT_FORMAT = "stable-audio-reference/2"
 FORMAT_1 = "stable-audio-reference/1"     # still read: see upgrade_format_1
 PAD, BOS, EOS, VOCAB = 256, 257, 258, 259   # byte tokenizer: 256 byte values, then 3 specials
+STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)   # §4.2: the reconstruction loss's windows
 DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
+CFG_SCALE, CFG_RESCALE = 6.0, 0.4   # guidance: the paper's scale (§4.4), the released rescale phi
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,7 +95,7 @@ class UNetConfig:
     mapping_features: int = 1024         # width of the noise-level embedding fed to FiLM
     resnet_groups: int = 16
     symmetric_downsample: bool = False   # checkpoints of format 1: see upgrade_format_1
-    padding_mask: bool = False           # `tiny` only (not train.py --paper-timing): frames_inside
+    padding_mask: bool = False           # `tiny` only (not train.py --paper-timing): content_mask
 
 
 @dataclass
@@ -219,36 +221,31 @@ def decoder_block(c_in, c_out, stride, act=Snake):
         *[ResidualUnit(c_out, dilation, act) for dilation in (1, 3, 9)])
 
 
-def kl_divergence(mean, std):
-    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames, with
-    the textbook 1/2. Released, not the paper (KL term): the released code leaves it out (twice
-    this) and weights the term 1e-6 (Stable Audio 1.0); the paper gives 1e-4, as train.py does."""
-    return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
-
-
 class VAE(nn.Module):
     """Encoder to the posterior's mean and std, decoder back to audio. `kind` picks the released
     ends: "dac" (Stable Audio 1.0) adds a 1x1 conv after the encoder's last conv and a tanh after
     the decoder's; "oobleck" (Stable Audio Open) has neither, and no bias on the decoder's last."""
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        self.hop = math.prod(cfg.strides)
-        act, dac = ACTIVATIONS[cfg.activation], cfg.kind == "dac"
-        enc = [cfg.encoder_width * m for m in cfg.multipliers]                # 128 .. 2048
-        dec = [cfg.decoder_width * m // cfg.multipliers[-1] for m in reversed(cfg.multipliers)]
-        latent2 = 2 * cfg.latent_dim                                         # mean and scale
+        self.hop = math.prod(config.strides)
+        act, dac = ACTIVATIONS[config.activation], config.kind == "dac"
+        enc = [config.encoder_width * m for m in config.multipliers]                # 128 .. 2048
+        dec = [config.decoder_width * m // config.multipliers[-1]
+               for m in reversed(config.multipliers)]
+        latent2 = 2 * config.latent_dim                                         # mean and scale
         self.encoder = nn.Sequential(
-            WNConv1d(cfg.channels, enc[0], 7, padding=3),
-            *[encoder_block(enc[i], enc[i + 1], s, act) for i, s in enumerate(cfg.strides)],
+            WNConv1d(config.channels, enc[0], 7, padding=3),
+            *[encoder_block(enc[i], enc[i + 1], s, act) for i, s in enumerate(config.strides)],
             act(enc[-1]), WNConv1d(enc[-1], enc[-1] if dac else latent2, 3, padding=1),
             *([nn.Conv1d(enc[-1], latent2, 1)] if dac else []))
         self.decoder = nn.Sequential(                                        # 1536 .. 96
-            WNConv1d(cfg.latent_dim, dec[0], 7, padding=3),
-            *[decoder_block(dec[i], dec[i + 1], s, act) for i, s in enumerate(cfg.strides[::-1])],
-            act(dec[-1]), WNConv1d(dec[-1], cfg.channels, 7, padding=3, bias=dac),
+            WNConv1d(config.latent_dim, dec[0], 7, padding=3),
+            *[decoder_block(dec[i], dec[i + 1], s, act)
+              for i, s in enumerate(config.strides[::-1])],
+            act(dec[-1]), WNConv1d(dec[-1], config.channels, 7, padding=3, bias=dac),
             *([nn.Tanh()] if dac else []))
-        if cfg.audible_init:
-            self.audible_init(cfg.latent_dim)
+        if config.audible_init:
+            self.audible_init(config.latent_dim)
 
     @torch.no_grad()
     def audible_init(self, latent_dim):
@@ -294,6 +291,47 @@ class VAE(nn.Module):
             pieces.append(audio[..., (done - s) * self.hop:keep_to * self.hop])
             done = s + keep_to
         return torch.cat(pieces, dim=-1)
+
+
+def kl_divergence(mean, std):
+    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames, with
+    the textbook 1/2. Released, not the paper (KL term): the released code leaves it out (twice
+    this) and weights the term 1e-6 (Stable Audio 1.0); the paper gives 1e-4, as train.py does."""
+    return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
+
+
+def a_weighting(freqs):
+    """IEC 61672 A-weighting as a linear gain (1 at 1 kHz) for frequencies in Hz."""
+    f2 = freqs ** 2
+    r = 12194.0 ** 2 * f2 ** 2 / ((f2 + 20.6 ** 2) * (f2 + 12194.0 ** 2)
+                                  * torch.sqrt((f2 + 107.7 ** 2) * (f2 + 737.9 ** 2)))
+    return r * 10 ** (2.0 / 20)
+
+
+def stft_loss(x_hat, x, sample_rate):
+    """Spectral convergence + log magnitude between (B, N) signals, A-weighted so errors count as
+    the ear hears them, averaged over the STFT_SIZES windows."""
+    x_hat, x = x_hat.float(), x.float()            # STFT losses in float32: fp16 overflows
+    total = 0.0
+    for n_fft in STFT_SIZES:
+        window = torch.hann_window(n_fft, device=x.device)
+        weight = a_weighting(torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, device=x.device))
+        mag = lambda s: (weight[:, None] * torch.stft(s, n_fft, n_fft // 4, window=window,
+                                                      return_complex=True).abs()).clamp(min=1e-4)
+        Y, X = mag(x_hat), mag(x)                  # (B, F, T)
+        spectral_convergence = torch.linalg.norm(Y - X) / torch.linalg.norm(X)
+        log_magnitude = (Y.log() - X.log()).abs().mean()
+        total = total + spectral_convergence + log_magnitude
+    return total / len(STFT_SIZES)
+
+
+def stereo_loss(x_hat, x, sample_rate):
+    """§4.2 reconstruction: the STFT loss on mid (L + R) and side (L - R), sharing one
+    normalisation so a nearly mono clip (side ~ 0) does not divide by ~0, plus L and R as
+    released: |STFT(L - R)| = |STFT(R - L)|, so mid and side alone miss a left/right swap."""
+    mid_side = lambda a: torch.cat([a.sum(1), a[:, 0] - a[:, 1]])         # (2B, N)
+    return (stft_loss(mid_side(x_hat), mid_side(x), sample_rate)
+            + stft_loss(x_hat.flatten(0, 1), x.flatten(0, 1), sample_rate))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -370,28 +408,28 @@ def sinusoids(S, C):
 
 
 class CLAP(nn.Module):
-    def __init__(self, cfg: CLAPConfig, sample_rate):
+    def __init__(self, config: CLAPConfig, sample_rate):
         super().__init__()
-        self.cfg, self.sample_rate = cfg, sample_rate
-        W, A, D = cfg.text_width, cfg.audio_width, cfg.embed_dim
+        self.config, self.sample_rate = config, sample_rate
+        W, A, D = config.text_width, config.audio_width, config.embed_dim
         self.token_embedding = nn.Embedding(VOCAB, W)
-        self.position = nn.Parameter(0.02 * torch.randn(cfg.text_len, W))
-        self.text_layers = nn.ModuleList(CLAPLayer(W, cfg.text_heads)
-                                         for _ in range(cfg.text_layers))
+        self.position = nn.Parameter(0.02 * torch.randn(config.text_len, W))
+        self.text_layers = nn.ModuleList(CLAPLayer(W, config.text_heads)
+                                         for _ in range(config.text_layers))
         self.text_norm = nn.LayerNorm(W)
-        self.register_buffer("mel", mel_filterbank(cfg.n_fft, cfg.n_mels, sample_rate),
+        self.register_buffer("mel", mel_filterbank(config.n_fft, config.n_mels, sample_rate),
                              persistent=False)
-        self.register_buffer("window", torch.hann_window(cfg.n_fft), persistent=False)
-        self.patchify = nn.Conv1d(cfg.n_mels, A, cfg.patch, stride=cfg.patch)
-        self.audio_layers = nn.ModuleList(CLAPLayer(A, cfg.audio_heads)
-                                          for _ in range(cfg.audio_layers))
+        self.register_buffer("window", torch.hann_window(config.n_fft), persistent=False)
+        self.patchify = nn.Conv1d(config.n_mels, A, config.patch, stride=config.patch)
+        self.audio_layers = nn.ModuleList(CLAPLayer(A, config.audio_heads)
+                                          for _ in range(config.audio_layers))
         self.audio_norm = nn.LayerNorm(A)
         self.text_proj = nn.Sequential(nn.Linear(W, D), nn.GELU(), nn.Linear(D, D))
         self.audio_proj = nn.Sequential(nn.Linear(A, D), nn.GELU(), nn.Linear(D, D))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # learned temperature
 
     def tokenize(self, prompts):
-        return tuple(t.to(self.position.device) for t in tokenize(prompts, self.cfg.text_len))
+        return tuple(t.to(self.position.device) for t in tokenize(prompts, self.config.text_len))
 
     def text_hidden(self, tokens, mask, layers):
         """Hidden state after the first `layers` transformer layers. (B, S, W)"""
@@ -402,7 +440,7 @@ class CLAP(nn.Module):
 
     def text_features(self, tokens, mask):
         """§3.2: per-token features (B, S, W) for cross-attention, from layer `feature_layer`."""
-        return self.text_hidden(tokens, mask, len(self.text_layers) + 1 + self.cfg.feature_layer)
+        return self.text_hidden(tokens, mask, len(self.text_layers) + 1 + self.config.feature_layer)
 
     def embed_text(self, tokens, mask):
         """Unit-norm text embedding: last layer, mean over real tokens, projection. (B, D)"""
@@ -413,7 +451,7 @@ class CLAP(nn.Module):
     def log_mel(self, audio):
         """Stereo audio (B, 2, N) -> log-mel of the mono mix (B, n_mels, N / mel_hop + 1)."""
         mono = audio.float().mean(1)           # STFT in float32 even under autocast
-        spec = torch.stft(mono, self.cfg.n_fft, self.cfg.mel_hop, window=self.window,
+        spec = torch.stft(mono, self.config.n_fft, self.config.mel_hop, window=self.window,
                           return_complex=True).abs().pow(2)
         return torch.log(self.mel @ spec + 1e-5)
 
@@ -439,17 +477,17 @@ class CLAP(nn.Module):
 # seconds_total = 30 in a 95 s window makes the model end the content at 30 s, then silence.
 # -------------------------------------------------------------------------------------------------
 class TimingEmbedding(nn.Module):
-    def __init__(self, cfg: TimingConfig, features):
+    def __init__(self, config: TimingConfig, features):
         super().__init__()
-        self.max_seconds = cfg.max_seconds
-        self.start = nn.Embedding(cfg.max_seconds + 1, features)
-        self.total = nn.Embedding(cfg.max_seconds + 1, features)
+        self.max_seconds = config.max_seconds
+        self.start = nn.Embedding(config.max_seconds + 1, features)
+        self.total = nn.Embedding(config.max_seconds + 1, features)
         # Released: rows start from N(0, 1). Not the paper's (initialisation), `tiny` only:
         # sinusoids of the second, so neighbouring seconds start close and what a short run
         # teaches about 20 s carries over to 21 s before each row has been trained on its own.
-        if cfg.sinusoid_init:
+        if config.sinusoid_init:
             for table in (self.start, self.total):
-                table.weight.data.copy_(sinusoids(cfg.max_seconds + 1, features))
+                table.weight.data.copy_(sinusoids(config.max_seconds + 1, features))
 
     def forward(self, seconds_start, seconds_total):
         """Seconds (B,) -> two tokens (B, 2, C); fractions of a second are dropped."""
@@ -465,12 +503,13 @@ class TimingEmbedding(nn.Module):
 # per-channel scale and shift). Full size: 906.7 M parameters; it predicts v (§4.4). No positional
 # encoding: a frame finds the requested end from the timing tokens and the window's zero padding.
 # -------------------------------------------------------------------------------------------------
-def frames_inside(length, L, device):
+def content_mask(content_frames, L, device):
     """Not the paper's (padding mask channel), `tiny` only: the released data pipeline's padding
-    mask, True for the first length[b] latent frames, (B,) -> (B, L). With UNetConfig.padding_mask
-    it is one more U-Net input channel (as Stable Audio Open feeds its inpainting mask): CPU-sized
-    models never learned from the timing tokens alone which frames lie inside the request."""
-    return torch.arange(L, device=device) < length.to(device)[:, None]
+    mask, True for the first content_frames[b] latent frames, (B,) -> (B, L). With
+    UNetConfig.padding_mask it is one more U-Net input channel (as Stable Audio Open feeds its
+    inpainting mask): CPU-sized models never learned from the timing tokens alone which frames lie
+    inside the request."""
+    return torch.arange(L, device=device) < content_frames.to(device)[:, None]
 
 
 class NoiseLevelEmbedding(nn.Module):
@@ -550,12 +589,12 @@ class TransformerBlock(Checkpointed):
 
 class Transformer1d(nn.Module):
     """GroupNorm -> 1x1 conv -> transformer blocks over the L frames -> 1x1 conv."""
-    def __init__(self, features, blocks, cfg: UNetConfig, context_features):
+    def __init__(self, features, blocks, config: UNetConfig, context_features):
         super().__init__()
         self.to_in = nn.Sequential(GroupNorm(32, features, eps=1e-6),
                                    nn.Conv1d(features, features, 1))
-        self.blocks = nn.ModuleList(TransformerBlock(features, cfg.heads, context_features,
-                                                     cfg.ff_multiplier) for _ in range(blocks))
+        self.blocks = nn.ModuleList(TransformerBlock(features, config.heads, context_features,
+                                                     config.ff_multiplier) for _ in range(blocks))
         self.to_out = nn.Conv1d(features, features, 1)
 
     def forward(self, x, context, mask):
@@ -567,17 +606,17 @@ class Transformer1d(nn.Module):
 
 class DownLevel(nn.Module):
     """Strided conv (kernel 2f + 1), residual blocks, transformer (if any); each output a skip."""
-    def __init__(self, c_in, c_out, factor, attentions, cfg: UNetConfig, context_features):
+    def __init__(self, c_in, c_out, factor, attentions, config: UNetConfig, context_features):
         super().__init__()
         # Kernel 2f + 1, stride f: f + 1 zeros of padding keep L / f frames, ceil((f + 1) / 2)
         # of them on the left as released (format 1 padded f on each side: upgrade_format_1).
-        self.pad = (factor, factor) if cfg.symmetric_downsample else (
+        self.pad = (factor, factor) if config.symmetric_downsample else (
             (factor + 2) // 2, (factor + 1) // 2)
         self.downsample = nn.Conv1d(c_in, c_out, 2 * factor + 1, stride=factor)
-        self.resnets = nn.ModuleList(ResnetBlock(c_out, c_out, cfg.mapping_features,
-                                                 cfg.resnet_groups)
-                                     for _ in range(cfg.resnet_blocks))
-        self.transformer = (Transformer1d(c_out, attentions, cfg, context_features)
+        self.resnets = nn.ModuleList(ResnetBlock(c_out, c_out, config.mapping_features,
+                                                 config.resnet_groups)
+                                     for _ in range(config.resnet_blocks))
+        self.transformer = (Transformer1d(c_out, attentions, config, context_features)
                             if attentions else None)
 
     def forward(self, x, mapping, context, mask, skips):
@@ -593,12 +632,12 @@ class DownLevel(nn.Module):
 
 class UpLevel(nn.Module):
     """Residual blocks on [x, skip / sqrt 2], transformer, then upsampling to the next width."""
-    def __init__(self, c_in, c_out, factor, attentions, cfg: UNetConfig, context_features):
+    def __init__(self, c_in, c_out, factor, attentions, config: UNetConfig, context_features):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(2 * c_in, c_in, cfg.mapping_features,
-                                                 cfg.resnet_groups)
-                                     for _ in range(cfg.resnet_blocks + 1))
-        self.transformer = (Transformer1d(c_in, attentions, cfg, context_features)
+        self.resnets = nn.ModuleList(ResnetBlock(2 * c_in, c_in, config.mapping_features,
+                                                 config.resnet_groups)
+                                     for _ in range(config.resnet_blocks + 1))
+        self.transformer = (Transformer1d(c_in, attentions, config, context_features)
                             if attentions else None)
         self.upsample = (nn.Conv1d(c_in, c_out, 3, padding=1) if factor == 1 else
                          nn.ConvTranspose1d(c_in, c_out, 2 * factor, stride=factor,
@@ -613,24 +652,26 @@ class UpLevel(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, cfg: UNetConfig, io_channels, context_features, context_len):
+    def __init__(self, config: UNetConfig, io_channels, context_features, context_len):
         super().__init__()
-        ch, M = cfg.widths, cfg.mapping_features
-        self.downsampling = math.prod(cfg.factors)
-        self.to_time = NoiseLevelEmbedding(M, cfg.time_frequencies)
+        ch, M = config.widths, config.mapping_features
+        self.downsampling = math.prod(config.factors)
+        self.to_time = NoiseLevelEmbedding(M, config.time_frequencies)
         self.to_mapping = nn.Sequential(nn.Linear(M, M), nn.GELU(), nn.Linear(M, M), nn.GELU())
         # §4.4: the learned "null" context that replaces text and timing for guidance.
         self.null_context = nn.Parameter(torch.randn(context_len, context_features))
-        self.padding_mask = cfg.padding_mask
-        self.to_in = ResnetBlock(io_channels + cfg.padding_mask, ch[0], M, groups=1)
-        levels = range(len(cfg.factors))
-        self.down = nn.ModuleList(DownLevel(ch[i], ch[i + 1], cfg.factors[i], cfg.attentions[i],
-                                            cfg, context_features) for i in levels)
-        self.mid1 = ResnetBlock(ch[-1], ch[-1], M, cfg.resnet_groups)
-        self.mid_transformer = Transformer1d(ch[-1], cfg.attentions[-1], cfg, context_features)
-        self.mid2 = ResnetBlock(ch[-1], ch[-1], M, cfg.resnet_groups)
-        self.up = nn.ModuleList(UpLevel(ch[i + 1], ch[i], cfg.factors[i], cfg.attentions[i],
-                                        cfg, context_features) for i in reversed(levels))
+        self.padding_mask = config.padding_mask
+        self.to_in = ResnetBlock(io_channels + config.padding_mask, ch[0], M, groups=1)
+        levels = range(len(config.factors))
+        self.down = nn.ModuleList(DownLevel(ch[i], ch[i + 1], config.factors[i],
+                                            config.attentions[i], config, context_features)
+                                  for i in levels)
+        self.mid1 = ResnetBlock(ch[-1], ch[-1], M, config.resnet_groups)
+        self.mid_transformer = Transformer1d(ch[-1], config.attentions[-1], config,
+                                             context_features)
+        self.mid2 = ResnetBlock(ch[-1], ch[-1], M, config.resnet_groups)
+        self.up = nn.ModuleList(UpLevel(ch[i + 1], ch[i], config.factors[i], config.attentions[i],
+                                        config, context_features) for i in reversed(levels))
         self.to_out = ResnetBlock(ch[0], io_channels, M, groups=1)
         with torch.no_grad():      # the released wrapper halves every initial parameter
             for p in self.parameters():
@@ -642,15 +683,16 @@ class UNet(nn.Module):
             if isinstance(m, Checkpointed):
                 m.checkpoint = on
 
-    def forward(self, x, t, context, mask, length=None):
+    def forward(self, x, t, context, mask, content_frames=None):
         """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L);
-        L a multiple of self.downsampling. length (B,): latent frames inside the requested
-        extent (StableAudio.content_frames), read only with padding_mask; None: the whole window."""
+        L a multiple of self.downsampling. content_frames (B,), StableAudio.content_frames: read
+        only with padding_mask; None: the whole window."""
         mapping = self.to_mapping(self.to_time(t))                   # (B, M)
-        if self.padding_mask:                                        # `tiny`: frames_inside
+        if self.padding_mask:                                        # `tiny`: content_mask
             B, _, L = x.shape
-            length = torch.full((B,), L, device=x.device) if length is None else length
-            inside = frames_inside(length, L, x.device)             # (B, L)
+            if content_frames is None:
+                content_frames = torch.full((B,), L, device=x.device)
+            inside = content_mask(content_frames, L, x.device)       # (B, L)
             x = torch.cat([x, inside[:, None].to(x.dtype)], dim=1)   # (B, 64 + 1, L)
         x = self.to_in(x, mapping)                                   # (B, 1024, L)
         outer, skips = x, []
@@ -664,26 +706,27 @@ class UNet(nn.Module):
 
 class StableAudio(nn.Module):
     """The three parts of the paper in one module: `.vae`, `.clap` (+ `.timing`), `.unet`."""
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.cfg = cfg
-        self.vae = VAE(cfg.vae)
-        self.clap = CLAP(cfg.clap, cfg.sample_rate)
-        self.timing = TimingEmbedding(cfg.timing, cfg.clap.text_width)
-        self.unet = UNet(cfg.unet, cfg.vae.latent_dim, cfg.clap.text_width, cfg.context_len)
-        self.latent_frames = cfg.window // self.vae.hop                # L of the whole window
+        self.config = config
+        self.vae = VAE(config.vae)
+        self.clap = CLAP(config.clap, config.sample_rate)
+        self.timing = TimingEmbedding(config.timing, config.clap.text_width)
+        self.unet = UNet(config.unet, config.vae.latent_dim, config.clap.text_width,
+                         config.context_len)
+        self.latent_frames = config.window // self.vae.hop                # L of the whole window
 
     def content_frames(self, seconds_start, seconds_total):
         """Seconds (B,) -> latent frames (B,) before the silence: (total - start) x frame rate.
         A count of L or more marks the whole window: the mask covers min(total - start, window)."""
         seconds = torch.as_tensor(seconds_total) - torch.as_tensor(seconds_start)
-        return (seconds.double() * self.cfg.sample_rate / self.vae.hop).ceil().long()
+        return (seconds.double() * self.config.sample_rate / self.vae.hop).ceil().long()
 
     def condition(self, prompts, seconds_start, seconds_total):
         """Prompts and seconds (B,) -> context (B, S + 2, C) and mask (B, S + 2)."""
         tokens, mask = self.clap.tokenize(prompts)
         text = self.clap.text_features(tokens, mask)                 # (B, S, C)
-        if not self.cfg.timing.enabled:                              # the ablation: text only
+        if not self.config.timing.enabled:                              # the ablation: text only
             return text, mask
         device = text.device
         timing = self.timing(torch.as_tensor(seconds_start, device=device),
@@ -696,14 +739,14 @@ def build_model(size="full"):
     """The whole model for a size name in SIZES or a ModelConfig."""
     if isinstance(size, str) and size not in SIZES:
         raise ValueError(f"unknown size {size!r}: choose one of {', '.join(SIZES)}")
-    cfg = copy.deepcopy(SIZES[size] if isinstance(size, str) else size)
-    if not (isinstance(cfg.latent_scale, (int, float)) and 0 < cfg.latent_scale < math.inf):
-        raise ValueError(f"latent_scale must be a positive number, got {cfg.latent_scale!r}")
-    hop, down = math.prod(cfg.vae.strides), math.prod(cfg.unet.factors)
-    if cfg.window % (hop * down):
-        raise ValueError(f"window {cfg.window} samples is not a multiple of {hop * down} (VAE hop "
-                         f"{hop} x U-Net downsampling {down}); pick a window that is")
-    return StableAudio(cfg)
+    config = copy.deepcopy(SIZES[size] if isinstance(size, str) else size)
+    if not (isinstance(config.latent_scale, (int, float)) and 0 < config.latent_scale < math.inf):
+        raise ValueError(f"latent_scale must be a positive number, got {config.latent_scale!r}")
+    hop, down = math.prod(config.vae.strides), math.prod(config.unet.factors)
+    if config.window % (hop * down):
+        raise ValueError(f"window {config.window} samples is not a multiple of {hop * down} "
+                         f"(VAE hop {hop} x U-Net downsampling {down}); pick a window that is")
+    return StableAudio(config)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -721,8 +764,8 @@ def randn(shape, generator, like):
     return torch.randn(shape, generator=generator).to(like.device, like.dtype)
 
 
-def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, length=None):
-    """v-objective loss for a batch of clean latents z (B, 64, L); length as in UNet.forward.
+def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, content_frames=None):
+    """v-objective loss for clean latents z (B, 64, L); content_frames as in UNet.forward.
     Not the paper's (noise levels in training): t ~ U[0, 1] from the generator; the released
     code draws t from a scrambled Sobol sequence and sets 1 % of them to 1."""
     B = z.shape[0]
@@ -734,7 +777,7 @@ def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, length=N
     drop = (torch.rand(B, generator=generator) < cond_dropout).to(z.device)
     context = torch.where(drop[:, None, None], unet.null_context.to(context.dtype), context)
     mask = mask | drop[:, None]              # the null context is attended in full
-    return F.mse_loss(unet(z_t, t, context, mask, length).float(), v.float())
+    return F.mse_loss(unet(z_t, t, context, mask, content_frames).float(), v.float())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -749,27 +792,28 @@ def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
     return torch.cat([sigmas, sigmas.new_zeros(1)]).double()
 
 
-def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=0.4, length=None):
+def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCALE,
+             content_frames=None):
     """Classifier-free guidance: v = v_u + scale (v_c - v_u), then the CFG rescale of Lin et al.,
     pulling the guided v's per-frame std over channels back toward v_c's (phi = 0.4, the released
     default) so that large scales do not blow up the signal. Not the paper's (padding mask channel),
-    `tiny` only: with `length` (B,), frames from `length` on take v_c alone. Both branches see the
-    mask and should agree on silence there, so guiding would only multiply their disagreement; in
-    the paper the unconditional branch knows nothing of the timing, so there is no such choice."""
+    `tiny` only: with `content_frames` (B,), the frames after them take v_c alone: both branches
+    see the mask and should agree on silence there, so guiding would only multiply their
+    disagreement (in the paper the unconditional branch knows nothing of the timing)."""
     if scale == 1:
-        return lambda z, t: unet(z, t, context, mask, length)
+        return lambda z, t: unet(z, t, context, mask, content_frames)
     # The conditional and unconditional halves of one batch, concatenated once.
     pair, pair_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])
-    pair_length = None if length is None else torch.cat([length, length])
+    pair_frames = None if content_frames is None else torch.cat([content_frames, content_frames])
 
     def v_fn(z, t):
-        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), pair, pair_mask, pair_length).chunk(2)
+        v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), pair, pair_mask, pair_frames).chunk(2)
         v = v_u + scale * (v_c - v_u)
         v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))
         v = rescale * v_rescaled + (1 - rescale) * v
-        if length is None:
+        if content_frames is None:
             return v
-        inside = frames_inside(length, z.shape[-1], z.device)     # (B, L)
+        inside = content_mask(content_frames, z.shape[-1], z.device)   # (B, L)
         return torch.where(inside[:, None], v, v_c)                 # (B, 64, L)
     return v_fn
 
@@ -877,35 +921,37 @@ SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": s
 # window; the timing tokens tell the model where to stop, and the silent tail is trimmed.
 # -------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=6.0,
-             cfg_rescale=0.4, negative_prompt=None, seed=0, sampler="dpmpp-3m", sigma_min=0.03,
-             sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None, trim=True,
-             decode_chunk=None, dtype=torch.float32, callback=None, timings=None, latents=False):
+def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=CFG_SCALE,
+             cfg_rescale=CFG_RESCALE, negative_prompt=None, seed=0, sampler="dpmpp-3m",
+             sigma_min=0.03, sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None,
+             trim=True, decode_chunk=None, dtype=torch.float32, callback=None, laps=None,
+             latents=False):
     """Audio (B, 2, N) for a list of prompts, N = min(seconds_total - seconds_start, window) *
     sample_rate (the whole window with trim=False): as in §3.2, the clip starts `seconds_start` into
-    a piece `seconds_total` long (at most cfg.timing.max_seconds, 512 s). `cfg_rescale` is
+    a piece `seconds_total` long (at most config.timing.max_seconds, 512 s). `cfg_rescale` is
     guided_v's phi (0: plain guidance). init_audio (2, N) or (B, 2, N) at the model's rate starts
     from that clip, not noise: `init_strength` in (0, 1] picks how much of the schedule is run,
-    `inpaint` = (start, end) seconds regenerates only that gap. `timings`, a dict, gets the seconds
+    `inpaint` = (start, end) seconds regenerates only that gap. `laps`, a dict, gets the seconds
     spent on "text", "sampling" and "decoding". `dtype` bf16/fp16: autocast, or a U-Net already cast
     to it as it is (unet_at_its_precision). `decode_chunk`: see default_decode_chunk. latents=True
-    returns (audio, z), z (B, 64, L) the whole window's latent as sampled (VAE's x latent_scale)."""
-    cfg, device = model.cfg, next(model.parameters()).device
-    check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
+    stops before decoding: z (B, 64, L), the window's latent as sampled (VAE's x latent_scale)."""
+    config, device = model.config, next(model.parameters()).device
+    check_request(config, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
                   init_strength, inpaint)
     # Training sees whole seconds: start rounded down, total rounded up (sound_world.crop_or_pad).
     B = len(prompts)
     start, total = [math.floor(seconds_start)] * B, [math.ceil(seconds_total)] * B
-    clock = Stopwatch(device, timings)
+    clock = Stopwatch(device, laps)
     with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
         # 1. Condition on the text and the two timing tokens; guidance's other branch.
         context, mask = model.condition(prompts, start, total)
         uncond, uncond_mask = unconditional(model, context, negative_prompt, start, total)
         clock.lap("text")
-        length = (model.content_frames(start, total).to(device)      # `tiny`: the padding
-                  if cfg.unet.padding_mask else None)                # mask (frames_inside)
+        content_frames = (model.content_frames(start, total).to(device)   # `tiny`: the padding
+                          if config.unet.padding_mask else None)           # mask (content_mask)
         denoiser = v_to_denoiser(guided_v(unet_at_its_precision(model, device), context, mask,
-                                          uncond, uncond_mask, cfg_scale, cfg_rescale, length))
+                                          uncond, uncond_mask, cfg_scale, cfg_rescale,
+                                          content_frames))
         # 2. The initial latent: the seeds' noise at the first sigma, or the init audio noised.
         sigmas = init_sigmas(steps, init_strength, sigma_min, sigma_max)
         x = sigmas[0].item() * seeded_noise(model, seed, B, device)
@@ -915,22 +961,24 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
         z = SAMPLERS[sampler](denoiser, x, sigmas, callback)
     clock.lap("sampling")
     check_finite(z, "latent")
+    if latents:
+        return z
     # 4. Decode. Not the paper's (output length): trimmed to the content, from seconds_start to
     # seconds_total at most (the paper trims silence for presentation only).
-    content = min(seconds_total - seconds_start, cfg.window / cfg.sample_rate)
-    audio = decode_content(model, z, round(content * cfg.sample_rate) if trim else cfg.window,
+    content = min(seconds_total - seconds_start, config.window / config.sample_rate)
+    audio = decode_content(model, z, round(content * config.sample_rate) if trim else config.window,
                            decode_chunk)
     check_finite(audio, "audio")                                     # decoded in float32
     clock.lap("decoding")
-    return (audio, z) if latents else audio
+    return audio
 
 
-def check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
+def check_request(config, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
                   init_strength, inpaint):
     """generate's argument checks, each a ValueError that says what to pass instead."""
-    window_seconds = cfg.window / cfg.sample_rate
-    if not 0 < seconds_total <= cfg.timing.max_seconds:
-        raise ValueError(f"seconds_total must be in (0, {cfg.timing.max_seconds}], the timing "
+    window_seconds = config.window / config.sample_rate
+    if not 0 < seconds_total <= config.timing.max_seconds:
+        raise ValueError(f"seconds_total must be in (0, {config.timing.max_seconds}], the timing "
                          f"embedding's range, got {seconds_total}; it is the whole piece's length")
     if not 0 <= seconds_start < seconds_total:
         raise ValueError(f"seconds_start must be in [0, seconds_total = {seconds_total}), got "
@@ -944,7 +992,7 @@ def check_request(cfg, seconds_total, seconds_start, cfg_rescale, decode_chunk, 
         raise ValueError(f"init_strength must be in (0, 1], got {init_strength}")
     if (init_strength < 1 or inpaint is not None) and init_audio is None:
         raise ValueError("init_strength < 1 and inpaint need init_audio")
-    if init_audio is not None and init_audio.shape[-1] > cfg.window:
+    if init_audio is not None and init_audio.shape[-1] > config.window:
         raise ValueError(f"init_audio is longer than the model's window of {window_seconds:.1f} s")
 
 
@@ -965,9 +1013,9 @@ def unet_at_its_precision(model, device):
     if half == torch.float32:
         return model.unet
 
-    def unet(z, t, context, mask, length):
+    def unet(z, t, context, mask, content_frames):
         with torch.autocast(device.type, enabled=False):
-            return model.unet(z.to(half), t, context.to(half), mask, length).float()
+            return model.unet(z.to(half), t, context.to(half), mask, content_frames).float()
     return unet
 
 
@@ -978,7 +1026,7 @@ def init_sigmas(steps, strength, sigma_min=0.03, sigma_max=80.0):
 
 def seeded_noise(model, seed, B, device):
     """Sample i of a batch starts from the noise of seed + i, so any one file can be remade."""
-    shape = (model.cfg.vae.latent_dim, model.latent_frames)
+    shape = (model.config.vae.latent_dim, model.latent_frames)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
                         for i in range(B)]).to(device)                       # (B, 64, L)
 
@@ -986,11 +1034,12 @@ def seeded_noise(model, seed, B, device):
 def from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint):
     """Variations and inpainting (§3.4 in the VE form): a clip noised to the schedule's first
     sigma is x = z0 + sigma eps. At strength 1 only the kept part of an inpainting starts there."""
-    cfg, L = model.cfg, model.latent_frames
-    audio = init_audio.to(x.device, torch.float32).expand(len(x), cfg.vae.channels, -1)
-    z0 = model.vae.encode(F.pad(audio, (0, cfg.window - audio.shape[-1])))[0] * cfg.latent_scale
+    config, L = model.config, model.latent_frames
+    audio = init_audio.to(x.device, torch.float32).expand(len(x), config.vae.channels, -1)
+    z0 = model.vae.encode(F.pad(audio, (0, config.window - audio.shape[-1])))[0]
+    z0 = z0 * config.latent_scale                                            # (B, 64, L)
     keep = (torch.zeros(L) if inpaint is None else
-            inpaint_mask(L, inpaint, cfg.sample_rate / model.vae.hop)).to(x.device)
+            inpaint_mask(L, inpaint, config.sample_rate / model.vae.hop)).to(x.device)
     x = x + (z0 if init_strength < 1 else keep * z0)
     if inpaint is None:
         return x, denoiser
@@ -1013,7 +1062,7 @@ def decode_content(model, z, N, decode_chunk):
     (VAE.decode), where the released code decodes in one pass. Only the frames kept are decoded,
     plus DECODE_OVERLAP for the receptive field; past the window's end the last frame is repeated,
     so the decoder's own right edge (a small tick even from a silent latent) stays outside."""
-    z = F.pad(z.float() / model.cfg.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
+    z = F.pad(z.float() / model.config.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
     z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
     return model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(z.device))[..., :N]
 
@@ -1030,8 +1079,8 @@ def default_decode_chunk(device):
 def save_checkpoint(path, model, **extra):
     """Atomically write {format, size, config, model, **extra} (extra: ema, optimizer, step...).
     An "ema" entry may cover only the part a stage trained; loading puts it over "model"."""
-    atomic_save({"format": CHECKPOINT_FORMAT, "size": model.cfg.size,
-                 "config": asdict(model.cfg), "model": model.state_dict(), **extra}, path)
+    atomic_save({"format": CHECKPOINT_FORMAT, "size": model.config.size,
+                 "config": asdict(model.config), "model": model.state_dict(), **extra}, path)
 
 
 def atomic_save(obj, path):
@@ -1081,19 +1130,19 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
         raise ValueError(f"checkpoint {path} is size {ckpt.get('size')!r}, not {size!r}; "
                          f"use a {size} checkpoint or --size {ckpt.get('size')}")
     try:
-        cfg = ModelConfig.from_dict(ckpt["config"])
+        config = ModelConfig.from_dict(ckpt["config"])
     except (TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"checkpoint {path} has a config this code cannot build: {e}") from None
     weights = {**ckpt["model"], **(ckpt.get("ema") or {} if ema else {})}
-    model = build_checked(cfg, lambda m: [(m, weights, None)], f"checkpoint {path}", device)
+    model = build_checked(config, lambda m: [(m, weights, None)], f"checkpoint {path}", device)
     return model.eval(), ckpt
 
 
-def check_config(cfg, name="config"):
+def check_config(config, name="config"):
     """A config read from a file: every field of its default's type, every number within reach
     (|n| < 2^26), so that a stranger's file is refused by name rather than crashing a build."""
-    for f in fields(cfg):
-        value, where = getattr(cfg, f.name), f"{name}.{f.name}"
+    for f in fields(config):
+        value, where = getattr(config, f.name), f"{name}.{f.name}"
         default = f.default_factory() if f.default is MISSING else f.default
         if is_dataclass(default):
             if type(value) is not type(default):
@@ -1110,15 +1159,15 @@ def check_config(cfg, name="config"):
             raise ValueError(f"{where} is {value!r}; expected {expected} of sensible size")
 
 
-def build_checked(cfg, parts, where, device="cpu", build=build_model):
-    """Build the model `cfg` describes without memory first (on the meta device), check that the
+def build_checked(config, parts, where, device="cpu", build=build_model):
+    """Build the model `config` describes without memory first (on the meta device), check that the
     weights fit it and that its fixed tables are of sensible size, then build it for real and
     load them: a stranger's file is refused in one line before anything large is allocated.
     parts(model) -> [(module, weights, what)]; build: the constructor."""
     try:
-        check_config(cfg)
+        check_config(config)
         with torch.device("meta"):
-            skeleton = build(cfg)
+            skeleton = build(config)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{where}: its config cannot be built ({str(e).splitlines()[0]})"
                          ) from None
@@ -1129,7 +1178,7 @@ def build_checked(cfg, parts, where, device="cpu", build=build_model):
     for module, weights, what in parts(skeleton):
         check_weights(module.state_dict(), weights, f"{where}'s {what}" if what else where)
     with torch.device(device):                     # no slow CPU initialisation first
-        model = build(cfg)
+        model = build(config)
     for module, weights, what in parts(model):
         module.load_state_dict({k: weights[k].reshape(v.shape).to(v.dtype)
                                 for k, v in module.state_dict().items()})
@@ -1223,14 +1272,14 @@ def main():
     with torch.device("meta"):
         full = build_model("full")
     torch.manual_seed(0)
-    model, cfg = build_model("tiny").eval(), SIZES["tiny"]
+    model, config = build_model("tiny").eval(), SIZES["tiny"]
     for size, m in (("full", full), ("tiny", model)):
         print(f"{size} size: " + ", ".join(f"{part} {count(getattr(m, part)) / 1e6:.2f} M"
                                            for part in ("vae", "clap", "timing", "unet")))
     with torch.inference_mode():
         N = 5 * model.vae.hop * model.unet.downsampling
         audio = torch.randn(1, 2, N) * 0.1
-        print(f"audio                  {tuple(audio.shape)}  {N / cfg.sample_rate:.2f} s")
+        print(f"audio                  {tuple(audio.shape)}  {N / config.sample_rate:.2f} s")
         mean, std = model.vae.encode(audio)
         print(f"VAE.encode -> z        {tuple(mean.shape)}  (1/{model.vae.hop} of the length)")
         print(f"VAE.decode -> audio    {tuple(model.vae.decode(mean).shape)}")

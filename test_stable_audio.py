@@ -218,13 +218,13 @@ def test_text_embedding_pools_the_real_tokens_only():
 
 
 def test_log_mel_of_a_sine_peaks_in_the_band_holding_its_frequency(model):
-    cfg, sr = model.clap.cfg, 44100
+    config, sr = model.clap.config, 44100
     n = torch.arange(sr) / sr
     for f in (300.0, 2000.0, 9000.0):
         mel = model.clap.log_mel(torch.sin(2 * math.pi * f * n).repeat(1, 2, 1))
         band = mel[0, :, 10:-10].mean(1).argmax().item()
         centres = 700 * (10 ** (torch.linspace(0, 2595 * math.log10(1 + sr / 2 / 700),
-                                               cfg.n_mels + 2) / 2595) - 1)[1:-1]
+                                               config.n_mels + 2) / 2595) - 1)[1:-1]
         assert abs(band - (centres - f).abs().argmin().item()) <= 1
 
 
@@ -267,8 +267,8 @@ def test_timing_tokens_drop_fractions_of_a_second(model):
 
 def test_context_is_text_plus_two_timing_tokens_and_the_mask_hides_padding(model):
     context, mask = model.condition(["rain"], [0], [30])
-    S = model.cfg.clap.text_len
-    assert context.shape == (1, S + 2, model.cfg.clap.text_width)
+    S = model.config.clap.text_len
+    assert context.shape == (1, S + 2, model.config.clap.text_width)
     assert mask[0].tolist() == [True] * 6 + [False] * (S - 6) + [True, True]  # BOS rain EOS
     z, t = torch.randn(1, 64, 32), torch.tensor([0.3])
     noisy = context.clone()
@@ -281,8 +281,8 @@ def test_without_timing_the_context_is_the_text_alone_and_ignores_seconds():
     torch.manual_seed(0)
     plain = sa.build_model(replace(SHORT, timing=sa.TimingConfig(enabled=False))).eval()
     context, mask = plain.condition(["rain", "rain"], [0, 3], [10, 30])
-    assert context.shape[1] == mask.shape[1] == plain.cfg.clap.text_len
-    assert plain.unet.null_context.shape[0] == plain.cfg.clap.text_len
+    assert context.shape[1] == mask.shape[1] == plain.config.clap.text_len
+    assert plain.unet.null_context.shape[0] == plain.config.clap.text_len
     torch.testing.assert_close(context[0], context[1])               # seconds are not seen
 
 
@@ -332,18 +332,18 @@ def test_generate_with_half_precision_unet_weights_matches_float32():
     assert (half - ref).norm() / ref.norm() < 0.1     # measured 0.036; another seed: 0.85
 
 
-def bottleneck_twins(cfg):
+def bottleneck_twins(config):
     """Bottleneck frames of a U-Net fed a constant latent whose features equal another frame's:
     a frame with a twin cannot know where in the window it is (nothing but the zero padding at
     the edges tells frames apart; there is no positional encoding)."""
     torch.manual_seed(0)
-    model = sa.build_model(cfg).eval()
+    model = sa.build_model(config).eval()
     seen = {}
     model.unet.mid2.register_forward_hook(lambda module, inputs, out: seen.update(h=out[0]))
-    context = torch.randn(1, cfg.context_len, cfg.clap.text_width)
+    context = torch.randn(1, config.context_len, config.clap.text_width)
     with torch.no_grad():
         model.unet(torch.full((1, 64, model.latent_frames), 0.3), torch.tensor([0.5]), context,
-                   torch.ones(1, cfg.context_len, dtype=torch.bool))
+                   torch.ones(1, config.context_len, dtype=torch.bool))
     h = seen["h"]                                                    # (C, L / downsampling)
     d = (h[:, :, None] - h[:, None, :]).abs().amax(0) / h.abs().max()
     return h.shape[-1], int(((d + torch.eye(len(d))).min(1).values < 1e-6).sum())
@@ -391,7 +391,7 @@ def test_the_padding_mask_tells_the_unet_where_the_request_ends():
 
 
 def test_the_padding_mask_marks_exactly_the_first_length_frames():
-    inside = sa.frames_inside(torch.tensor([0, 3, 8, 20]), 8, "cpu")
+    inside = sa.content_mask(torch.tensor([0, 3, 8, 20]), 8, "cpu")
     assert inside.tolist() == [[False] * 8, [True] * 3 + [False] * 5, [True] * 8, [True] * 8]
 
 
@@ -408,10 +408,10 @@ def test_generate_gives_the_unet_the_requested_extent(monkeypatch):
 @pytest.mark.parametrize("flags, padding_mask", [([], True), (["--paper-timing"], False),
                                                  (["--no-timing"], False)])
 def test_train_flags_choose_the_timing_path(flags, padding_mask):
-    cfg = train.model_config(train.parse_args(["diffusion", "--size", "tiny", *flags]))
-    assert cfg.unet.padding_mask == padding_mask
-    assert cfg.timing.enabled == ("--no-timing" not in flags)
-    sa.build_model(replace(cfg, window=2 ** 17))            # a consistent config builds
+    config = train.model_config(train.parse_args(["diffusion", "--size", "tiny", *flags]))
+    assert config.unet.padding_mask == padding_mask
+    assert config.timing.enabled == ("--no-timing" not in flags)
+    sa.build_model(replace(config, window=2 ** 17))            # a consistent config builds
 
 
 def test_sdpa_attention_equals_a_plain_softmax_reference():
@@ -704,7 +704,7 @@ def test_cfg_past_the_requested_end_is_the_conditional_prediction(model):
     z, t, n = torch.randn(1, 64, 16), torch.tensor([0.4]), torch.tensor([6])
     with torch.no_grad():
         guided = sa.guided_v(model.unet, context, mask, null, null_mask, 6.0, rescale=0.0,
-                             length=n)(z, t)
+                             content_frames=n)(z, t)
         v_c, v_u = model.unet(z, t, context, mask, n), model.unet(z, t, null, null_mask, n)
     torch.testing.assert_close(guided[..., :6], (v_u + 6.0 * (v_c - v_u))[..., :6],
                                rtol=1e-4, atol=1e-4)
@@ -826,7 +826,7 @@ CLIP = 0.3 * torch.sin(torch.linspace(0, 2000, 88200)).expand(2, -1)   # 2 s of 
 
 def test_the_latent_scale_is_applied_for_the_unet_and_undone_for_the_decoder(model, monkeypatch):
     z0, s = encoded(model, CLIP), 3.7
-    scaled = sa.build_model(replace(model.cfg, latent_scale=s)).eval()
+    scaled = sa.build_model(replace(model.config, latent_scale=s)).eval()
     scaled.load_state_dict(model.state_dict())
     # Nothing left to sample: the decoder gets the encoded latent back, unscaled.
     none_left = final_latent(scaled, monkeypatch, init_audio=CLIP, init_strength=1e-3)[0]
@@ -901,7 +901,7 @@ def test_checkpoint_round_trip_loads_with_weights_only(model, tmp_path):
     raw = torch.load(path, weights_only=True)                   # plain tensors and values only
     assert raw["step"] == 7 and raw["size"] == "tiny"
     loaded, ckpt = sa.load_checkpoint(path)
-    assert loaded.cfg == model.cfg and not (tmp_path / "m.pt.tmp").exists()
+    assert loaded.config == model.config and not (tmp_path / "m.pt.tmp").exists()
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
 
@@ -926,7 +926,7 @@ def test_loading_a_wrong_size_damaged_or_missing_checkpoint_says_which(model, tm
     with pytest.raises(FileNotFoundError, match="not found"):
         sa.load_checkpoint(tmp_path / "none.pt")
     torch.save({"format": sa.CHECKPOINT_FORMAT, "size": "tiny",
-                "config": sa.asdict(model.cfg), "model": {}}, tmp_path / "empty.pt")
+                "config": sa.asdict(model.config), "model": {}}, tmp_path / "empty.pt")
     with pytest.raises(ValueError, match="missing"):
         sa.load_checkpoint(tmp_path / "empty.pt")
 
@@ -1049,7 +1049,7 @@ def test_a_released_pretransform_scale_divides_the_latent_the_unet_sees(sat, mon
     ref = sat["diffusion"]["vae"]
     with torch.no_grad():
         mean = model.vae.encode(ref["audio"])[0]
-    assert relative_error(mean * model.cfg.latent_scale, ref["mean"] / 4) <= 1e-4
+    assert relative_error(mean * model.config.latent_scale, ref["mean"] / 4) <= 1e-4
     seen, decode = [], model.vae.decode
     monkeypatch.setattr(model.vae, "decode", lambda z, **kw: seen.append(z) or decode(z, **kw))
     sa.decode_content(model, ref["z"] / 4, ref["audio"].shape[-1], None)
@@ -1221,16 +1221,16 @@ def test_format_1_checkpoints_compute_what_they_computed(tmp_path):
                 m.norm.weight.normal_(), m.norm.bias.normal_()
     state = {k: v for k, v in model.state_dict().items()
              if not (".norm_context." in k and ("self_attn" in k or ".attn." in k))}
-    cfg = dataclasses.asdict(model.cfg)
-    del cfg["unet"]["symmetric_downsample"]
-    torch.save({"format": "stable-audio-reference/1", "size": "tiny", "config": cfg,
+    config = dataclasses.asdict(model.config)
+    del config["unet"]["symmetric_downsample"]
+    torch.save({"format": "stable-audio-reference/1", "size": "tiny", "config": config,
                 "model": state}, tmp_path / "old.pt")
     loaded, ckpt = sa.load_checkpoint(tmp_path / "old.pt")
     assert ckpt["upgraded_from"] == "stable-audio-reference/1"
-    assert loaded.cfg.unet.symmetric_downsample
+    assert loaded.config.unet.symmetric_downsample
     x, t = torch.randn(1, 64, 32), torch.tensor([0.4])
-    context, mask = torch.randn(1, model.cfg.context_len, 64), torch.ones(1, model.cfg.context_len,
-                                                                           dtype=torch.bool)
+    S = model.config.context_len
+    context, mask = torch.randn(1, S, 64), torch.ones(1, S, dtype=torch.bool)
 
     def shared_norm(self, x, context=None, mask=None):   # format 1's self-attention, by hand
         h = self.norm(x)
@@ -1621,7 +1621,7 @@ def log_losses(path, key):
 
 
 def test_a_weighting_is_0_db_at_1_khz_and_follows_the_standard_table():
-    gain_db = lambda f: 20 * math.log10(train.a_weighting(torch.tensor(float(f))).item())
+    gain_db = lambda f: 20 * math.log10(sa.a_weighting(torch.tensor(float(f))).item())
     # IEC 61672 A-weighting: 0 dB at 1 kHz, -19.1 dB at 100 Hz, +1.2 dB at 2.5 kHz, -2.5 at 10 kHz
     for f, db in [(1000, 0.0), (100, -19.1), (2500, 1.3), (10000, -2.5), (50, -30.2)]:
         assert gain_db(f) == pytest.approx(db, abs=0.15)
@@ -1629,9 +1629,9 @@ def test_a_weighting_is_0_db_at_1_khz_and_follows_the_standard_table():
 
 def test_stft_loss_is_zero_for_a_perfect_reconstruction_and_grows_with_error():
     x = torch.randn(2, 8192)
-    assert train.stft_loss(x, x, SR).item() == pytest.approx(0, abs=1e-6)
-    small = train.stft_loss(x + 0.01 * torch.randn_like(x), x, SR)
-    large = train.stft_loss(x + 0.3 * torch.randn_like(x), x, SR)
+    assert sa.stft_loss(x, x, SR).item() == pytest.approx(0, abs=1e-6)
+    small = sa.stft_loss(x + 0.01 * torch.randn_like(x), x, SR)
+    large = sa.stft_loss(x + 0.3 * torch.randn_like(x), x, SR)
     assert 0 < small < large
 
 
@@ -1639,15 +1639,15 @@ def test_stereo_loss_sees_a_left_right_swap_that_mid_and_side_alone_miss():
     x = torch.randn(1, 2, 8192)
     swapped = x.flip(1)                 # same mid, side of opposite sign: same magnitudes
     side = lambda a: a[:, 0] - a[:, 1]
-    assert train.stft_loss(side(swapped), side(x), SR).item() == pytest.approx(0, abs=1e-6)
-    assert train.stereo_loss(x, x, SR).item() == pytest.approx(0, abs=1e-6)
-    assert train.stereo_loss(swapped, x, SR) > 0.1
+    assert sa.stft_loss(side(swapped), side(x), SR).item() == pytest.approx(0, abs=1e-6)
+    assert sa.stereo_loss(x, x, SR).item() == pytest.approx(0, abs=1e-6)
+    assert sa.stereo_loss(swapped, x, SR) > 0.1
 
 
 def test_stereo_loss_stays_finite_for_a_mono_clip():
     x = torch.randn(1, 1, 8192).repeat(1, 2, 1)          # side = 0 exactly
     x_hat = x + 0.01 * torch.randn_like(x)
-    assert train.stereo_loss(x_hat, x, SR) < 5
+    assert sa.stereo_loss(x_hat, x, SR) < 5
 
 
 def test_discriminator_hinge_loss_is_two_for_a_discriminator_that_outputs_zero():
@@ -1704,17 +1704,17 @@ def test_latent_scale_scales_the_training_latents_and_auto_gives_them_unit_varia
     stds = {}
     for scale in ("1", "3"):                 # the same seed draws the same batch and noise
         assert run_train("diffusion", *args, "--latent-scale", scale) == 0
-        assert sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale == float(scale)
+        assert sa.load_checkpoint(parts / "diffusion.pt")[0].config.latent_scale == float(scale)
         stds[scale] = log_losses(parts / "diffusion.log", "latent_std")[-1]   # appended
     assert stds["3"] == pytest.approx(3 * stds["1"], abs=2e-4)   # the log keeps 4 decimals
     assert run_train("diffusion", *args, "--latent-scale", "auto") == 0
-    scale = sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale
+    scale = sa.load_checkpoint(parts / "diffusion.pt")[0].config.latent_scale
     cache = torch.load(parts / "latents.pt", weights_only=True)
     z = cache["mean"] + cache["std"] * torch.randn(cache["mean"].shape,
                                                    generator=torch.Generator().manual_seed(0))
     assert scale > 1 and (z * scale).std().item() == pytest.approx(1, rel=0.02)
     assert run_train("diffusion", *args[:1], 2, *args[2:-1], "--resume") == 0
-    assert sa.load_checkpoint(parts / "diffusion.pt")[0].cfg.latent_scale == scale   # kept
+    assert sa.load_checkpoint(parts / "diffusion.pt")[0].config.latent_scale == scale   # kept
     for bad in ("0", "-1", "nan", "big"):
         with pytest.raises(SystemExit):
             run_train("diffusion", *args, "--latent-scale", bad)
@@ -1736,8 +1736,8 @@ def test_diffusion_stage_gives_the_loss_each_clips_content_frames(parts, monkeyp
     seen, frames, loss = [], sa.StableAudio.content_frames, sa.diffusion_loss
     monkeypatch.setattr(sa.StableAudio, "content_frames", lambda self, s, T: seen.append(
         (torch.as_tensor(s).clone(), torch.as_tensor(T).clone())) or frames(self, s, T))
-    monkeypatch.setattr(sa, "diffusion_loss", lambda *a, length=None, **k: seen.append(
-        length) or loss(*a, length=length, **k))
+    monkeypatch.setattr(sa, "diffusion_loss", lambda *a, content_frames=None, **k: seen.append(
+        content_frames) or loss(*a, content_frames=content_frames, **k))
     assert run_train("diffusion", "--steps", 2, "--out", parts, *DIFFUSION) == 0
     assert len(seen) == 4                                        # (seconds, length) per step
     for (start, total), length in zip(seen[::2], seen[1::2]):
@@ -1750,10 +1750,10 @@ def test_diffusion_stage_overfits_one_batch(parts):
                      "--lr", 2e-3) == 0
     trained, ckpt = sa.load_checkpoint(parts / "diffusion.pt", ema=False)
     torch.manual_seed(0)                                     # train.py's initialisation
-    fresh = sa.build_model(trained.cfg)
+    fresh = sa.build_model(trained.config)
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items()
                            if k.startswith(("vae.", "clap."))}, strict=False)
-    batch = sound_world.ToyData(trained.cfg.window, SR, seed=0).batch(2, 0)
+    batch = sound_world.ToyData(trained.config.window, SR, seed=0).batch(2, 0)
     assert ckpt["step"] == 40
     before, after = fixed_loss(fresh.eval(), batch), fixed_loss(trained.eval(), batch)
     assert after < 0.85 * before, (before, after)     # same (t, eps) draws for both
@@ -1908,8 +1908,8 @@ def test_the_bundled_demo_fine_tunes_in_each_stage_and_the_result_samples(tmp_pa
                      BUNDLED_DEMO, "--steps", 1, "--batch-size", 1, "--latent-cache", 1,
                      "--out", out) == 0
     tuned, ckpt = sa.load_checkpoint(out / "diffusion.pt", ema=False)
-    assert ckpt["config"]["latent_scale"] == demo.cfg.latent_scale          # the demo's, 4.5
-    assert tuned.cfg.unet == demo.cfg.unet and tuned.cfg.timing.max_seconds == 512
+    assert ckpt["config"]["latent_scale"] == demo.config.latent_scale          # the demo's, 4.5
+    assert tuned.config.unet == demo.config.unet and tuned.config.timing.max_seconds == 512
     assert_same_weights(demo.vae, tuned.vae, "vae")
     assert_same_weights(demo.clap, tuned.clap, "clap")
     moved = [(a - b).abs().max().item() for a, b in zip(demo.unet.state_dict().values(),
@@ -1921,7 +1921,7 @@ def test_the_bundled_demo_fine_tunes_in_each_stage_and_the_result_samples(tmp_pa
                      tmp_path / "tuned.pt") == 0
     assert run_sample(tmp_path / "tuned.pt", tmp_path / "a.wav") == 0
     audio, sr = sf.read(tmp_path / "a.wav")
-    assert sr == demo.cfg.sample_rate and audio.shape == (int(1.5 * sr), 2)
+    assert sr == demo.config.sample_rate and audio.shape == (int(1.5 * sr), 2)
     assert np.isfinite(audio).all() and np.abs(audio).max() > 0
 
 
@@ -1930,9 +1930,9 @@ def test_latent_cache_holds_the_vae_posterior_of_the_datas_own_items(parts, caps
     assert run_train("diffusion", *args, "--workers", 2) == 0      # windows made in 2 processes
     cache = torch.load(parts / "latents.pt", weights_only=True)
     model, _ = sa.load_checkpoint(parts / "diffusion.pt")
-    data = sound_world.ToyData(model.cfg.window, SR, seed=0)
+    data = sound_world.ToyData(model.config.window, SR, seed=0)
     for j in range(3):
-        audio, prompt, start, total = data.item(j, model.cfg.window)
+        audio, prompt, start, total = data.item(j, model.config.window)
         mean, std = model.vae.encode(audio[None])
         torch.testing.assert_close(cache["mean"][j], mean[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(cache["std"][j], std[0], rtol=1e-4, atol=1e-5)
@@ -1981,10 +1981,10 @@ def test_export_from_sat_writes_a_checkpoint_sample_py_loads(sat, tmp_path, caps
     assert released_unet_errors(model, sat["diffusion"]["unet"])[0] <= 1e-4
     assert sample.main(["rain", "--ckpt", str(out), "--steps", "2",
                         "--out", str(tmp_path / "a.wav")]) == 0
-    assert sf.info(str(tmp_path / "a.wav")).frames == model.cfg.window     # the whole window
+    assert sf.info(str(tmp_path / "a.wav")).frames == model.config.window     # the whole window
     assert sample.main(["rain", "--from-sat", config, weights, "--steps", "2",     # directly
                         "--out", str(tmp_path / "b.wav")]) == 0
-    assert sf.info(str(tmp_path / "b.wav")).frames == model.cfg.window
+    assert sf.info(str(tmp_path / "b.wav")).frames == model.config.window
     vae_config, vae_weights = released_files(sat, tmp_path, "oobleck")
     assert run_train("export", "--from-sat", vae_config, vae_weights, "--to",
                      tmp_path / "vae.pt") == 2
@@ -2657,12 +2657,13 @@ def no_noise(shape, generator, like):
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def per_clip_loss(unet, z, context, mask, generator, length=None, **kwargs):
+def per_clip_loss(unet, z, context, mask, generator, content_frames=None, **kwargs):
     """The v-objective at one fixed draw of (t, eps, dropout) for every clip, clip by clip: the
     loss of a batch is then the mean of its clips' losses, however the batch is split. (The real
     draws come from one generator per micro-batch, so they depend on the split.)"""
     return torch.stack([DIFFUSION_LOSS(unet, z[i:i + 1], context[i:i + 1], mask[i:i + 1],
-                                       torch.Generator().manual_seed(0), length=length[i:i + 1])
+                                       torch.Generator().manual_seed(0),
+                                       content_frames=content_frames[i:i + 1])
                         for i in range(len(z))]).mean()
 
 

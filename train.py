@@ -38,53 +38,16 @@ import released
 import sound_world
 
 # -------------------------------------------------------------------------------------------------
-# §4.2 VAE losses. Reconstruction: a multi-resolution STFT loss (spectral convergence + log
-# magnitude, windows 2048 ... 32) on the sum and the difference of the channels, A-weighted so that
-# errors count as much as the ear hears them. Adversarial: a multi-scale STFT discriminator with
+# §4.2 VAE losses. Reconstruction: stable_audio.stereo_loss, a multi-resolution STFT loss on the
+# sum and the difference of the channels. Adversarial: a multi-scale STFT discriminator with
 # hinge loss, plus feature matching. Weights 1.0 spectral, 0.1 adversarial, 5.0 feature matching,
 # 1e-4 KL (the paper; the released config uses 1e-6).
 # -------------------------------------------------------------------------------------------------
-STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)
 DISC_SIZES = (2048, 1024, 512, 256, 128)
 # Discriminator width per model size: the released 32 filters cost ~36 GMAC per second of stereo
 # per pass, most of a tiny VAE step on a CPU; 8 filters cost 1/16 of that.
 DISC_FILTERS = {"full": 32, "small": 32, "tiny": 8}
 LOSS_WEIGHTS = {"spectral": 1.0, "adversarial": 0.1, "feature": 5.0, "kl": 1e-4}
-
-
-def a_weighting(freqs):
-    """IEC 61672 A-weighting as a linear gain (1 at 1 kHz) for frequencies in Hz."""
-    f2 = freqs ** 2
-    r = 12194.0 ** 2 * f2 ** 2 / ((f2 + 20.6 ** 2) * (f2 + 12194.0 ** 2)
-                                  * torch.sqrt((f2 + 107.7 ** 2) * (f2 + 737.9 ** 2)))
-    return r * 10 ** (2.0 / 20)
-
-
-def stft_loss(x_hat, x, sample_rate):
-    """A-weighted multi-resolution STFT loss between (B, N) signals, averaged over resolutions."""
-    x_hat, x = x_hat.float(), x.float()            # STFT losses in float32: fp16 overflows
-    total = 0.0
-    for n_fft in STFT_SIZES:
-        window = torch.hann_window(n_fft, device=x.device)
-        weight = a_weighting(torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, device=x.device))
-        mag = lambda s: (weight[:, None] * torch.stft(s, n_fft, n_fft // 4, window=window,
-                                                      return_complex=True).abs()).clamp(min=1e-4)
-        Y, X = mag(x_hat), mag(x)                  # (B, F, T)
-        spectral_convergence = torch.linalg.norm(Y - X) / torch.linalg.norm(X)
-        log_magnitude = (Y.log() - X.log()).abs().mean()
-        total = total + spectral_convergence + log_magnitude
-    return total / len(STFT_SIZES)
-
-
-def stereo_loss(x_hat, x, sample_rate):
-    """§4.2 sum-and-difference STFT loss, plus the left and right channels as released.
-
-    Mid (L + R) and side (L - R) share one normalisation, so a nearly mono clip (side ~ 0) does not
-    divide by ~0. |STFT(L - R)| equals |STFT(R - L)|: mid and side alone cannot see a left/right
-    swap, which is why the released config adds L and R (0.5 each)."""
-    mid_side = lambda a: torch.cat([a.sum(1), a[:, 0] - a[:, 1]])         # (2B, N)
-    return (stft_loss(mid_side(x_hat), mid_side(x), sample_rate)
-            + stft_loss(x_hat.flatten(0, 1), x.flatten(0, 1), sample_rate))
 
 
 def WNConv2d(*args, **kwargs):
@@ -483,23 +446,23 @@ def autocast(device, dtype):
 # -------------------------------------------------------------------------------------------------
 def model_config(args):
     """The size's config with the command line's changes (all default to the paper's choices)."""
-    cfg = sa.SIZES[args.size]
-    cfg = replace(cfg, vae=replace(cfg.vae, activation=args.activation,
-                                   strides=tuple(args.vae_strides or cfg.vae.strides)),
-                  clap=replace(cfg.clap, feature_layer=args.clap_layer),
-                  timing=replace(cfg.timing, enabled=not args.no_timing),
-                  unet=replace(cfg.unet, padding_mask=cfg.unet.padding_mask
-                               and not (args.paper_timing or args.no_timing)))
+    config = sa.SIZES[args.size]
+    config = replace(config, vae=replace(config.vae, activation=args.activation,
+                                         strides=tuple(args.vae_strides or config.vae.strides)),
+                     clap=replace(config.clap, feature_layer=args.clap_layer),
+                     timing=replace(config.timing, enabled=not args.no_timing),
+                     unet=replace(config.unet, padding_mask=config.unet.padding_mask
+                                  and not (args.paper_timing or args.no_timing)))
     if isinstance(getattr(args, "latent_scale", None), float):
-        cfg = replace(cfg, latent_scale=args.latent_scale)
-    if not -cfg.clap.text_layers <= args.clap_layer <= -1:
-        raise ValueError(f"--clap-layer must be from -{cfg.clap.text_layers} (the first layer) "
+        config = replace(config, latent_scale=args.latent_scale)
+    if not -config.clap.text_layers <= args.clap_layer <= -1:
+        raise ValueError(f"--clap-layer must be from -{config.clap.text_layers} (the first layer) "
                          f"to -1 (the last), got {args.clap_layer}")
     if args.window_seconds:
-        stride = math.prod(cfg.vae.strides) * math.prod(cfg.unet.factors)
-        window = math.ceil(args.window_seconds * cfg.sample_rate / stride) * stride
-        cfg = replace(cfg, window=window)
-    return cfg
+        stride = math.prod(config.vae.strides) * math.prod(config.unet.factors)
+        window = math.ceil(args.window_seconds * config.sample_rate / stride) * stride
+        config = replace(config, window=window)
+    return config
 
 
 # The flags that shape a run's data and model, their defaults, and the stages they shape. With
@@ -582,11 +545,11 @@ class Overfit:
         return self.data.batch(batch_size, 0, window)
 
 
-def make_data(args, cfg):
+def make_data(args, config):
     if args.data == "toy":
-        data = sound_world.ToyData(cfg.window, cfg.sample_rate, args.seed)
+        data = sound_world.ToyData(config.window, config.sample_rate, args.seed)
     else:
-        data = sound_world.FolderData(args.data, cfg.window, cfg.sample_rate, args.seed)
+        data = sound_world.FolderData(args.data, config.window, config.sample_rate, args.seed)
     return Overfit(data) if args.overfit else data
 
 
@@ -647,12 +610,12 @@ def clip_and_step(optimizer, params, max_norm):
 def train_vae(args):
     """§4.2: reconstruction + adversarial + feature matching + KL on short crops (1.5 s)."""
     model, path, state = prepare(args, "vae")
-    device, cfg = sa.pick_device(args.device), model.cfg
+    device, config = sa.pick_device(args.device), model.config
     if args.init and not state:    # e.g. phase 2 on the demo's VAE: --init checkpoints/demo.pt
         load_part(model, "vae", args.init, "--init")
     model.to(device).train()
     vae = model.vae
-    disc = Discriminator(cfg.vae.channels, DISC_FILTERS.get(cfg.size, 32)).to(device)
+    disc = Discriminator(config.vae.channels, DISC_FILTERS.get(config.size, 32)).to(device)
     if state:
         disc.load_state_dict(state["discriminator"])
     vae.encoder.requires_grad_(not args.freeze_encoder)   # phase 2: fine-tune the decoder only
@@ -669,7 +632,7 @@ def train_vae(args):
     trainer = Trainer(args, model, [opt_g, opt_d], path, state,
                       extra=lambda: {"discriminator": disc.state_dict()})
     crop = args.crop or 65536
-    data = prefetch(make_data(args, cfg), args, trainer.first_step, window=crop)
+    data = prefetch(make_data(args, config), args, trainer.first_step, window=crop)
 
     def reconstruct(vae, x, generator):
         """Audio (B, 2, N) -> x_hat (B, 2, N), posterior mean and std (B, 64, L)."""
@@ -706,7 +669,7 @@ def train_vae(args):
         for m, (x, (_, generator)) in enumerate(zip(audio, micro)):
             with args.ranks.sync(net, m == K - 1):
                 x_hat, mean, std = graphs[m] or net(x, generator)
-                parts = {"spectral": stereo_loss(x_hat, x, cfg.sample_rate),
+                parts = {"spectral": sa.stereo_loss(x_hat, x, config.sample_rate),
                          "kl": sa.kl_divergence(mean, std)}
                 if i >= args.disc_start:
                     parts["adversarial"], parts["feature"] = generator_losses(disc, x, x_hat)
@@ -721,15 +684,15 @@ def train_vae(args):
 def train_clap(args):
     """§4.3: contrastive training of the text and audio towers on (caption, clip) pairs."""
     model, path, state = prepare(args, "clap")
-    device, cfg = sa.pick_device(args.device), model.cfg
+    device, config = sa.pick_device(args.device), model.config
     if args.init and not state:    # e.g. the demo's CLAP, further on your own captions
         load_part(model, "clap", args.init, "--init")
     model.to(device).train()
     clap = model.clap
     opt = torch.optim.AdamW(clap.parameters(), args.lr)
     trainer = Trainer(args, model, [opt], path, state)
-    crop = min(args.crop or 10 * cfg.sample_rate, cfg.window)
-    data = prefetch(make_data(args, cfg), args, trainer.first_step, window=crop)
+    crop = min(args.crop or 10 * config.sample_rate, config.window)
+    data = prefetch(make_data(args, config), args, trainer.first_step, window=crop)
 
     def contrastive_loss(clap, tokens, mask, audio):
         # On R ranks every caption meets every clip of the R micro-batches, as in one process at
@@ -778,22 +741,22 @@ def load_part(model, part, path, flag, needed_by=None):
         raise TrainingError(f"{flag} {path} is a {ckpt.get('stage')} checkpoint, not a "
                             f"{names[0]} one")
     for name in names:
-        mine, theirs = getattr(model.cfg, name), getattr(other.cfg, name)
+        mine, theirs = getattr(model.config, name), getattr(other.config, name)
         if name == "clap":     # which layer conditions the U-Net is the diffusion stage's choice
             theirs = replace(theirs, feature_layer=mine.feature_layer)
-            other.clap.cfg = theirs
+            other.clap.config = theirs
         if name == "unet":     # a layout of the trained weights, not a choice of this run
             mine = replace(mine, symmetric_downsample=theirs.symmetric_downsample)
         wrong = config_differences(theirs, mine)
         if wrong:
             field, a, b = wrong[0]
             hint = (f"it is of size {ckpt['size']!r}: pass --size {ckpt['size']}"
-                    if ckpt["size"] != model.cfg.size else
+                    if ckpt["size"] != model.config.size else
                     "pass the flags it was trained with, or train it again")
             raise TrainingError(f"{flag} {path} holds a {name} with {field} = {a!r}, but this "
                                 f"run's has {b!r}; {hint}")
         setattr(model, name, getattr(other, name))
-        setattr(model.cfg, name, theirs)
+        setattr(model.config, name, theirs)
     return other
 
 
@@ -819,7 +782,7 @@ class LatentCache:
 
     def __init__(self, model, data, n, device, args):
         self.seed, ranks = args.seed, args.ranks
-        key = {"vae": hash_state(model.vae), "window": model.cfg.window, "data": args.data,
+        key = {"vae": hash_state(model.vae), "window": model.config.window, "data": args.data,
                "seed": args.seed, "n": n, "overfit": args.overfit}
         path = os.path.join(args.out, "latents.pt")
         cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
@@ -827,7 +790,7 @@ class LatentCache:
             print(f"diffusion: using {n} cached latents from {path}")
         else:
             mine, items = range(ranks.rank, n, ranks.world), []
-            windows = torch.utils.data.DataLoader(Windows(data, model.cfg.window, mine),
+            windows = torch.utils.data.DataLoader(Windows(data, model.config.window, mine),
                                                   batch_size=None, num_workers=args.workers)
             for audio, prompt, start, total in tqdm(windows, desc="encoding latents",
                                                     total=len(mine), dynamic_ncols=True,
@@ -892,31 +855,31 @@ def train_diffusion(args):
         if args.init and args.stage == "diffusion":       # a fine-tune of another run's U-Net
             source = load_part(model, ("unet", "timing"), args.init, "--init")
             if args.latent_scale is None:                 # it keeps the scale it learned at
-                model.cfg.latent_scale = source.cfg.latent_scale
-    device, cfg = sa.pick_device(args.device), model.cfg
+                model.config.latent_scale = source.config.latent_scale
+    device, config = sa.pick_device(args.device), model.config
     model.to(device).train()
     for frozen in (model.vae, model.clap):
         frozen.requires_grad_(False).eval()
-    model.timing.requires_grad_(cfg.timing.enabled)      # --no-timing leaves the tables unused
+    model.timing.requires_grad_(config.timing.enabled)      # --no-timing leaves the tables unused
     model.unet.set_checkpointing(args.grad_checkpointing)
     params = [*model.unet.parameters(), *model.timing.parameters()]
     opt = torch.optim.Adam(params, args.lr)               # the paper: Adam, no weight decay
     trainer = Trainer(args, model, [opt], path, state)
-    data = make_data(args, cfg)
+    data = make_data(args, config)
     if args.latent_cache:
         data = LatentCache(model, data, args.latent_cache, device, args)
     if state is None and args.latent_scale == "auto":
-        model.cfg.latent_scale = latent_scale(data, model, device, args)
-    print(f"diffusion: latent scale {model.cfg.latent_scale:g}")
+        model.config.latent_scale = latent_scale(data, model, device, args)
+    print(f"diffusion: latent scale {model.config.latent_scale:g}")
     if not args.latent_cache:
         data = prefetch(data, args, trainer.first_step)
 
     def v_loss(model, z, prompts, seconds_start, seconds_total, generator):
         with autocast(device, args.dtype):
             context, mask = model.condition(prompts, seconds_start, seconds_total)
-            length = model.content_frames(seconds_start, seconds_total)
+            content_frames = model.content_frames(seconds_start, seconds_total)
             return sa.diffusion_loss(model.unet, z, context, mask, generator,
-                                     length=length.to(device))
+                                     content_frames=content_frames.to(device))
     net = args.ranks.wrap(Forward(model, v_loss))    # the U-Net and timing: the rest is frozen
 
     def step(i, micro):
@@ -929,7 +892,7 @@ def train_diffusion(args):
                 else:
                     mean, std = encode_clips(model.vae, batch["audio"], device)
                 z = mean + std * sa.randn(mean.shape, generator, mean)   # (B, 64, L)
-                z = z * cfg.latent_scale
+                z = z * config.latent_scale
             with args.ranks.sync(net, m == K - 1):
                 loss = net(z, batch["prompts"], batch["seconds_start"], batch["seconds_total"],
                            generator)
