@@ -3265,3 +3265,48 @@ def test_the_skipped_documented_commands_are_the_ones_no_cpu_machine_can_run():
             for kind, command in documented_commands(open(os.path.join(REPO, doc)).read())
             for key in DOC_SKIPPED if kind == "bash" and key in command}
     assert used == set(DOC_SKIPPED)
+
+
+# ------------------------------------------------------------------------------- the house's shape
+import ast  # noqa: E402 (this section's own)
+
+TAG = re.compile(r"(?:Not the paper's|Released, not the paper) \(([^)]+)\)")
+
+
+def test_every_difference_the_readme_lists_is_tagged_at_its_code():
+    """The README's differences table and the tags in the code name the same rows: its grep
+    finds each row at least once, and no tag names a row the table lacks."""
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    table = readme.split("## Where this differs")[1].split("\n\n")[1].splitlines()[2:]
+    rows = {line.split("|")[1].strip() for line in table}
+    assert len(rows) >= 12 and 'grep -nE "Not the paper\'s \\(|Released, not the paper \\(" *.py' \
+        in readme
+    tags = {}
+    for name in sorted(os.listdir(REPO)):
+        if name.endswith(".py") and not name.startswith("test_"):
+            for m in TAG.finditer(open(os.path.join(REPO, name), encoding="utf-8").read()):
+                tags.setdefault(m.group(1), []).append(name)
+    assert rows - set(tags) == set(), "rows without a tag in the code"
+    assert set(tags) - rows == set(), "tags that name no row of the README's table"
+
+
+def our_imports(name):
+    """The project's own modules that a file imports, anywhere in it."""
+    ours = {n[:-3] for n in os.listdir(REPO) if n.endswith(".py") and n != name}
+    tree = ast.parse(open(os.path.join(REPO, name), encoding="utf-8").read())
+    found = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+             for a in node.names}
+    found |= {node.module.split(".")[0] for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module}
+    return found & ours
+
+
+def test_each_file_imports_only_the_rooms_below_it():
+    """The model file imports none of ours; the two rooms beside it import the model alone; the
+    tools import the model and the rooms, never each other (the file map in the README)."""
+    rooms = {"stable_audio": set(), "released": {"stable_audio"}, "sound_world": {"stable_audio"}}
+    tools = ("sample", "train", "bench", "exercises")
+    for name, allowed in rooms.items():
+        assert our_imports(f"{name}.py") <= allowed, name
+    for tool in tools:
+        assert our_imports(f"{tool}.py") <= set(rooms), tool
