@@ -37,9 +37,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # -------------------------------------------------------------------------------------------------
-# Configs and sizes. One dataclass per component; the defaults are the paper's full-size numbers
-# (reference: the released stable_audio_1_0.json). `small` and `tiny` change widths, depths and
-# the window, never the algorithm.
+# Configs and sizes: one dataclass per component, its defaults the paper's full size (as in the
+# released stable_audio_1_0.json); `small` and `tiny` change widths, depths, the window, no more.
 # -------------------------------------------------------------------------------------------------
 @dataclass
 class VAEConfig:
@@ -166,8 +165,7 @@ class Snake(nn.Module):
 
 
 class SnakeBeta(nn.Module):
-    """Stable Audio Open's variant: frequency alpha and magnitude 1/beta apart, both stored as
-    logarithms (starting at 0, so alpha = beta = 1), which keeps them positive while training."""
+    """Stable Audio Open's: frequency alpha, magnitude 1/beta, as logs (from 0) to stay positive."""
     def __init__(self, channels):
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(1, channels, 1))
@@ -181,17 +179,14 @@ ACTIVATIONS = {"snake": Snake, "snake_beta": SnakeBeta, "elu": lambda channels: 
 
 
 # -------------------------------------------------------------------------------------------------
-# §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz ->
-# 64 channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
+# §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz -> 64
+# channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
 # 89.6 M + decoder 43.9 M = 133 M parameters. The same code builds Stable Audio Open's "Oobleck"
-# autoencoder (OOBLECK: SnakeBeta, strides 2, 4, 4, 8, 8 to 1/2048, no tanh).
+# (OOBLECK: SnakeBeta, strides 2, 4, 4, 8, 8 to 1/2048, no tanh). After the class, its §4.2 losses:
+# the KL term and an A-weighted multi-resolution STFT loss on mid/side and left/right.
 # -------------------------------------------------------------------------------------------------
-def WNConv1d(*args, **kwargs):
-    return weight_norm(nn.Conv1d(*args, **kwargs))
-
-
-def WNConvTranspose1d(*args, **kwargs):
-    return weight_norm(nn.ConvTranspose1d(*args, **kwargs))
+WNConv1d = lambda *args, **kwargs: weight_norm(nn.Conv1d(*args, **kwargs))
+WNConvTranspose1d = lambda *args, **kwargs: weight_norm(nn.ConvTranspose1d(*args, **kwargs))
 
 
 class ResidualUnit(nn.Module):
@@ -222,16 +217,14 @@ def decoder_block(c_in, c_out, stride, act=Snake):
 
 
 class VAE(nn.Module):
-    """Encoder to the posterior's mean and std, decoder back to audio. `kind` picks the released
-    ends: "dac" (Stable Audio 1.0) adds a 1x1 conv after the encoder's last conv and a tanh after
-    the decoder's; "oobleck" (Stable Audio Open) has neither, and no bias on the decoder's last."""
+    """Encoder -> posterior mean and std, decoder -> audio. Released ends by `kind`: "dac" (1.0) a
+    1x1 conv after the encoder, a tanh after the decoder; "oobleck" (Open) neither, no last bias."""
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.hop = math.prod(config.strides)
         act, dac = ACTIVATIONS[config.activation], config.kind == "dac"
         enc = [config.encoder_width * m for m in config.multipliers]                # 128 .. 2048
-        dec = [config.decoder_width * m // config.multipliers[-1]
-               for m in reversed(config.multipliers)]
+        dec = [config.decoder_width * m // config.multipliers[-1] for m in config.multipliers[::-1]]
         latent2 = 2 * config.latent_dim                                         # mean and scale
         self.encoder = nn.Sequential(
             WNConv1d(config.channels, enc[0], 7, padding=3),
@@ -249,11 +242,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def audible_init(self, latent_dim):
-        """Not the paper's (initialisation), `tiny` only: with PyTorch's default init, as released,
-        the tiny decoder's output at step 0 barely depends on the latent (biases and Snake's sin^2
-        offsets drown it) and CPU-sized training collapses to one output. So: biases 0; decoder
-        convs outside the residual units variance-preserving (std 1/sqrt(fan in)), the last at a
-        tenth (tanh starts unsaturated); posterior std softplus(-5) ~ 0.007, not 0.69."""
+        """Not the paper's (initialisation), `tiny` only: under PyTorch's default init (as released)
+        the tiny decoder at step 0 barely uses the latent (biases, Snake's sin^2 offsets drown it)
+        and CPU-sized training collapses. So: biases 0; decoder convs outside residual units
+        variance-preserving, the last at 1/10 (tanh unsaturated); posterior std small."""
         inside = {id(m) for unit in self.decoder.modules() if isinstance(unit, ResidualUnit)
                   for m in unit.modules()}
         for m in self.modules():
@@ -266,7 +258,7 @@ class VAE(nn.Module):
                 m.parametrizations.weight.original0.copy_(v.norm(dim=(1, 2), keepdim=True))  # w = v
         last = [m for m in self.decoder if isinstance(m, nn.Conv1d)][-1]
         last.parametrizations.weight.original0.mul_(0.1)
-        self.encoder[-1].bias[latent_dim:] = -5.0
+        self.encoder[-1].bias[latent_dim:] = -5.0          # std softplus(-5) ~ 0.007, not 0.69
 
     def encode(self, audio):
         """Posterior mean and std. Audio is zero-padded on the right to a multiple of the hop."""
@@ -275,10 +267,9 @@ class VAE(nn.Module):
         return mean, F.softplus(scale) + 1e-4
 
     def decode(self, z, chunk=None, overlap=DECODE_OVERLAP):
-        """Latent (B, 64, L) -> audio (B, 2, L * 1024), optionally `chunk` latent frames at a time.
-        Chunks overlap by `overlap` frames and each keeps only its centre: overlap/2 = 16 frames
-        exceed the decoder's receptive field (about 10 frames), so the result equals a one-shot
-        decode. Overlap-add would be wrong: the decoder is nonlinear."""
+        """Latent (B, 64, L) -> audio (B, 2, L * 1024), `chunk` latent frames at a time if given.
+        Chunks overlap by `overlap` frames, each kept in its centre: overlap/2 = 16 frames exceed
+        the receptive field (~10), so this is a one-shot decode (overlap-add is not)."""
         L = z.shape[-1]
         if chunk is None or L <= chunk:
             return self.decoder(z)
@@ -294,9 +285,8 @@ class VAE(nn.Module):
 
 
 def kl_divergence(mean, std):
-    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames, with
-    the textbook 1/2. Released, not the paper (KL term): the released code leaves it out (twice
-    this) and weights the term 1e-6 (Stable Audio 1.0); the paper gives 1e-4, as train.py does."""
+    """KL(N(mean, std^2) || N(0, 1)) summed over channels, mean over batch and frames, with the 1/2.
+    Released, not the paper (KL term): no 1/2 (2x this), weight 1e-6; the paper's 1e-4: train.py."""
     return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
 
 
@@ -326,21 +316,19 @@ def stft_loss(x_hat, x, sample_rate):
 
 
 def stereo_loss(x_hat, x, sample_rate):
-    """§4.2 reconstruction: the STFT loss on mid (L + R) and side (L - R), sharing one
-    normalisation so a nearly mono clip (side ~ 0) does not divide by ~0, plus L and R as
-    released: |STFT(L - R)| = |STFT(R - L)|, so mid and side alone miss a left/right swap."""
+    """§4.2 reconstruction: STFT loss on mid (L + R) and side (L - R), normalised together (a mono
+    clip's side ~ 0 alone divides by ~0), plus L, R as released: |STFT(L - R)| = |STFT(R - L)|."""
     mid_side = lambda a: torch.cat([a.sum(1), a[:, 0] - a[:, 1]])         # (2B, N)
     return (stft_loss(mid_side(x_hat), mid_side(x), sample_rate)
             + stft_loss(x_hat.flatten(0, 1), x.flatten(0, 1), sample_rate))
 
 
 # -------------------------------------------------------------------------------------------------
-# §3.2, §4.3 A small CLAP: text and audio (log-mel) transformers trained contrastively, so that
-# matching captions and clips land close together; the diffusion model reads the text encoder's
-# next-to-last layer (768 features per token at full size). Not the paper's (text encoder): the
-# paper's is RoBERTa (77 BPE tokens, frozen); ours reads raw UTF-8 bytes, so it needs no vocabulary
-# file and trains here. `full` keeps the released 77 tokens (a context of 79); `small` and `tiny`
-# read 128 bytes (a BPE token is ~4 characters; metadata prompts are mostly under 128).
+# §3.2, §4.3 A small CLAP: text and audio (log-mel) transformers trained contrastively so that
+# matching captions and clips land close; the diffusion model reads the text encoder's next-to-last
+# layer (768 features per token at full size). Not the paper's (text encoder): RoBERTa there (77 BPE
+# tokens, frozen); ours reads UTF-8 bytes, so it needs no vocabulary file and trains here. `full`
+# keeps 77 tokens (context 79); `small`, `tiny` read 128 bytes (a BPE token is ~4 characters).
 # -------------------------------------------------------------------------------------------------
 def tokenize(prompts, length):
     """UTF-8 bytes between BOS and EOS, cut to `length`, padded -> tokens (B, S), mask (B, S)."""
@@ -352,9 +340,8 @@ def tokenize(prompts, length):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention (flash kernels where possible):
-    self-attention when `context` is None, else queries from x, keys and values from the context. As
-    released, the query and key/value streams have a LayerNorm each, in self-attention too."""
+    """Multi-head attention (F.scaled_dot_product_attention): self-attention, or queries from x and
+    keys/values from `context`; as released, both streams get a LayerNorm, in self-attention too."""
     def __init__(self, features, heads, context_features=None):
         super().__init__()
         self.heads = heads
@@ -369,11 +356,10 @@ class Attention(nn.Module):
         context = self.norm_context(x if context is None else context)
         q, (k, v) = self.to_q(self.norm(x)), self.to_kv(context).chunk(2, dim=-1)
         q, k, v = (t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        # Not the paper's (padded context tokens): the released model multiplies padded keys and
-        # values by 0, which leaves them in the softmax with logit 0; a boolean mask removes
-        # them, so the output does not depend on how much padding follows. (B, heads, S, C / h)
+        # Not the paper's (padded context tokens): the released model zeroes padded keys and values,
+        # left in the softmax at logit 0; a boolean mask removes them: padding changes nothing.
         mask = None if mask is None else mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # (B, heads, S, C / h)
         return self.to_out(out.transpose(1, 2).reshape(B, S, C))
 
 
@@ -482,9 +468,8 @@ class TimingEmbedding(nn.Module):
         self.max_seconds = config.max_seconds
         self.start = nn.Embedding(config.max_seconds + 1, features)
         self.total = nn.Embedding(config.max_seconds + 1, features)
-        # Released: rows start from N(0, 1). Not the paper's (initialisation), `tiny` only:
-        # sinusoids of the second, so neighbouring seconds start close and what a short run
-        # teaches about 20 s carries over to 21 s before each row has been trained on its own.
+        # Released: N(0, 1) rows. Not the paper's (initialisation), `tiny` only: sinusoids of the
+        # second: neighbouring seconds start close, so what a short run learns at 20 s holds at 21.
         if config.sinusoid_init:
             for table in (self.start, self.total):
                 table.weight.data.copy_(sinusoids(config.max_seconds + 1, features))
@@ -498,23 +483,20 @@ class TimingEmbedding(nn.Module):
 # -------------------------------------------------------------------------------------------------
 # §3.3 The U-Net (after Mousai / audio-diffusion-pytorch): 4 levels of 1024, 1024, 1024, 1280
 # channels, downsampling 1, 2, 2, 4, and a 1280 bottleneck; per level 2 residual conv blocks, then
-# transformer blocks (self-attention, cross-attention to text + timing, feed-forward; 1, 3, 3, 3 per
-# level, 3 in the bottleneck, 16 heads). The noise level t enters every residual block by FiLM (a
-# per-channel scale and shift). Full size: 906.7 M parameters; it predicts v (§4.4). No positional
-# encoding: a frame finds the requested end from the timing tokens and the window's zero padding.
+# transformer blocks (self-, cross-attention to text + timing, feed-forward; 1, 3, 3, 3 per level,
+# 3 in the bottleneck, 16 heads); FiLM brings t to each residual block. 906.7 M parameters at full
+# size, predicting v (§4.4). No positional encoding: timing tokens and zero padding mark the end.
 # -------------------------------------------------------------------------------------------------
 def content_mask(content_frames, L, device):
     """Not the paper's (padding mask channel), `tiny` only: the released data pipeline's padding
     mask, True for the first content_frames[b] latent frames, (B,) -> (B, L). With
-    UNetConfig.padding_mask it is one more U-Net input channel (as Stable Audio Open feeds its
-    inpainting mask): CPU-sized models never learned from the timing tokens alone which frames lie
-    inside the request."""
+    UNetConfig.padding_mask, one more U-Net input (as Stable Audio Open feeds its inpainting mask):
+    CPU-sized models never learned from timing tokens alone which frames lie inside the request."""
     return torch.arange(L, device=device) < content_frames.to(device)[:, None]
 
 
 class NoiseLevelEmbedding(nn.Module):
-    """The noise level t of §4.4 (not the seconds: TimingEmbedding), t in [0, 1] ->
-    [t, sin(2 pi w t), cos(2 pi w t)] with 128 learned w ~ N(0, 1) -> Linear -> GELU."""
+    """t in [0, 1] (§4.4 noise level) -> [t, sin 2pi w t, cos 2pi w t], learned w ~ N(0, 1)."""
     def __init__(self, features, frequencies=128):
         super().__init__()
         self.w = nn.Parameter(torch.randn(frequencies))
@@ -528,10 +510,9 @@ class NoiseLevelEmbedding(nn.Module):
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, with the statistics from var_mean on a GPU (the same function). PyTorch's CUDA
-    kernel reduces each (sample, group) in one thread block, B x 16 blocks for 100+ multiprocessors,
-    idling most of a large GPU on this U-Net's long sequences; var_mean spreads the reduction over
-    the card; the normalisation folds into one multiply-add. On CPUs the fused kernel is faster."""
+    """nn.GroupNorm, statistics from var_mean on a GPU (same function): PyTorch's CUDA kernel gives
+    each (sample, group) one thread block, B x 16 blocks idling most of a large GPU on these long
+    sequences; var_mean spreads the work. On CPUs the fused kernel is faster."""
     def forward(self, x):
         return self.spread(x) if x.is_cuda else super().forward(x)
 
@@ -684,15 +665,13 @@ class UNet(nn.Module):
                 m.checkpoint = on
 
     def forward(self, x, t, context, mask, content_frames=None):
-        """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L);
-        L a multiple of self.downsampling. content_frames (B,), StableAudio.content_frames: read
-        only with padding_mask; None: the whole window."""
+        """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L), L a
+        multiple of self.downsampling; content_frames (B,): padding_mask only (None: all)."""
         mapping = self.to_mapping(self.to_time(t))                   # (B, M)
         if self.padding_mask:                                        # `tiny`: content_mask
-            B, _, L = x.shape
             if content_frames is None:
-                content_frames = torch.full((B,), L, device=x.device)
-            inside = content_mask(content_frames, L, x.device)       # (B, L)
+                content_frames = torch.full((len(x),), x.shape[-1], device=x.device)
+            inside = content_mask(content_frames, x.shape[-1], x.device)   # (B, L)
             x = torch.cat([x, inside[:, None].to(x.dtype)], dim=1)   # (B, 64 + 1, L)
         x = self.to_in(x, mapping)                                   # (B, 1024, L)
         outer, skips = x, []
@@ -717,8 +696,7 @@ class StableAudio(nn.Module):
         self.latent_frames = config.window // self.vae.hop                # L of the whole window
 
     def content_frames(self, seconds_start, seconds_total):
-        """Seconds (B,) -> latent frames (B,) before the silence: (total - start) x frame rate.
-        A count of L or more marks the whole window: the mask covers min(total - start, window)."""
+        """Seconds (B,) -> latent frames (B,) before the silence; L or more: the whole window."""
         seconds = torch.as_tensor(seconds_total) - torch.as_tensor(seconds_start)
         return (seconds.double() * self.config.sample_rate / self.vae.hop).ceil().long()
 
@@ -728,10 +706,9 @@ class StableAudio(nn.Module):
         text = self.clap.text_features(tokens, mask)                 # (B, S, C)
         if not self.config.timing.enabled:                              # the ablation: text only
             return text, mask
-        device = text.device
-        timing = self.timing(torch.as_tensor(seconds_start, device=device),
-                             torch.as_tensor(seconds_total, device=device))   # (B, 2, C)
-        ones = torch.ones(len(prompts), 2, dtype=torch.bool, device=device)
+        timing = self.timing(torch.as_tensor(seconds_start, device=text.device),
+                             torch.as_tensor(seconds_total, device=text.device))   # (B, 2, C)
+        ones = torch.ones(len(prompts), 2, dtype=torch.bool, device=text.device)
         return torch.cat([text, timing.to(text.dtype)], 1), torch.cat([mask, ones], 1)
 
 
@@ -750,10 +727,10 @@ def build_model(size="full"):
 
 
 # -------------------------------------------------------------------------------------------------
-# §4.4 Diffusion objective: continuous t ~ U[0, 1], cosine schedule alpha = cos(pi t / 2),
-# sigma = sin(pi t / 2), z_t = alpha z + sigma eps; the network predicts v = alpha eps - sigma z
-# (mean squared error). 10 % of samples see the null context, teaching the unconditional model that
-# guidance needs. The schedule assumes latents of unit variance, as released (see latent_scale).
+# §4.4 Diffusion objective: t ~ U[0, 1], cosine schedule (alpha, sigma) = (cos, sin)(pi t / 2),
+# z_t = alpha z + sigma eps; the network predicts v = alpha eps - sigma z (mean squared error).
+# 10 % of samples see the null context, teaching the unconditional model guidance needs; the
+# schedule assumes unit-variance latents, as released (see latent_scale).
 # -------------------------------------------------------------------------------------------------
 def alpha_sigma(t):
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
@@ -765,9 +742,8 @@ def randn(shape, generator, like):
 
 
 def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, content_frames=None):
-    """v-objective loss for clean latents z (B, 64, L); content_frames as in UNet.forward.
-    Not the paper's (noise levels in training): t ~ U[0, 1] from the generator; the released
-    code draws t from a scrambled Sobol sequence and sets 1 % of them to 1."""
+    """v-objective loss for clean latents z (B, 64, L), content_frames as in UNet.forward.
+    Not the paper's (noise levels in training): t ~ U[0, 1]; released: scrambled Sobol, 1 % at 1."""
     B = z.shape[0]
     t = torch.rand(B, generator=generator).to(z.device)
     eps = randn(z.shape, generator, z)
@@ -781,10 +757,9 @@ def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, content_
 
 
 # -------------------------------------------------------------------------------------------------
-# §3.4 Sampling. The samplers see a denoiser in the variance-exploding form: x = x0 + sigma eps,
-# denoiser(x, sigma) ~ x0; a v-model at (alpha, sigma) = (cos, sin) maps onto it by
-# sigma_VE = sigma / alpha and x_VE = z / alpha. Guidance (scale 6) mixes conditional and
-# unconditional predictions, both computed in one batched forward.
+# §3.4 Sampling. Samplers see a variance-exploding denoiser: x = x0 + sigma eps, D(x, sigma) ~ x0;
+# a v-model, (alpha, sigma) = (cos, sin), maps onto it: sigma_VE = sigma / alpha, x_VE = z / alpha.
+# Guidance (scale 6) mixes conditional and unconditional v in one batched forward.
 # -------------------------------------------------------------------------------------------------
 def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
     """`steps` noise levels spaced evenly in log sigma, then a final 0. (steps + 1,)"""
@@ -794,15 +769,13 @@ def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
 
 def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCALE,
              content_frames=None):
-    """Classifier-free guidance: v = v_u + scale (v_c - v_u), then the CFG rescale of Lin et al.,
-    pulling the guided v's per-frame std over channels back toward v_c's (phi = 0.4, the released
-    default) so that large scales do not blow up the signal. Not the paper's (padding mask channel),
-    `tiny` only: with `content_frames` (B,), the frames after them take v_c alone: both branches
-    see the mask and should agree on silence there, so guiding would only multiply their
-    disagreement (in the paper the unconditional branch knows nothing of the timing)."""
+    """Classifier-free guidance: v = v_u + scale (v_c - v_u), then Lin et al.'s CFG rescale (phi:
+    `rescale`), pulling the per-frame std over channels toward v_c's lest large scales blow up.
+    Not the paper's (padding mask channel), `tiny` only: with `content_frames` (B,), the frames
+    after them take v_c alone: both branches see the mask and should agree on silence there; guiding
+    would multiply their disagreement (the paper's unconditional branch knows no timing)."""
     if scale == 1:
         return lambda z, t: unet(z, t, context, mask, content_frames)
-    # The conditional and unconditional halves of one batch, concatenated once.
     pair, pair_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])
     pair_frames = None if content_frames is None else torch.cat([content_frames, content_frames])
 
@@ -821,8 +794,7 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCAL
 def v_to_denoiser(v_fn):
     """Wrap a v-model v_fn(z, t) as a VE denoiser(x, sigma) -> x0 estimate."""
     def denoiser(x, sigma):
-        # sigma is the VE noise level; the v-model's own (alpha_t, sigma_t) = (cos, sin)(pi t / 2)
-        # are the point of the unit circle with sigma_t / alpha_t = sigma.
+        # The v-model's (alpha_t, sigma_t) = (cos, sin)(pi t / 2) with sigma_t / alpha_t = sigma.
         alpha_t, sigma_t = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
         t = torch.full((x.shape[0],), 2 / math.pi * math.atan(sigma), device=x.device)
         z = alpha_t * x                                              # back to the VP latent
@@ -834,9 +806,8 @@ def dpmpp_multistep(denoiser, x, sigmas, step, callback=None):
     """The loop the samplers share, in lam = -log sigma (DPM-Solver++, Lu et al. 2022). The
     probability-flow ODE dx/dlam = D(x, lam) - x integrates exactly over a step of size h to
         x_{i+1} = e^{-h} x_i + int_0^h e^{-(h - tau)} D(lam_i + tau) dtau,
-    and each sampler is a `step(x, denoised, lam, h, history)` that approximates the integral
-    from D_i and the past (lam, D) pairs (newest last). The step to sigma = 0 (h = inf) is first
-    order, as in Lu et al. and k-diffusion: it returns D_i, the clean estimate."""
+    and a sampler's `step(x, denoised, lam, h, history)` approximates it from D_i and past (lam, D)
+    pairs, newest last. The step to sigma = 0 (h = inf) returns D_i: first order, as Lu et al."""
     sigmas, history = sigmas.tolist(), []
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
@@ -872,9 +843,8 @@ def dpm_derivatives(history, lam, denoised):
 
 
 def sample_dpmpp_2m(denoiser, x, sigmas, callback=None):
-    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (data prediction, multistep): D is held at
-    its value at the step's midpoint, extrapolated along the line through D_{i-1} and D_i:
-    D(lam_i + h/2) ~ D_i + (h/2) (D_i - D_{i-1}) / h_{i-1}; with r = h_{i-1} / h,
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): D held at the step's midpoint value, extrapolated
+    through D_{i-1}, D_i: D(lam_i + h/2) ~ D_i + (h/2) (D_i - D_{i-1}) / h_{i-1}; r = h_{i-1} / h:
         x_{i+1} = e^{-h} x_i + (1 - e^{-h}) [(1 + 1/(2r)) D_i - 1/(2r) D_{i-1}].
     Off by O(h^3) per step, the error falls as h^2; the first step (no D_{i-1}) is first order."""
     def step(x, denoised, lam, h, history):
@@ -891,12 +861,11 @@ def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
     With p = D_i + tau p' + tau^2/2 p'' the integral is exact:
         x_{i+1} = e^{-h} x_i + I0 D_i + I1 p' + I2 p'',
         I0 = 1 - e^{-h},  I1 = h - I0,  I2 = h^2/2 - I1   (e^{-(h - tau)} against 1, tau, tau^2/2),
-    and the error falls as h^3 (k-diffusion and diffusers weight p'' by I2 / 2, which is order 2).
-    Order 3 fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps the
-    order and stops the quadratic from overshooting on the long steps of a short schedule, where D
-    settles onto x0 (h ~ 1-2 at 10 steps; docs/samplers.md). The first two steps lack history and
-    run at orders 1 and 2. Not the paper's (sampler): the paper names DPM-Solver++ without its
-    variant; the released default is 2M SDE; this deterministic 3M ODE is ours."""
+    and the error falls as h^3 (k-diffusion and diffusers weight p'' by I2 / 2: order 2). Order 3
+    fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps the order and
+    stops the quadratic overshooting on a short schedule's long steps, where D settles onto x0
+    (h ~ 1-2 at 10 steps; docs/samplers.md). The first two steps run at orders 1 and 2 (no history).
+    Not the paper's (sampler): the paper names no variant; released: 2M SDE; this 3M ODE is ours."""
     def step(x, denoised, lam, h, history):
         I0 = -math.expm1(-h)
         I1 = h - I0
@@ -907,11 +876,10 @@ def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
 
 
 def sample_euler(denoiser, x, sigmas, callback=None):
-    """Euler on dx/dsigma = (x - D) / sigma: the first-order baseline. Its step
-    x_i + (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i is the DDIM step with e^{-h} =
-    sigma_{i+1} / sigma_i: on this ODE Euler, DDIM and first-order DPM-Solver++ coincide."""
+    """Euler on dx/dsigma = (x - D) / sigma: the DDIM step, e^{-h} = sigma_{i+1} / sigma_i."""
     return dpmpp_multistep(denoiser, x, sigmas, lambda x, D, lam, h, history: ddim_step(x, D, h),
                            callback)
+
 
 SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": sample_euler}
 
@@ -927,14 +895,13 @@ def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scal
              trim=True, decode_chunk=None, dtype=torch.float32, callback=None, laps=None,
              latents=False):
     """Audio (B, 2, N) for a list of prompts, N = min(seconds_total - seconds_start, window) *
-    sample_rate (the whole window with trim=False): as in §3.2, the clip starts `seconds_start` into
-    a piece `seconds_total` long (at most config.timing.max_seconds, 512 s). `cfg_rescale` is
-    guided_v's phi (0: plain guidance). init_audio (2, N) or (B, 2, N) at the model's rate starts
-    from that clip, not noise: `init_strength` in (0, 1] picks how much of the schedule is run,
-    `inpaint` = (start, end) seconds regenerates only that gap. `laps`, a dict, gets the seconds
-    spent on "text", "sampling" and "decoding". `dtype` bf16/fp16: autocast, or a U-Net already cast
-    to it as it is (unet_at_its_precision). `decode_chunk`: see default_decode_chunk. latents=True
-    stops before decoding: z (B, 64, L), the window's latent as sampled (VAE's x latent_scale)."""
+    sample_rate (trim=False: the window): as in §3.2, the clip starts `seconds_start` into a piece
+    `seconds_total` long (<= timing.max_seconds, 512 s). `cfg_rescale`: guided_v's phi (0: plain
+    guidance). init_audio (2 or B, 2, N) at the model's rate: start from it, not noise;
+    `init_strength` in (0, 1] picks how much of the schedule runs; `inpaint` = (start, end) seconds
+    regenerates that gap only. `laps` (dict): seconds of "text", "sampling", "decoding". `dtype`
+    bf16/fp16: autocast, or a U-Net cast to it runs as is. `decode_chunk`: default_decode_chunk.
+    latents=True: z (B, 64, L) as sampled (x latent_scale), not decoded."""
     config, device = model.config, next(model.parameters()).device
     check_request(config, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
                   init_strength, inpaint)
@@ -997,9 +964,8 @@ def check_request(config, seconds_total, seconds_start, cfg_rescale, decode_chun
 
 
 def unconditional(model, context, negative_prompt, start, total):
-    """What guidance steers away from (§3.4): the learned null context, or a negative prompt's
-    context with the same timing. Not the paper's (null context under guidance): the null context is
-    attended in full, since it has no padding; the released code gives it the prompt's mask."""
+    """Guidance's other branch (§3.4): the null context or a negative prompt's, same timing.
+    Not the paper's (null context under guidance): fully attended; released: the prompt's mask."""
     if negative_prompt is None:
         null = model.unet.null_context.expand_as(context).to(context.dtype)
         return null, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
@@ -1059,9 +1025,8 @@ def inpaint_mask(frames, gap, frame_rate, ramp=4):
 
 def decode_content(model, z, N, decode_chunk):
     """Latent -> the first N audio samples. Not the paper's (decoding): in overlapping chunks
-    (VAE.decode), where the released code decodes in one pass. Only the frames kept are decoded,
-    plus DECODE_OVERLAP for the receptive field; past the window's end the last frame is repeated,
-    so the decoder's own right edge (a small tick even from a silent latent) stays outside."""
+    (VAE.decode); released: one pass. Only kept frames (+ DECODE_OVERLAP) are decoded; past the
+    window the last frame repeats, keeping the decoder's right-edge tick outside."""
     z = F.pad(z.float() / model.config.latent_scale, (0, DECODE_OVERLAP), mode="replicate")
     z = z[..., :math.ceil(N / model.vae.hop) + DECODE_OVERLAP]
     return model.vae.decode(z, chunk=decode_chunk or default_decode_chunk(z.device))[..., :N]
@@ -1077,8 +1042,8 @@ def default_decode_chunk(device):
 # checkpoint from a stranger cannot run code. Written to a temporary file, then renamed.
 # -------------------------------------------------------------------------------------------------
 def save_checkpoint(path, model, **extra):
-    """Atomically write {format, size, config, model, **extra} (extra: ema, optimizer, step...).
-    An "ema" entry may cover only the part a stage trained; loading puts it over "model"."""
+    """Atomically write {format, size, config, model, **extra} (ema, optimizer, step...); an "ema"
+    entry may cover only what a stage trained: loading puts it over "model"."""
     atomic_save({"format": CHECKPOINT_FORMAT, "size": model.config.size,
                  "config": asdict(model.config), "model": model.state_dict(), **extra}, path)
 
@@ -1096,18 +1061,13 @@ def atomic_save(obj, path):
 
 
 def upgrade_format_1(ckpt):
-    """Format 1 (before the U-Net matched the released one) -> format 2, computing the same: its
-    self-attention's one LayerNorm for queries and keys/values becomes two with equal weights; its
-    padding of f on each side (the factor-4 level shifts a sample) stays: symmetric_downsample."""
-    def split_norms(weights):
-        extra = {k.replace(".norm.", ".norm_context."): v for k, v in weights.items()
-                 if ".self_attn.norm." in k or ".attn.norm." in k}
-        return {**weights, **extra}
-    config = copy.deepcopy(ckpt["config"])
-    config["unet"]["symmetric_downsample"] = True
+    """Format 1 -> 2, same function: self-attention's shared query/key-value LayerNorm becomes two
+    equal ones; its f zeros on each side (factor 4 shifts a sample) stay: symmetric_downsample."""
+    split = lambda w: {**w, **{k.replace(".norm.", ".norm_context."): v for k, v in w.items()
+                               if ".self_attn.norm." in k or ".attn.norm." in k}}
+    config = {**ckpt["config"], "unet": {**ckpt["config"]["unet"], "symmetric_downsample": True}}
     return {**ckpt, "format": CHECKPOINT_FORMAT, "upgraded_from": FORMAT_1, "config": config,
-            "model": split_norms(ckpt["model"]),
-            **({"ema": split_norms(ckpt["ema"])} if ckpt.get("ema") else {})}
+            **{k: split(ckpt[k]) for k in ("model", "ema") if ckpt.get(k)}}
 
 
 def load_checkpoint(path, size=None, ema=True, device="cpu"):
@@ -1139,8 +1099,7 @@ def load_checkpoint(path, size=None, ema=True, device="cpu"):
 
 
 def check_config(config, name="config"):
-    """A config read from a file: every field of its default's type, every number within reach
-    (|n| < 2^26), so that a stranger's file is refused by name rather than crashing a build."""
+    """Refuse by name a file's config whose field is not of its default's type or |n| >= 2^26."""
     for f in fields(config):
         value, where = getattr(config, f.name), f"{name}.{f.name}"
         default = f.default_factory() if f.default is MISSING else f.default
@@ -1160,10 +1119,9 @@ def check_config(config, name="config"):
 
 
 def build_checked(config, parts, where, device="cpu", build=build_model):
-    """Build the model `config` describes without memory first (on the meta device), check that the
-    weights fit it and that its fixed tables are of sensible size, then build it for real and
-    load them: a stranger's file is refused in one line before anything large is allocated.
-    parts(model) -> [(module, weights, what)]; build: the constructor."""
+    """Build `config`'s model on the meta device (no memory), check the weights fit and its fixed
+    tables are of sensible size, then build it and load them: a stranger's file is refused in one
+    line before anything large is allocated. parts(model): [(module, weights, what)]."""
     try:
         check_config(config)
         with torch.device("meta"):
@@ -1192,8 +1150,7 @@ def named_tensors(weights):
 
 
 def check_weights(mine, weights, what):
-    """Refuse, in one line, weights that are not exactly the module's: missing, left over, of
-    another size (a reshape of the same size is allowed: e.g. SnakeBeta's (C,) vs (1, C, 1))."""
+    """Refuse weights not exactly the module's (a same-size reshape passes: SnakeBeta's (C,))."""
     if not named_tensors(weights):
         raise ValueError(f"{what} holds weights that are not a dictionary of named tensors")
     missing, unexpected = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
@@ -1205,15 +1162,13 @@ def check_weights(mine, weights, what):
 
 
 # -------------------------------------------------------------------------------------------------
-# Plumbing the scripts share: device and precision picking, a stopwatch, finiteness checks, and
-# an argument parser whose errors are one line.
+# Plumbing for the scripts: device, dtype, a stopwatch, finiteness checks, one-line argument errors.
 # -------------------------------------------------------------------------------------------------
 def pick_device(name="auto"):
     """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
                  "cpu": True}
-    if name == "auto":
-        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
+    name = next(d for d, ok in available.items() if ok) if name == "auto" else name
     if not available[name]:
         gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
         raise ValueError(f"--device {name} but no {gpu} is visible; use --device cpu")
@@ -1221,8 +1176,7 @@ def pick_device(name="auto"):
 
 
 def pick_dtype(name, device):
-    """A DTYPES name, or "auto": bfloat16 on CUDA (the paper's setting), else float32. Half
-    precision only on CUDA; elsewhere float32 is the safe and usually faster choice."""
+    """"auto": bfloat16 on CUDA (the paper's); elsewhere float32 only, safe and usually faster."""
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" else "float32"
     if name != "float32" and device.type != "cuda":
@@ -1264,35 +1218,32 @@ class Parser(argparse.ArgumentParser):
 # -------------------------------------------------------------------------------------------------
 # python stable_audio.py: a shape trace of the tiny model, with parameter counts per component.
 # -------------------------------------------------------------------------------------------------
-def count(module):
-    return sum(p.numel() for p in module.parameters())
+count = lambda module: sum(p.numel() for p in module.parameters())
 
 
 def main():
     with torch.device("meta"):
         full = build_model("full")
     torch.manual_seed(0)
-    model, config = build_model("tiny").eval(), SIZES["tiny"]
+    model, prompt = build_model("tiny").eval(), ["ambient rain"]
     for size, m in (("full", full), ("tiny", model)):
         print(f"{size} size: " + ", ".join(f"{part} {count(getattr(m, part)) / 1e6:.2f} M"
                                            for part in ("vae", "clap", "timing", "unet")))
     with torch.inference_mode():
-        N = 5 * model.vae.hop * model.unet.downsampling
-        audio = torch.randn(1, 2, N) * 0.1
-        print(f"audio                  {tuple(audio.shape)}  {N / config.sample_rate:.2f} s")
-        mean, std = model.vae.encode(audio)
-        print(f"VAE.encode -> z        {tuple(mean.shape)}  (1/{model.vae.hop} of the length)")
-        print(f"VAE.decode -> audio    {tuple(model.vae.decode(mean).shape)}")
-        tokens, mask = model.clap.tokenize(["ambient rain"])
-        print(f"tokenize               {tuple(tokens.shape)}  ({int(mask.sum())} real tokens)")
-        print(f"CLAP text features     {tuple(model.clap.text_features(tokens, mask).shape)}")
-        print(f"CLAP audio embedding   {tuple(model.clap.embed_audio(audio).shape)}")
-        context, mask = model.condition(["ambient rain"], [0], [30])
-        print(f"context (text+timing)  {tuple(context.shape)}")
-        v = model.unet(mean, torch.tensor([0.5]), context, mask)
-        print(f"U-Net v                {tuple(v.shape)}")
-        out = generate(model, ["ambient rain"], seconds_total=3, steps=2)
-        print(f"generate 3 s, 2 steps  {tuple(out.shape)}")
+        audio = torch.randn(1, 2, 5 * model.vae.hop * model.unet.downsampling) * 0.1
+        z, (tokens, mask) = model.vae.encode(audio)[0], model.clap.tokenize(prompt)
+        context, context_mask = model.condition(prompt, [0], [30])
+        rows = [(f"audio ({audio.shape[-1] / model.config.sample_rate:.2f} s)", audio),
+                (f"VAE.encode -> z (L = N / {model.vae.hop})", z),
+                ("VAE.decode -> audio", model.vae.decode(z)),
+                (f"tokenize ({int(mask.sum())} real tokens)", tokens),
+                ("CLAP text features", model.clap.text_features(tokens, mask)),
+                ("CLAP audio embedding", model.clap.embed_audio(audio)),
+                ("context (text+timing)", context),
+                ("U-Net v", model.unet(z, torch.tensor([0.5]), context, context_mask)),
+                ("generate 3 s, 2 steps", generate(model, prompt, seconds_total=3, steps=2))]
+    for label, x in rows:
+        print(f"{label:<30} {tuple(x.shape)}")
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ MUTANTS = [  # (section, bug, original text, replacement, -k expression for the 
     ("CLAP", "log-mel of the left channel instead of the mono mix",
      "mono = audio.float().mean(1)", "mono = audio.float()[:, 0]", "log_mel"),
     ("timing", "[a] condition hands start and total to the timing embedding swapped",
-     "self.timing(torch.as_tensor(seconds_start, device=device),\n"
-     "                             torch.as_tensor(seconds_total, device=device))",
-     "self.timing(torch.as_tensor(seconds_total, device=device),\n"
-     "                             torch.as_tensor(seconds_start, device=device))",
+     "self.timing(torch.as_tensor(seconds_start, device=text.device),\n"
+     "                             torch.as_tensor(seconds_total, device=text.device))",
+     "self.timing(torch.as_tensor(seconds_total, device=text.device),\n"
+     "                             torch.as_tensor(seconds_start, device=text.device))",
      "start_token"),
     ("timing", "seconds clamped one short of the table",
      "s.long().clamp(0, self.max_seconds)", "s.long().clamp(0, self.max_seconds - 1)",
@@ -165,8 +165,7 @@ MUTANTS = [  # (section, bug, original text, replacement, -k expression for the 
      '{**ckpt["model"], **(ckpt.get("ema") or {} if ema else {})}',
      '{**(ckpt.get("ema") or {} if ema else {}), **ckpt["model"]}', "prefers_ema"),
     ("checkpoints", "format-1 upgrade keeps the released padding",
-     'config["unet"]["symmetric_downsample"] = True',
-     'config["unet"]["symmetric_downsample"] = False', "format_1"),
+     '"symmetric_downsample": True}}', '"symmetric_downsample": False}}', "format_1"),
     ("from_sat", "[f] released latent scale inverted",
      'latent_scale=1 / m["pretransform"].get("scale", 1.0)',
      'latent_scale=m["pretransform"].get("scale", 1.0)', "pretransform_scale"),
