@@ -965,7 +965,7 @@ def check_request(config, seconds_total, seconds_start, cfg_rescale, decode_chun
 
 def unconditional(model, context, negative_prompt, start, total):
     """Guidance's other branch (§3.4): the null context or a negative prompt's, same timing.
-    Not the paper's (null context under guidance): fully attended; released: the prompt's mask."""
+    Not the paper's (null context under guidance): fully attended, as it has no padding."""
     if negative_prompt is None:
         null = model.unet.null_context.expand_as(context).to(context.dtype)
         return null, torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
