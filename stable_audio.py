@@ -181,9 +181,8 @@ ACTIVATIONS = {"snake": Snake, "snake_beta": SnakeBeta, "elu": lambda channels: 
 # -------------------------------------------------------------------------------------------------
 # §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz -> 64
 # channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
-# 89.6 M + decoder 43.9 M = 133 M parameters. The same code builds Stable Audio Open's "Oobleck"
-# (OOBLECK: SnakeBeta, strides 2, 4, 4, 8, 8 to 1/2048, no tanh). After the class, its §4.2 losses:
-# the KL term and an A-weighted multi-resolution STFT loss on mid/side and left/right.
+# 89.6 M + decoder 43.9 M = 133 M parameters; its §4.2 losses (KL, multi-resolution STFT) follow.
+# The same code builds Stable Audio Open's OOBLECK (SnakeBeta, strides 2, 4, 4, 8, 8, no tanh).
 # -------------------------------------------------------------------------------------------------
 WNConv1d = lambda *args, **kwargs: weight_norm(nn.Conv1d(*args, **kwargs))
 WNConvTranspose1d = lambda *args, **kwargs: weight_norm(nn.ConvTranspose1d(*args, **kwargs))
@@ -285,8 +284,8 @@ class VAE(nn.Module):
 
 
 def kl_divergence(mean, std):
-    """KL(N(mean, std^2) || N(0, 1)) summed over channels, mean over batch and frames, with the 1/2.
-    Released, not the paper (KL term): no 1/2 (2x this), weight 1e-6; the paper's 1e-4: train.py."""
+    """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames, with
+    the 1/2. Released, not the paper (KL term): no 1/2 (twice this), weight 1e-6; paper: 1e-4."""
     return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
 
 
@@ -316,8 +315,9 @@ def stft_loss(x_hat, x, sample_rate):
 
 
 def stereo_loss(x_hat, x, sample_rate):
-    """§4.2 reconstruction: STFT loss on mid (L + R) and side (L - R), normalised together (a mono
-    clip's side ~ 0 alone divides by ~0), plus L, R as released: |STFT(L - R)| = |STFT(R - L)|."""
+    """§4.2 reconstruction: the STFT loss on mid (L + R) and side (L - R), normalised together so a
+    nearly mono clip (side ~ 0) does not divide by ~0, plus L and R as released: mid and side
+    alone cannot see a left/right swap, since |STFT(L - R)| = |STFT(R - L)|."""
     mid_side = lambda a: torch.cat([a.sum(1), a[:, 0] - a[:, 1]])         # (2B, N)
     return (stft_loss(mid_side(x_hat), mid_side(x), sample_rate)
             + stft_loss(x_hat.flatten(0, 1), x.flatten(0, 1), sample_rate))
