@@ -8,13 +8,10 @@ import json
 import os
 import re
 import secrets
-import struct
 import sys
 import tempfile
 import time
-import unicodedata
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +25,12 @@ import stable_audio as sa
 
 DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "demo.pt"
 FORMATS = (".wav", ".flac", ".ogg")          # soundfile picks the container from the extension
-CEILING = 10 ** (-1 / 20)                    # -1 dBFS: headroom for lossy encoders and resamplers
 SILENCE = 1e-4                               # a peak below -80 dBFS: nothing audible came out
 CLIError = sa.UsageError     # what main() reports as one `error:` line, with exit status 2
 # generate's arguments by the flags that set them: its checks, in the words the user typed.
 FLAGS = {"seconds_total": "--seconds", "seconds_start": "--start", "cfg_rescale": "--cfg-rescale",
          "decode_chunk": "--decode-chunk", "init_audio": "--init-audio",
          "init_strength": "--init-strength", "inpaint": "--inpaint"}
-
-# Spectrogram colours from quiet to loud; their brightness rises monotonically.
-COLOURS = np.array([[0, 0, 0], [60, 0, 110], [200, 40, 60], [255, 170, 0], [255, 255, 200]])
 
 
 def parse_args(argv):
@@ -126,17 +119,11 @@ def check_args(args):
                        f"{args.start:g} s on, pass --seconds {args.start + args.seconds:g}")
 
 
-def slug(prompt, length=40):
-    """A short filesystem-safe name for a prompt: lowercase ASCII letters, digits and '-'."""
-    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:length].strip("-") or "untitled"
-
-
 def output_paths(out, prompt, seed, n):
     """Audio paths of samples 0..n-1: `out` is a file name (.wav, .flac, .ogg) or a directory."""
     path = Path(out or "out")
     if out is None or out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
-        return [path / f"{slug(prompt)}_{seed + i}.wav" for i in range(n)]
+        return [path / f"{sound_world.slug(prompt)}_{seed + i}.wav" for i in range(n)]
     if path.suffix.lower() not in FORMATS:
         raise CLIError(f"--out {out}: unsupported extension {path.suffix}; "
                        f"use {', '.join(FORMATS)} or a directory")
@@ -156,50 +143,6 @@ def prepare_outputs(paths, force):
         except OSError as e:
             raise CLIError(f"cannot write to {folder} ({e.strerror or e}); "
                            f"choose another --out") from None
-
-
-def limit_peak(audio, ceiling=CEILING):
-    """Scale the whole clip so its peak is at most `ceiling` (never clips) -> (audio, scaled)."""
-    peak = float(np.abs(audio).max())
-    if peak <= ceiling:
-        return audio, False
-    return audio * (ceiling / peak), True
-
-
-def write_audio(path, audio, sample_rate):
-    """Write (2, N) float audio; the format (wav, flac, ogg) follows the file extension."""
-    sf.write(str(path), audio.T, sample_rate)
-
-
-def spectrogram(audio, width=1000, height=300, n_fft=2048, floor_db=100):
-    """Log-magnitude STFT of the mono mix, 0 dBFS -> 1, (height, width), highest row first."""
-    mono = np.pad(audio.mean(0), (0, max(0, n_fft - audio.shape[-1])))
-    window = np.hanning(n_fft)
-    starts = np.linspace(0, len(mono) - n_fft, width).astype(int)       # one frame per column
-    frames = mono[starts[:, None] + np.arange(n_fft)] * window          # (width, n_fft)
-    # Dividing by sum(window) / 2 puts a full-scale sine at 0 dB.
-    db = 20 * np.log10(np.abs(np.fft.rfft(frames)) / (window.sum() / 2) + 1e-10)
-    rows = np.linspace(0, n_fft // 2, height).round().astype(int)       # linear frequency axis
-    return np.clip(db[:, rows].T[::-1] / floor_db + 1, 0, 1)           # high frequencies on top
-
-
-def write_png(path, rgb):
-    """Write an (H, W, 3) uint8 image as a PNG: signature, IHDR, one zlib IDAT, IEND."""
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-    h, w, _ = rgb.shape
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, 3 * w)], 1)  # filter 0
-    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)       # 8-bit RGB, no interlace
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                          + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
-
-
-def write_spectrogram_png(path, audio):
-    """Spectrogram picture of (2, N) audio: frequency up, time right, quiet dark, loud bright."""
-    level = spectrogram(audio)
-    stops = np.linspace(0, 1, len(COLOURS))
-    rgb = np.stack([np.interp(level, stops, COLOURS[:, c]) for c in range(3)], -1)
-    write_png(path, rgb.round().astype(np.uint8))
 
 
 def load_released(args, vae_only=False):
@@ -328,22 +271,15 @@ def sample_batch(model, args, seed, dtype, init=None):
 
 
 def write_results(paths, audio, sample_rate, seed, name=None):
-    """Remove the DC offset, peak-limit and write each sample and its spectrogram; flag
-    near-silent ones."""
-    # The VAE's A-weighted loss is blind to 0 Hz, so a small VAE decodes silence as a constant
-    # offset: inaudible, but it wastes headroom and clicks where playback starts and stops.
-    audio = audio - audio.mean(-1, keepdims=True)
+    """Write each sample and its spectrogram (DC removed, peak-limited); flag near-silent ones."""
     for i, path in enumerate(paths):
-        peak = float(np.abs(audio[i]).max())
-        clip, scaled = limit_peak(audio[i])
         try:
-            write_audio(path, clip, sample_rate)
-            write_spectrogram_png(path.with_suffix(".png"), clip)
+            peak, scaled = sound_world.write_clip(path, audio[i], sample_rate)
         except (OSError, sf.LibsndfileError) as e:
             raise CLIError(f"could not write {path}: {e}") from None
         level = f"peak {20 * np.log10(peak):+.1f} dBFS" if peak > 0 else "peak 0"
         print(f"wrote {path} (+ .png), {name or f'seed {seed + i}'}, "
-              f"{clip.shape[-1] / sample_rate:g} s, {level}"
+              f"{audio.shape[-1] / sample_rate:g} s, {level}"
               + (", scaled down to -1 dBFS" if scaled else ""))
         if peak < SILENCE:
             print(f"warning: {path} is near-silent: the model produced silence; try another "

@@ -1,14 +1,20 @@
-"""The data Stable Audio learns from here: audio files from disk, a procedural sound world, the
-prompts made from metadata (§4.5), and the datasets that cut clips into training windows.
+"""The data Stable Audio learns from here: audio files in and out, a procedural sound world, the
+prompts made from metadata (§4.5), the datasets that cut clips into training windows, and the
+held-out data a training run is watched on.
 
 Audio files of any rate and channel count become 44.1 kHz stereo (§4.4) with a windowed-sinc
 resampler. The procedural sound world ("--data toy") synthesises eleven sounds with captions in
 the §4.5 metadata form, so the whole pipeline trains on a CPU without downloading anything. Last,
 a Gaussian world whose exact solution is known, to measure the samplers against.
 """
+import hashlib
 import json
 import math
+import re
+import struct
 import sys
+import unicodedata
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +76,78 @@ def read_audio(path, sample_rate):
     if len(data) == 0:
         raise ValueError(f"audio file {path} is empty (0 frames)")
     return resample(to_stereo(torch.from_numpy(data.T.copy())), sr, sample_rate)
+
+
+# -------------------------------------------------------------------------------------------------
+# Audio files out (sample.py's results, train.py's demos): the clip without its DC offset, scaled
+# below -1 dBFS if louder, and a spectrogram picture beside it. The PNG is written by hand here,
+# so that no imaging package is needed.
+# -------------------------------------------------------------------------------------------------
+CEILING = 10 ** (-1 / 20)                    # -1 dBFS: headroom for lossy encoders and resamplers
+# Spectrogram colours from quiet to loud; their brightness rises monotonically.
+COLOURS = np.array([[0, 0, 0], [60, 0, 110], [200, 40, 60], [255, 170, 0], [255, 255, 200]])
+
+
+def slug(prompt, length=40):
+    """A short filesystem-safe name for a prompt: lowercase ASCII letters, digits and '-'."""
+    text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:length].strip("-") or "untitled"
+
+
+def limit_peak(audio, ceiling=CEILING):
+    """Scale the whole clip so its peak is at most `ceiling` (never clips) -> (audio, scaled)."""
+    peak = float(np.abs(audio).max())
+    if peak <= ceiling:
+        return audio, False
+    return audio * (ceiling / peak), True
+
+
+def write_audio(path, audio, sample_rate):
+    """Write (2, N) float audio; the format (wav, flac, ogg) follows the file extension."""
+    sf.write(str(path), audio.T, sample_rate)
+
+
+def spectrogram(audio, width=1000, height=300, n_fft=2048, floor_db=100):
+    """Log-magnitude STFT of the mono mix, 0 dBFS -> 1, (height, width), highest row first."""
+    mono = np.pad(audio.mean(0), (0, max(0, n_fft - audio.shape[-1])))
+    window = np.hanning(n_fft)
+    starts = np.linspace(0, len(mono) - n_fft, width).astype(int)       # one frame per column
+    frames = mono[starts[:, None] + np.arange(n_fft)] * window          # (width, n_fft)
+    # Dividing by sum(window) / 2 puts a full-scale sine at 0 dB.
+    db = 20 * np.log10(np.abs(np.fft.rfft(frames)) / (window.sum() / 2) + 1e-10)
+    rows = np.linspace(0, n_fft // 2, height).round().astype(int)       # linear frequency axis
+    return np.clip(db[:, rows].T[::-1] / floor_db + 1, 0, 1)           # high frequencies on top
+
+
+def write_png(path, rgb):
+    """Write an (H, W, 3) uint8 image as a PNG: signature, IHDR, one zlib IDAT, IEND."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    h, w, _ = rgb.shape
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, 3 * w)], 1)  # filter 0
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)       # 8-bit RGB, no interlace
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                          + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
+
+
+def write_spectrogram_png(path, audio):
+    """Spectrogram picture of (2, N) audio: frequency up, time right, quiet dark, loud bright."""
+    level = spectrogram(audio)
+    stops = np.linspace(0, 1, len(COLOURS))
+    rgb = np.stack([np.interp(level, stops, COLOURS[:, c]) for c in range(3)], -1)
+    write_png(path, rgb.round().astype(np.uint8))
+
+
+def write_clip(path, audio, sample_rate):
+    """(2, N) float audio -> `path` and its spectrogram beside it (.png), without its DC offset and
+    peak-limited -> (its peak before limiting, whether it was scaled down)."""
+    # The VAE's A-weighted loss is blind to 0 Hz, so a small VAE decodes silence as a constant
+    # offset: inaudible, but it wastes headroom and clicks where playback starts and stops.
+    audio = audio - audio.mean(-1, keepdims=True)
+    clip, scaled = limit_peak(audio)
+    write_audio(path, clip, sample_rate)
+    write_spectrogram_png(Path(path).with_suffix(".png"), clip)
+    return float(np.abs(audio).max()), scaled
 
 
 # -------------------------------------------------------------------------------------------------
