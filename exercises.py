@@ -4,6 +4,7 @@ and shows within minutes on a laptop CPU, using this project's own modules.
 
     python exercises.py 1                    # timing conditioning (§3.2)
     python exercises.py 3 --seeds 3 --check  # three seeds; exit 1 if the effect is absent
+    python exercises.py 4 --student student.py --check   # on your own pieces (assignments.py)
 
 Each exercise prints its figures per seed and their mean, then the range measured over three
 seeds on two 2-core CPUs (docs/exercises.md). --check exits with 1 and one line when the effect is
@@ -13,6 +14,7 @@ figure.
 Shape alphabet: B batch, C channels, L latent frames, N samples, S tokens.
 """
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -23,6 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import assignments
 import sound_world
 import stable_audio as sa
 
@@ -531,6 +534,9 @@ def parse_args(argv):
                    help="run it for seeds 0 .. K-1 and report each and the mean (default 1)")
     p.add_argument("--check", action="store_true",
                    help="exit with 1 and one line if the mean figures miss the expected effect")
+    p.add_argument("--student", default=None, metavar="FILE",
+                   help="run on your own pieces: every function of an assignments.py starter "
+                        "that you have written replaces the reference's for the run")
     p.add_argument("--scale", type=scale_factor, default=1.0,
                    help="shrink training and sampling, for a smoke test; the expected ranges and "
                         "--check hold at 1 (the default) only")
@@ -558,9 +564,17 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         title, exercise, check = EXERCISES[args.exercise]
         print(f"Exercise {args.exercise}: {title}. {exercise.__doc__.splitlines()[0]}")
-        start = time.perf_counter()
-        per_seed = [exercise(seed, args.scale) for seed in range(args.seeds)]
-    except (FileNotFoundError, ValueError) as e:    # a bad flag too: sa.UsageError
+        start, pieces = time.perf_counter(), []
+        student = args.student and assignments.load_student(args.student)
+        if student:
+            pieces = assignments.written_pieces(student)
+            if not pieces:
+                raise sa.UsageError(f"{args.student} has no piece written yet; fill in the "
+                                    f"functions of `python assignments.py starter`")
+            print(f"with your {', '.join(pieces)}; the rest is stable_audio's")
+        with assignments.swapped_in(student, pieces) if student else contextlib.nullcontext():
+            per_seed = [exercise(seed, args.scale) for seed in range(args.seeds)]
+    except (FileNotFoundError, ValueError, assignments.NotImportable) as e:  # sa.UsageError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_figures(per_seed)

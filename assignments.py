@@ -1,0 +1,1120 @@
+"""Course assignments: write the paper's key pieces yourself; an autograder says whether each is
+right and, when not, what is most likely wrong.
+
+    python assignments.py list                        # the assignments, their sections and points
+    python assignments.py starter --out student.py    # the blank file to hand out
+    python assignments.py solution --out key.py       # the instructor's key
+    python assignments.py grade student.py [--only A1,A6] [--seed N] [--csv]
+
+The starter is made from stable_audio.py each time: every piece keeps the reference's signature and
+docstring, and its body raises NotImplementedError. A piece is a top-level function (`snake`) or a
+method (`Attention.forward`, written inside a class of the same name that holds just that method).
+
+While one assignment is graded, its pieces alone are swapped into stable_audio and run there as if
+written in that file: every other name they use is the reference's, so the assignments are
+independent. The checks compare with closed forms computed here in float64, or test properties that
+must hold (masked keys change nothing, a sampler's measured order, guidance at scale 1 is the
+conditional prediction), on inputs drawn anew from --seed, so hard-coded outputs fail. When a check
+fails, its message names the mistake its numbers match, if they match a known one.
+"""
+import argparse
+import ast
+import contextlib
+import csv
+import importlib.util
+import inspect
+import math
+import sys
+import textwrap
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sound_world
+import stable_audio as sa
+
+
+class Wrong(Exception):
+    """A check that failed; the message says what was expected and, if known, the likely bug."""
+
+
+def randn(g, *shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def compare(got, want, what, suspects=(), rtol=1e-6, atol=1e-9):
+    """Raise Wrong unless got equals want to rtol/atol; if got matches one of the suspects (hint,
+    value) instead, the message is that suspect's hint."""
+    if not isinstance(got, torch.Tensor):
+        raise Wrong(f"{what}: expected a tensor, got {type(got).__name__}")
+    if got.shape != want.shape:
+        raise Wrong(f"{what} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    got = got.detach().double()
+    if torch.allclose(got, want, rtol=rtol, atol=atol):
+        return
+    for hint, value in suspects:
+        if value.shape == got.shape and torch.allclose(got, value.double(), rtol=1e-4, atol=1e-7):
+            raise Wrong(f"{what}: {hint}")
+    if not torch.isfinite(got).all():
+        raise Wrong(f"{what} holds nan or inf")
+    raise Wrong(f"{what} is off by up to {(got - want).abs().max().item():.3g} "
+                f"(the expected values reach {want.abs().max().item():.3g})")
+
+
+def cosine(t):
+    """The v-model's schedule, (alpha, sigma) = (cos, sin)(pi t / 2), in float64."""
+    return torch.cos(math.pi * t.double() / 2), torch.sin(math.pi * t.double() / 2)
+
+
+def expect(condition, message):
+    if not condition:
+        raise Wrong(message)
+
+
+class Recorder(nn.Module):
+    """Stands in for the U-Net: keeps what each call was given and answers answer(x, t, ...)."""
+    def __init__(self, answer, null_context):
+        super().__init__()
+        self.answer, self.calls = answer, []
+        self.null_context = nn.Parameter(null_context)
+
+    def forward(self, x, t, context, mask, content_frames=None):
+        self.calls.append(dict(x=x, t=t, context=context, mask=mask, frames=content_frames))
+        return self.answer(x, t, context, mask)
+
+
+# -------------------------------------------------------------------------------------------------
+# A1 §3.1 Snake, x + sin^2(alpha x) / alpha, and the VAE's KL term
+# -------------------------------------------------------------------------------------------------
+def snake_formula(g):
+    x, alpha = 3 * randn(g, 2, 3, 40), 0.2 + 2 * torch.rand(1, 3, 1, generator=g).double()
+    s = torch.sin(alpha * x)
+    compare(sa.snake(x, alpha), x + s ** 2 / alpha, "snake(x, alpha)", [
+        ("the 1/alpha is missing: Snake is x + sin^2(alpha x) / alpha", x + s ** 2),
+        ("sin, not sin squared: Snake is x + sin^2(alpha x) / alpha", x + s / alpha),
+        ("sin^2 is multiplied by alpha; it is divided by it", x + alpha * s ** 2)])
+
+
+def snake_beta(g):
+    x = 3 * randn(g, 2, 3, 40)
+    alpha, beta = (0.2 + 2 * torch.rand(1, 3, 1, generator=g).double() for _ in range(2))
+    compare(sa.snake(x, alpha, beta), x + torch.sin(alpha * x) ** 2 / beta,
+            "snake(x, alpha, beta)", [
+                ("beta is ignored: the magnitude is 1/beta when beta is given (SnakeBeta)",
+                 x + torch.sin(alpha * x) ** 2 / alpha),
+                ("alpha and beta swapped: frequency alpha, magnitude 1/beta",
+                 x + torch.sin(beta * x) ** 2 / alpha)])
+
+
+def snake_at_alpha_zero(g):
+    x = randn(g, 1, 2, 10)
+    got = sa.snake(x, torch.zeros(1, 2, 1, dtype=torch.float64))
+    expect(bool(torch.isfinite(got).all()), "snake at alpha = 0 gives nan: divide by alpha + 1e-9, "
+                                            "as DAC does (sin^2(alpha x) / alpha tends to 0, and "
+                                            "a learned alpha can reach 0)")
+    compare(got, x, "snake at alpha = 0", atol=1e-6)
+
+
+def kl_closed_form(g):
+    mean, std = randn(g, 3, 8, 20), torch.exp(0.5 * randn(g, 3, 8, 20))
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                             torch.distributions.Normal(0.0, 1.0))
+    terms = lambda var, log_var: 0.5 * (mean ** 2 + var - log_var - 1)
+    compare(sa.kl_divergence(mean, std), want.sum(1).mean(), "kl_divergence(mean, std)", [
+        ("twice the KL: the 1/2 is missing (the released code leaves it out; the paper's KL has "
+         "it)", 2 * want.sum(1).mean()),
+        ("std was used as the variance: the terms are std^2 and log std^2 = 2 log std",
+         terms(std, torch.log(std)).sum(1).mean()),
+        ("log std^2 is 2 log std, not log std", terms(std ** 2, torch.log(std)).sum(1).mean()),
+        ("averaged over channels: sum them (one latent frame's KL), then average over batch and "
+         "frames", want.mean()),
+        ("summed over everything: sum over channels, average over batch and frames", want.sum())])
+
+
+def kl_zero_at_the_prior(g):
+    mean, std = torch.zeros(2, 4, 5, dtype=torch.float64), torch.ones(2, 4, 5, dtype=torch.float64)
+    expect(abs(sa.kl_divergence(mean, std).item()) < 1e-12,
+           "kl_divergence of N(0, 1) from itself must be 0")
+    expect(sa.kl_divergence(mean + randn(g, 2, 4, 5), std).item() > 0,
+           "kl_divergence must be positive when the mean moves off 0")
+
+
+# -------------------------------------------------------------------------------------------------
+# A2 §4.3 CLAP's symmetric contrastive loss with a learned, clamped temperature
+# -------------------------------------------------------------------------------------------------
+def clap_with_scale(value):
+    return types.SimpleNamespace(logit_scale=nn.Parameter(torch.tensor(math.log(value),
+                                                                       dtype=torch.float64)))
+
+
+def infonce(logits):
+    """Mean over rows of -log softmax(row)[own], by hand."""
+    return (torch.logsumexp(logits, 1) - logits.diagonal()).mean()
+
+
+def unit_rows(g, B, D):
+    return F.normalize(randn(g, B, D), dim=-1)
+
+
+def clap_loss_formula(g):
+    text, audio, s = unit_rows(g, 6, 16), unit_rows(g, 6, 16), 10.0
+    logits = s * text @ audio.T                                   # not symmetric
+    want = (infonce(logits) + infonce(logits.T)) / 2
+    compare(sa.CLAP.loss(clap_with_scale(s), text, audio), want, "CLAP.loss", [
+        ("caption -> clip only: average it with clip -> caption (§4.3's loss is symmetric)",
+         infonce(logits)),
+        ("clip -> caption only: average it with caption -> clip (§4.3's loss is symmetric)",
+         infonce(logits.T)),
+        ("summed over both directions: average them", 2 * want),
+        ("no temperature: multiply the cosines by exp(logit_scale)",
+         (infonce(logits / s) + infonce(logits.T / s)) / 2),
+        ("logit_scale is a log: multiply by its exp", (infonce(logits * math.log(s) / s)
+                                                       + infonce(logits.T * math.log(s) / s)) / 2)])
+
+
+def clap_temperature_clamped(g):
+    text, audio = unit_rows(g, 5, 8), unit_rows(g, 5, 8)
+    logits = text @ audio.T
+    compare(sa.CLAP.loss(clap_with_scale(1000.0), text, audio),
+            (infonce(100 * logits) + infonce(100 * logits.T)) / 2, "CLAP.loss at exp(scale) 1000",
+            [("the temperature must be clamped at 100 (as CLIP does), or the logits grow without "
+              "bound", (infonce(1000 * logits) + infonce(1000 * logits.T)) / 2)])
+
+
+def clap_temperature_learned(g):
+    clap = clap_with_scale(10.0)
+    loss = sa.CLAP.loss(clap, unit_rows(g, 4, 8), unit_rows(g, 4, 8))
+    expect(isinstance(loss, torch.Tensor) and loss.requires_grad,
+           "CLAP.loss: no gradient: the temperature is learned, keep exp(logit_scale) in the graph")
+    loss.backward()
+    expect(clap.logit_scale.grad is not None and clap.logit_scale.grad.abs().item() > 0,
+           "CLAP.loss: no gradient reaches logit_scale: use self.logit_scale.exp(), not .item()")
+
+
+def clap_prefers_matched_pairs(g):
+    emb = unit_rows(g, 6, 32)
+    matched = sa.CLAP.loss(clap_with_scale(20.0), emb, emb).item()
+    shuffled = sa.CLAP.loss(clap_with_scale(20.0), emb, emb.roll(1, 0)).item()
+    expect(matched < shuffled, f"CLAP.loss is {matched:.3g} for matched pairs and {shuffled:.3g} "
+                               "for shuffled ones: matched pairs must score lower")
+
+
+# -------------------------------------------------------------------------------------------------
+# A3 §3.2 Timing embedding, and the conditioning context with its mask
+# -------------------------------------------------------------------------------------------------
+def timing_module(g, features=8):
+    timing = sa.TimingEmbedding(sa.TimingConfig(), features).double()
+    with torch.no_grad():
+        for table in (timing.start, timing.total):
+            table.weight.copy_(randn(g, *table.weight.shape))
+    return timing
+
+
+def timing_rows(g):
+    timing = timing_module(g)
+    start, total = torch.tensor([3.7, 0.0, 100.0]), torch.tensor([30.0, 512.0, 45.2])
+    s, T = timing.start.weight[[3, 0, 100]], timing.total.weight[[30, 512, 45]]
+    compare(timing(start, total), torch.stack([s, T], 1), "TimingEmbedding.forward", [
+        ("the two tokens are in the wrong order: seconds_start first, then seconds_total",
+         torch.stack([T, s], 1)),
+        ("start and total swapped: seconds_start indexes self.start, seconds_total self.total",
+         torch.stack([timing.start.weight[[30, 512, 45]], timing.total.weight[[3, 0, 100]]], 1)),
+        ("seconds are rounded: drop the fraction (3.7 s -> row 3), as the released IntConditioner",
+         torch.stack([timing.start.weight[[4, 0, 100]], timing.total.weight[[30, 512, 45]]], 1))])
+
+
+def timing_clamped(g):
+    timing = timing_module(g)
+    try:
+        got = timing(torch.tensor([-5.0, 600.0]), torch.tensor([1000.0, -1.0]))
+    except IndexError:
+        raise Wrong("TimingEmbedding.forward: index out of range: clamp seconds to "
+                    "0..self.max_seconds (the tables have 513 rows)") from None
+    want = torch.stack([timing.start.weight[[0, 512]], timing.total.weight[[512, 0]]], 1)
+    compare(got, want, "TimingEmbedding.forward outside 0..512 s")
+
+
+def conditioner(g):
+    """The parts of StableAudio that condition() uses, small: a CLAP of width 8, timing tables."""
+    clap_config = sa.CLAPConfig(text_len=24, text_width=8, text_layers=2, text_heads=2,
+                                feature_layer=-2, audio_width=8, audio_layers=1, audio_heads=1,
+                                n_mels=8, n_fft=64, mel_hop=16, patch=2, embed_dim=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=g)))
+        clap = sa.CLAP(clap_config, 44100).double().eval()
+    config = types.SimpleNamespace(timing=sa.TimingConfig())
+    return types.SimpleNamespace(clap=clap, timing=timing_module(g), config=config)
+
+
+PROMPTS = ["rain", "ocean waves crashing on a rocky beach, wide"]
+
+
+def condition_context(g):
+    model = conditioner(g)
+    start, total = torch.tensor([0.0, 12.0]), torch.tensor([30.0, 47.0])
+    with torch.no_grad():
+        context, mask = sa.StableAudio.condition(model, PROMPTS, start, total)
+        tokens, text_mask = model.clap.tokenize(PROMPTS)
+        text = model.clap.text_features(tokens, text_mask)
+        s, T = model.timing.start.weight[[0, 12]], model.timing.total.weight[[30, 47]]
+    timing = torch.stack([s, T], 1)
+    compare(context, torch.cat([text, timing], 1), "condition's context", [
+        ("the timing tokens come after the text features, not before",
+         torch.cat([timing, text], 1)),
+        ("start and total swapped: timing(seconds_start, seconds_total)",
+         torch.cat([text, torch.stack([model.timing.start.weight[[30, 47]],
+                                       model.timing.total.weight[[0, 12]]], 1)], 1))])
+    ones = torch.ones(2, 2, dtype=torch.bool)
+    expect(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool,
+           "condition's mask must be a bool tensor (True: a real token)")
+    expect(mask.shape == (2, text_mask.shape[1] + 2),
+           f"condition's mask has shape {tuple(mask.shape)}, expected "
+           f"{(2, text_mask.shape[1] + 2)}: the text's mask, then one entry per timing token")
+    expect(not torch.equal(mask, torch.cat([text_mask, ~ones], 1)),
+           "condition's mask hides the timing tokens: they are real tokens, mark them True")
+    expect(torch.equal(mask, torch.cat([text_mask, ones], 1)),
+           "condition's mask: the tokenizer's mask for the text (False on padding), then True "
+           "for the two timing tokens")
+
+
+def condition_without_timing(g):
+    model = conditioner(g)
+    model.config.timing.enabled = False
+    with torch.no_grad():
+        context, mask = sa.StableAudio.condition(model, PROMPTS, [0, 0], [10, 20])
+        tokens, text_mask = model.clap.tokenize(PROMPTS)
+        text = model.clap.text_features(tokens, text_mask)
+    compare(context, text, "condition with config.timing.enabled False (the text-only ablation)")
+    expect(torch.equal(mask, text_mask), "condition without timing: the mask is the text's")
+
+
+# -------------------------------------------------------------------------------------------------
+# A4 §3.3 Multi-head attention with a padding mask
+# -------------------------------------------------------------------------------------------------
+def attention_module(g, features=16, heads=4, context_features=None):
+    attention = sa.Attention(features, heads, context_features).double()
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.copy_(randn(g, *p.shape) / math.sqrt(p.shape[-1]) + (1 if p.ndim == 1 else 0))
+    return attention
+
+
+def attention_by_hand(m, x, context=None, mask=None, heads=None, scale=True, keys_norm=None,
+                      invert=False):
+    """softmax(q k^T / sqrt(d) over the kept keys) v, head by head, written out."""
+    B, S, C = x.shape
+    heads = heads or m.heads
+    keys_norm = keys_norm or m.norm_context
+    q = m.norm(x) @ m.to_q.weight.T
+    k, v = (keys_norm(x if context is None else context) @ m.to_kv.weight.T).chunk(2, -1)
+    split = lambda t: t.reshape(B, t.shape[1], heads, C // heads).transpose(1, 2)
+    q, k, v = split(q), split(k), split(v)                            # (B, h, S, d)
+    logits = q @ k.transpose(-1, -2) / (math.sqrt(C // heads) if scale else 1)
+    if mask is not None:
+        keep = ~mask if invert else mask
+        logits = logits.masked_fill(~keep[:, None, None, :], -math.inf)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, S, C)
+    return out @ m.to_out.weight.T + m.to_out.bias
+
+
+def attention_suspects(m, x, context=None, mask=None):
+    found = [("no 1/sqrt(d) on the logits (d = features / heads)",
+              attention_by_hand(m, x, context, mask, scale=False)),
+             ("one head: split the features into `heads` heads of features/heads each",
+              attention_by_hand(m, x, context, mask, heads=1))]
+    if context is None:
+        found.append(("keys and values from norm(x): as released, they come from "
+                      "norm_context(x), in self-attention too",
+                      attention_by_hand(m, x, keys_norm=m.norm)))
+    if mask is not None:
+        found += [("the mask is ignored: padded keys must get no weight",
+                   attention_by_hand(m, x, context)),
+                  ("the mask is the wrong way round: True marks a real token (attend), False "
+                   "padding", attention_by_hand(m, x, context, mask, invert=True))]
+    return found
+
+
+def self_attention(g):
+    m, x = attention_module(g), randn(g, 2, 7, 16)
+    with torch.no_grad():
+        compare(m(x), attention_by_hand(m, x), "Attention.forward (self-attention)",
+                attention_suspects(m, x))
+
+
+def cross_attention(g):
+    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 16), randn(g, 2, 5, 12)
+    with torch.no_grad():
+        compare(m(x, context), attention_by_hand(m, x, context),
+                "Attention.forward (cross-attention)", attention_suspects(m, x, context))
+
+
+def padded_cross_attention(g):
+    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 16), randn(g, 2, 6, 12)
+    mask = torch.tensor([[True] * 5 + [False], [True] * 3 + [False] * 3])
+    with torch.no_grad():
+        compare(m(x, context, mask), attention_by_hand(m, x, context, mask),
+                "Attention.forward with a padding mask", attention_suspects(m, x, context, mask))
+
+
+def masked_keys_change_nothing(g):
+    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 16), randn(g, 2, 4, 12)
+    junk = torch.cat([context, 100 * randn(g, 2, 3, 12)], 1)
+    mask = torch.tensor([[True] * 4 + [False] * 3] * 2)
+    with torch.no_grad():
+        compare(m(x, junk, mask), m(x, context, torch.ones(2, 4, dtype=torch.bool)),
+                "Attention.forward: appending masked (padded) keys changed the output; they must "
+                "get exactly zero weight (mask them out of the softmax)")
+
+
+# -------------------------------------------------------------------------------------------------
+# A5 §4.4 The v-objective with conditioning dropout
+# -------------------------------------------------------------------------------------------------
+def schedule(g):
+    t = torch.rand(50, generator=g).double()
+    alpha, sigma = sa.alpha_sigma(t)
+    c, s = torch.cos(math.pi * t / 2), torch.sin(math.pi * t / 2)
+    compare(torch.stack([alpha, sigma]), torch.stack([c, s]), "alpha_sigma(t)", [
+        ("alpha and sigma swapped: at t = 0 there is no noise, (alpha, sigma) = (1, 0)",
+         torch.stack([s, c])),
+        ("the angle is pi t / 2, so that t = 1 is pure noise", torch.stack([t.cos(), t.sin()]))])
+
+
+def v_loss_setup(g, B=256, dropout=0.0, mask=None):
+    z, out = randn(g, B, 4, 8), randn(g, B, 4, 8)
+    context, null = randn(g, B, 3, 8), randn(g, 3, 8)
+    unet = Recorder(lambda *a: out, null)
+    mask = torch.ones(B, 3, dtype=torch.bool) if mask is None else mask
+    generator = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=g)))
+    loss = sa.diffusion_loss(unet, z, context, mask, generator, dropout, None)
+    expect(len(unet.calls) == 1, f"diffusion_loss called the U-Net {len(unet.calls)} times, "
+                                 "expected once")
+    return loss, z, out, context, mask, unet.null_context.detach(), unet.calls[0]
+
+
+def v_target(g):
+    loss, z, out, _, _, _, call = v_loss_setup(g)
+    t = call["t"].double()
+    expect(t.shape == (len(z),) and 0 <= t.min() and t.max() <= 1,
+           "diffusion_loss: t must be one noise level per sample (B,), in [0, 1]")
+    expect(t.min() < 0.1 and t.max() > 0.9, "diffusion_loss: t ~ U[0, 1] (torch.rand with the "
+                                            "generator), spread over the whole range")
+    alpha, sigma = (a[:, None, None] for a in cosine(t))
+    eps = (call["x"].double() - alpha * z) / sigma            # the noise they must have drawn
+    expect(abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1,
+           f"diffusion_loss: z_t = alpha z + sigma eps with eps ~ N(0, 1); the noise recovered "
+           f"from your z_t has mean {eps.mean():.3g} and std {eps.std():.3g}")
+    v = alpha * eps - sigma * z
+    mse = lambda target: ((out - target) ** 2).mean()
+    compare(loss, mse(v), "diffusion_loss", [
+        ("the target is eps; §4.4's is v = alpha eps - sigma z", mse(eps)),
+        ("the target is z (x0); §4.4's is v = alpha eps - sigma z", mse(z)),
+        ("the target is -v: v = alpha eps - sigma z", mse(-v)),
+        ("v with alpha and sigma swapped: v = alpha eps - sigma z", mse(sigma * eps - alpha * z))])
+
+
+def v_loss_uses_the_generator(g):
+    seed = int(torch.randint(2 ** 31, (1,), generator=g))
+    losses = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        g2 = torch.Generator().manual_seed(seed)
+        losses.append(v_loss_setup(g2)[0].item())
+    expect(losses[0] == losses[1], "diffusion_loss: draw t, eps and the dropout with the "
+                                   "generator passed in (sa.randn(shape, generator, like)); the "
+                                   "global RNG makes runs unrepeatable")
+
+
+def dropout_rate(g):
+    for p, low, high in ((0.25, 0.15, 0.35), (0.0, 0, 0), (1.0, 1, 1)):
+        _, _, _, context, _, null, call = v_loss_setup(g, B=400, dropout=p)
+        seen = call["context"].double()
+        dropped = (seen == null).flatten(1).all(1)
+        kept = (seen == context).flatten(1).all(1)
+        expect(bool((dropped | kept).all()), "diffusion_loss: each sample's context must be its "
+                                             "own or the whole null context (unet.null_context)")
+        rate = dropped.double().mean().item()
+        expect(not (p == 0.25 and 0.65 <= rate <= 0.85),
+               f"diffusion_loss drops {rate:.0%} of contexts at cond_dropout 0.25: the wrong way "
+               "round; drop where rand < cond_dropout")
+        expect(low <= rate <= high, f"diffusion_loss drops {rate:.0%} of contexts at "
+                                    f"cond_dropout {p}")
+
+
+def dropped_mask(g):
+    B = 400
+    mask = torch.ones(B, 3, dtype=torch.bool)
+    mask[:, 2] = False                                        # one padded token per prompt
+    _, _, _, _, _, null, call = v_loss_setup(g, B=B, dropout=0.5, mask=mask)
+    dropped = (call["context"].double() == null).flatten(1).all(1)
+    expect(torch.equal(call["mask"][~dropped], mask[~dropped]),
+           "diffusion_loss changed the mask of samples that keep their context")
+    expect(bool(call["mask"][dropped].all()), "diffusion_loss: the null context has no padding: "
+                                              "the mask of a dropped sample is all True")
+
+
+# -------------------------------------------------------------------------------------------------
+# A6 §3.4 Classifier-free guidance with the CFG rescale
+# -------------------------------------------------------------------------------------------------
+def answer_v(x, t, context, mask):
+    """A stand-in v-model: any deterministic function of its inputs, row by row."""
+    B, C, L = x.shape
+    w = context.flatten(1)[:, :C * L].reshape(B, C, L)
+    return x * (1 + context[:, :1, :1]) + w * t[:, None, None] + mask.sum(1)[:, None, None] / 8
+
+
+def guidance_setup(g, B=3):
+    z, t = randn(g, B, 4, 12), torch.rand(B, generator=g).double()
+    context, uncond = randn(g, B, 6, 8), randn(g, B, 6, 8)
+    mask = torch.ones(B, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    uncond_mask = torch.ones(B, 6, dtype=torch.bool)
+    unet = Recorder(answer_v, uncond[0])
+    v_c, v_u = answer_v(z, t, context, mask), answer_v(z, t, uncond, uncond_mask)
+    return unet, (context, mask, uncond, uncond_mask), z, t, v_c, v_u
+
+
+def rescaled(v, v_c, phi, dims=1):
+    return phi * v * v_c.std(dims, keepdim=True) / v.std(dims, keepdim=True) + (1 - phi) * v
+
+
+def guidance_formula(g):
+    unet, cond, z, t, v_c, v_u = guidance_setup(g)
+    s, phi = 6.0, 0.7
+    v = v_u + s * (v_c - v_u)
+    got = sa.guided_v(unet, *cond, s, phi)(z, t)
+    compare(got, rescaled(v, v_c, phi), "guided_v at scale 6, rescale 0.7", [
+        ("the rescale's std runs over frames (dim 2); it is over channels (dim 1), frame by frame",
+         rescaled(v, v_c, phi, 2)),
+        ("the rescale's std runs over channels and frames together; it is over channels (dim 1), "
+         "frame by frame", rescaled(v, v_c, phi, (1, 2))),
+        ("phi weights the wrong term: phi * rescaled + (1 - phi) * guided",
+         rescaled(v, v_c, 1 - phi)),
+        ("no rescale: mix phi of the rescaled prediction in", v),
+        ("guidance runs the wrong way: v = v_u + scale (v_c - v_u)",
+         rescaled(v_c + s * (v_u - v_c), v_c, phi)),
+        ("guidance starts from v_c: v = v_u + scale (v_c - v_u)",
+         rescaled(v_c + s * (v_c - v_u), v_c, phi))])
+
+
+def guidance_at_scale_one(g):
+    unet, cond, z, t, v_c, v_u = guidance_setup(g)
+    compare(sa.guided_v(unet, *cond, 1.0, 0.4)(z, t), v_c,
+            "guided_v at scale 1 must be the conditional prediction v_c")
+
+
+def guidance_without_rescale(g):
+    unet, cond, z, t, v_c, v_u = guidance_setup(g)
+    compare(sa.guided_v(unet, *cond, 3.0, 0.0)(z, t), v_u + 3 * (v_c - v_u),
+            "guided_v with rescale 0 must be plain guidance, v_u + scale (v_c - v_u)")
+
+
+def guidance_one_forward(g):
+    unet, cond, z, t, v_c, v_u = guidance_setup(g)
+    sa.guided_v(unet, *cond, 6.0, 0.4)(z, t)
+    expect(len(unet.calls) == 1 and unet.calls[0]["x"].shape[0] == 2 * len(z),
+           f"guided_v called the U-Net {len(unet.calls)} times: call it once on the conditional "
+           f"and unconditional halves together (torch.cat along the batch), as released")
+
+
+def guidance_past_the_end(g):
+    unet, cond, z, t, v_c, v_u = guidance_setup(g)
+    frames = torch.tensor([12, 5, 0])
+    got = sa.guided_v(unet, *cond, 6.0, 0.4, content_frames=frames)(z, t)
+    inside = torch.arange(12) < frames[:, None]
+    want = torch.where(inside[:, None], rescaled(v_u + 6 * (v_c - v_u), v_c, 0.4), v_c)
+    compare(got, want, "guided_v with content_frames: frames past each content's end take v_c "
+                       "alone, the frames inside the guided v")
+    expect(all(c["frames"] is not None and len(c["frames"]) == len(c["x"]) for c in unet.calls),
+           "guided_v: pass content_frames to the U-Net, one per row it is given")
+
+
+# -------------------------------------------------------------------------------------------------
+# A7 §3.4 The sampling schedule, and a v-model as a denoiser
+# -------------------------------------------------------------------------------------------------
+def sigmas_spacing(g):
+    steps = int(torch.randint(5, 40, (1,), generator=g))
+    lo, hi = (a + b * torch.rand(1, generator=g).item() for a, b in ((0.01, 0.1), (10, 90)))
+    got = sa.get_sigmas(steps, lo, hi)
+    log_spaced = torch.exp(torch.linspace(math.log(hi), math.log(lo), steps, dtype=torch.float64))
+    zero = torch.zeros(1, dtype=torch.float64)
+    compare(got, torch.cat([log_spaced, zero]), f"get_sigmas({steps}, {lo:.3g}, {hi:.3g})", [
+        ("no final 0: the last step goes to sigma = 0, the denoiser's own estimate", log_spaced),
+        ("evenly spaced in sigma; the schedule is even in log sigma",
+         torch.cat([torch.linspace(hi, lo, steps, dtype=torch.float64), zero])),
+        ("one level too many: `steps` levels from sigma_max to sigma_min, then 0",
+         torch.cat([torch.exp(torch.linspace(math.log(hi), math.log(lo), steps + 1,
+                                             dtype=torch.float64)), zero]))], rtol=1e-5)
+
+
+def point_mass_v(x0, seen):
+    """The exact v-model for data that is always x0: eps = (z - alpha x0) / sigma."""
+    def v_fn(z, t):
+        seen.append((z, t))
+        alpha, sigma = (a[:, None, None] for a in cosine(t))
+        eps = (z - alpha * x0) / sigma
+        return alpha * eps - sigma * x0
+    return v_fn
+
+
+def denoiser_of_a_point_mass(g):
+    x0 = randn(g, 3, 4, 6)
+    for sigma in (0.5, 2.0, 10.0):
+        seen = []
+        x = x0 + sigma * randn(g, 3, 4, 6)
+        got = sa.v_to_denoiser(point_mass_v(x0, seen))(x, sigma)
+        expect(len(seen) == 1, f"v_to_denoiser called the v-model {len(seen)} times, expected once")
+        z, t = seen[0]
+        expect(t.shape == (3,), "v_to_denoiser: t must have one entry per batch row, (B,)")
+        compare(t.double(), torch.full((3,), 2 / math.pi * math.atan(sigma), dtype=torch.float64),
+                f"the t given to the v-model at sigma {sigma}", [
+                    ("t = sigma; t is the v-model's time with tan(pi t / 2) = sigma, "
+                     "t = (2 / pi) atan(sigma)", torch.full((3,), sigma)),
+                    ("t = atan(sigma): scale it by 2 / pi, so that t = 1 at sigma = inf",
+                     torch.full((3,), math.atan(sigma)))])
+        compare(z.double(), x / math.sqrt(1 + sigma ** 2), f"the z given to the v-model at sigma "
+                f"{sigma}", [("the v-model was given x: it needs the VP latent "
+                              "z = x / sqrt(1 + sigma^2) (alpha_t x)", x)])
+        compare(got, x0, f"v_to_denoiser on data that is always x0, at sigma {sigma}: the "
+                         f"denoiser must return x0 = alpha_t z - sigma_t v", rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------
+# A8 §3.4 DPM-Solver++(2M) and (3M)
+# -------------------------------------------------------------------------------------------------
+def quadratic(g):
+    a, b, c = randn(g, 3, 4), randn(g, 3, 4), randn(g, 3, 4) / 4
+    return (lambda lam: a + b * lam + c * lam ** 2), (lambda lam: b + 2 * c * lam), 2 * c
+
+
+def derivatives_exact(g):
+    p, dp, d2p = quadratic(g)
+    lams = torch.sort(4 * torch.rand(3, generator=g).double() - 2).values.tolist()
+    lam_2, lam_1, lam = lams
+    expect(tuple(map(float, sa.dpm_derivatives([], lam, p(lam)))) == (0.0, 0.0),
+           "dpm_derivatives with no history must return (0, 0)")
+    d1, d2 = sa.dpm_derivatives([(lam_1, p(lam_1))], lam, p(lam))
+    compare(d1, (p(lam) - p(lam_1)) / (lam - lam_1), "dpm_derivatives' p' from one past value: the "
+            "divided difference (D_i - D_{i-1}) / (lam_i - lam_{i-1})",
+            [("the sign is flipped: (D_i - D_{i-1}) / (lam_i - lam_{i-1})",
+              -(p(lam) - p(lam_1)) / (lam - lam_1))])
+    expect(float(torch.as_tensor(d2).abs().max()) == 0, "dpm_derivatives: with one past value "
+                                                        "p'' is 0")
+    d1, d2 = sa.dpm_derivatives([(lam_2, p(lam_2)), (lam_1, p(lam_1))], lam, p(lam))
+    slope = (p(lam) - p(lam_1)) / (lam - lam_1)
+    compare(d1, dp(lam), "dpm_derivatives' p'(lam_i) through three values of a quadratic", [
+        ("that is the slope between the last two points, p' half a step back; at lam_i add h_1 "
+         "times the second divided difference", slope)], rtol=1e-8)
+    compare(d2, d2p, "dpm_derivatives' p'' through three values of a quadratic", [
+        ("p'' is twice the second divided difference", d2p / 2)], rtol=1e-8)
+
+
+def d_of_lambda(p):
+    """A denoiser that ignores x: D depends on lam = -log sigma alone, through p."""
+    return lambda x, sigma: p(-math.log(sigma))
+
+
+def multistep_by_hand(p, x, sigmas, order, w2=lambda h: (h * h / 2 - h - math.expm1(-h)) / (1 + h)):
+    """The samplers' updates written out, for a denoiser D(lam) = p(lam)."""
+    lams = [-math.log(s) for s in sigmas]
+    D = [p(lam) for lam in lams]
+    for i in range(len(sigmas) - 1):
+        h = lams[i + 1] - lams[i]
+        if order == 2 and i:
+            r = (lams[i] - lams[i - 1]) / h
+            x = ddim(x, (1 + 1 / (2 * r)) * D[i] - D[i - 1] / (2 * r), h)
+            continue
+        d1, d2 = 0, 0
+        if order == 3 and i:
+            d1 = (D[i] - D[i - 1]) / (lams[i] - lams[i - 1])
+        if order == 3 and i > 1:
+            f = (d1 - (D[i - 1] - D[i - 2]) / (lams[i - 1] - lams[i - 2])) / (lams[i] - lams[i - 2])
+            d1, d2 = d1 + (lams[i] - lams[i - 1]) * f, 2 * f
+        I0 = -math.expm1(-h)
+        x = math.exp(-h) * x + I0 * D[i] + (h - I0) * d1 + w2(h) * d2
+    return x
+
+
+def ddim(x, D, h):
+    return math.exp(-h) * x - math.expm1(-h) * D
+
+
+def sampler_steps(g, sampler, order):
+    p, _, _ = quadratic(g)
+    x = randn(g, 3, 4)
+    sigmas = torch.exp(torch.linspace(math.log(20), math.log(0.05), 7, dtype=torch.float64))
+    got = sampler(d_of_lambda(p), x, sigmas)
+    name = sampler.__name__
+    suspects = [("a first-order (DDIM/Euler) update: use the past denoised values",
+                 multistep_by_hand(p, x, sigmas, 1))]
+    if order == 3:
+        I2 = lambda h: h * h / 2 - h - math.expm1(-h)
+        suspects += [("p'' weighted by I2 / 2, as k-diffusion does (order 2): the exact weight is "
+                      "I2, tapered by 1 / (1 + h)", multistep_by_hand(p, x, sigmas, 3,
+                                                                      lambda h: I2(h) / 2)),
+                     ("the p'' weight is I2 / (1 + h): the taper is missing",
+                      multistep_by_hand(p, x, sigmas, 3, I2)),
+                     ("p'' is left out: this is a second-order update",
+                      multistep_by_hand(p, x, sigmas, 3, lambda h: 0))]
+    compare(got, multistep_by_hand(p, x, sigmas, order), f"{name}'s six steps on a denoiser "
+            f"quadratic in lam", suspects, rtol=1e-7)
+
+
+def measured_order(sampler, order, low, high):
+    steps = [50, 100]
+    errors = [e for e, _ in sound_world.gaussian_sampler_errors(sampler, steps)]
+    p = sound_world.measured_orders(errors, steps)[0]
+    hint = (" (k-diffusion's I2 / 2 weight on p'' gives about 2.4)" if order == 3 else "")
+    expect(low <= p <= high, f"{sampler.__name__}: measured order {p:.2f} on the exact Gaussian "
+                             f"ODE, expected about {order}{hint}")
+
+
+def dpmpp_2m_steps(g):
+    sampler_steps(g, sa.sample_dpmpp_2m, 2)
+
+
+def dpmpp_3m_steps(g):
+    sampler_steps(g, sa.sample_dpmpp_3m, 3)
+
+
+def dpmpp_2m_order(g):
+    measured_order(sa.sample_dpmpp_2m, 2, 1.5, 2.5)
+
+
+def dpmpp_3m_order(g):
+    measured_order(sa.sample_dpmpp_3m, 3, 2.7, 3.5)
+
+
+# -------------------------------------------------------------------------------------------------
+# The assignments
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class Assignment:
+    key: str
+    section: str
+    title: str
+    pieces: tuple             # "function" or "Class.method", as named in stable_audio.py
+    points: int
+    minutes: int
+    read: str                 # what to read first, for the starter's banner
+    checks: tuple
+
+
+ASSIGNMENTS = {a.key: a for a in [
+    Assignment("A1", "§3.1", "Snake and the VAE's KL term", ("snake", "kl_divergence"), 10, 40,
+               "the Snake banner; Snake and SnakeBeta (how they call snake); VAE.encode",
+               (snake_formula, snake_beta, snake_at_alpha_zero, kl_closed_form,
+                kl_zero_at_the_prior)),
+    Assignment("A2", "§4.3", "CLAP's symmetric contrastive loss", ("CLAP.loss",), 10, 30,
+               "the CLAP banner; CLAP.__init__ (logit_scale), embed_text, embed_audio",
+               (clap_loss_formula, clap_temperature_clamped, clap_temperature_learned,
+                clap_prefers_matched_pairs)),
+    Assignment("A3", "§3.2", "Timing embedding and the conditioning context",
+               ("TimingEmbedding.forward", "StableAudio.condition"), 10, 45,
+               "the timing banner; TimingEmbedding.__init__; CLAP.tokenize and text_features",
+               (timing_rows, timing_clamped, condition_context, condition_without_timing)),
+    Assignment("A4", "§3.3", "Multi-head attention with a padding mask", ("Attention.forward",),
+               10, 60, "the U-Net banner; Attention.__init__; F.scaled_dot_product_attention",
+               (self_attention, cross_attention, padded_cross_attention,
+                masked_keys_change_nothing)),
+    Assignment("A5", "§4.4", "The v-objective with conditioning dropout",
+               ("alpha_sigma", "diffusion_loss"), 10, 60,
+               "the diffusion objective banner; randn; UNet.forward's arguments",
+               (schedule, v_target, v_loss_uses_the_generator, dropout_rate, dropped_mask)),
+    Assignment("A6", "§3.4", "Classifier-free guidance with the CFG rescale", ("guided_v",), 10,
+               45, "the sampling banner; content_mask; how generate calls guided_v",
+               (guidance_formula, guidance_at_scale_one, guidance_without_rescale,
+                guidance_one_forward, guidance_past_the_end)),
+    Assignment("A7", "§3.4", "The noise schedule and the v-model as a denoiser",
+               ("get_sigmas", "v_to_denoiser"), 10, 45,
+               "the sampling banner; alpha_sigma; how generate calls both",
+               (sigmas_spacing, denoiser_of_a_point_mass)),
+    Assignment("A8", "§3.4", "DPM-Solver++(2M) and (3M)",
+               ("dpm_derivatives", "sample_dpmpp_2m", "sample_dpmpp_3m"), 15, 90,
+               "dpmpp_multistep's docstring (the exact integral); ddim_step; sample_euler",
+               (derivatives_exact, dpmpp_2m_steps, dpmpp_3m_steps, dpmpp_2m_order,
+                dpmpp_3m_order)),
+]}
+PIECES = [piece for a in ASSIGNMENTS.values() for piece in a.pieces]
+
+
+def reference(piece):
+    """The reference's function for a piece, as stable_audio defines it."""
+    owner, _, name = piece.rpartition(".")
+    return (getattr(sa, owner).__dict__ if owner else vars(sa))[name]
+
+
+ORIGINALS = {piece: reference(piece) for piece in PIECES}   # kept before anything is swapped in
+
+
+# -------------------------------------------------------------------------------------------------
+# The starter and the key, made from stable_audio.py's own text
+# -------------------------------------------------------------------------------------------------
+HEADER = '''"""Stable Audio, the pieces you write: {what}.
+
+Made by `python assignments.py {command}` from stable_audio.py. Each function keeps the
+reference's signature and docstring; write its body. Grade with
+`python assignments.py grade {name}` (one assignment: `--only A3`).
+
+While an assignment is graded, its functions replace the reference's inside stable_audio and run
+there: every other name they use (alpha_sigma, content_mask, torch, F, ...) is the reference's, so
+each assignment is graded on its own. A method is written inside a class of the same name that
+holds just that method; `self` is then the reference's module, with its __init__'s attributes.
+"""
+'''
+
+
+def definitions():
+    """stable_audio.py's lines, and the ast node of every function, class and method in it."""
+    source = Path(sa.__file__).read_text(encoding="utf-8")
+    nodes = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            nodes[node.name] = node
+        if isinstance(node, ast.ClassDef):
+            nodes.update({f"{node.name}.{m.name}": m for m in node.body
+                          if isinstance(m, ast.FunctionDef)})
+    return source.splitlines(), nodes
+
+
+def piece_text(lines, node, blank, note):
+    """The function's lines as in stable_audio.py; blank: its signature and docstring, then a
+    raise of NotImplementedError."""
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    if not blank:
+        return lines[first - 1:node.end_lineno]
+    body = node.body[0]
+    has_doc = isinstance(body, ast.Expr) and isinstance(getattr(body, "value", None), ast.Constant)
+    last = body.end_lineno if has_doc else body.lineno - 1
+    indent = " " * body.col_offset
+    return lines[first - 1:last] + [f"{indent}raise NotImplementedError({note!r})"]
+
+
+def student_file(blank, name):
+    """The text of the starter (blank) or of the key."""
+    lines, nodes = definitions()
+    top = {p for p in PIECES if "." not in p}
+    used = {n.id for p in PIECES for n in ast.walk(nodes[p]) if isinstance(n, ast.Name)}
+    names = sorted(used & set(vars(sa)) - top - {"math", "torch", "F", "nn"}, key=str.lower)
+    imports = textwrap.fill(", ".join(names), 96, initial_indent="    ", subsequent_indent="    ")
+    out = [HEADER.format(what="blank" if blank else "the reference's bodies (the key)",
+                         command="starter" if blank else "solution", name=name),
+           "import math\n\nimport torch\nimport torch.nn.functional as F\nfrom torch import nn\n",
+           f"from stable_audio import (  # noqa: F401  names the reference's bodies use\n"
+           f"{imports})"]
+    for a in ASSIGNMENTS.values():
+        read = textwrap.fill(f"Read first, in stable_audio.py: {a.read}.", 97,
+                             initial_indent="# ", subsequent_indent="# ")
+        out.append(f"\n\n# {'=' * 97}\n# {a.key} {a.section} {a.title}: {a.points} points, "
+                   f"about {a.minutes} minutes.\n{read}\n# {'=' * 97}")
+        for piece in a.pieces:
+            owner, _, method = piece.rpartition(".")
+            note = f"{a.key}: write {piece} ({a.section})"
+            text = piece_text(lines, nodes[piece], blank, note)
+            if owner:
+                text = [f"class {owner}:", f'    """Your {owner}.{method}; self is a '
+                        f'stable_audio.{owner}."""', ""] + text
+            out.append(("\n\n" if piece != a.pieces[0] else "") + "\n".join(text))
+    return "\n".join(out) + "\n"
+
+
+def write_new(path, text, force):
+    """Write a file, refusing to replace one without --force; temp file, then rename."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise sa.UsageError(f"{path} exists; pass --force to replace it")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# -------------------------------------------------------------------------------------------------
+# The student's pieces, swapped into stable_audio
+# -------------------------------------------------------------------------------------------------
+class NotImportable(Exception):
+    """The student's file does not import; one line says why."""
+
+
+def load_student(path):
+    """The student's file as a module."""
+    path = Path(path)
+    if not path.is_file():
+        raise sa.UsageError(f"{path}: no such file; make one with "
+                            f"`python assignments.py starter --out {path}`")
+    spec = importlib.util.spec_from_file_location(f"student_{path.stem}", str(path))
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as e:                          # a student's file may raise anything
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        message = (f"{e.msg}, line {e.lineno}" if isinstance(e, SyntaxError) else
+                   str(e).splitlines()[0] if str(e) else "")
+        raise NotImportable(f"{path} does not import: {type(e).__name__}: {message}") from None
+    return module
+
+
+def their_function(module, piece):
+    """The student's function for a piece, or one that says it is missing."""
+    owner, _, name = piece.rpartition(".")
+    found = getattr(getattr(module, owner, None) if owner else module, name, None)
+    if isinstance(found, types.FunctionType):
+        return found
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError(f"{Path(module.__file__).name} has no {piece}")
+    return missing
+
+
+def not_written(function):
+    """True for a body that only raises NotImplementedError, as the starter's do."""
+    try:
+        node = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    body = [s for s in node.body if not (isinstance(s, ast.Expr)
+                                         and isinstance(s.value, ast.Constant))]
+    return (len(body) == 1 and isinstance(body[0], ast.Raise) and body[0].exc is not None
+            and "NotImplementedError" in ast.dump(body[0].exc))
+
+
+def written_pieces(module):
+    """The pieces the student's file defines with a body of its own."""
+    return [p for p in PIECES if not not_written(their_function(module, p))]
+
+
+@contextlib.contextmanager
+def swapped_in(module, pieces):
+    """Put the student's functions for `pieces` into stable_audio for the duration. They run with
+    stable_audio's names (and their file's own helpers), so every other piece is the reference's;
+    tables that hold a reference function (sa.SAMPLERS) hold theirs too."""
+    names = {**vars(module), **vars(sa)}
+    theirs = {}
+    for piece in pieces:
+        f = their_function(module, piece)
+        g = types.FunctionType(f.__code__, names, f.__name__, f.__defaults__, f.__closure__)
+        g.__kwdefaults__, g.__qualname__, g.__doc__ = f.__kwdefaults__, f.__qualname__, f.__doc__
+        theirs[piece] = g
+    undo = []
+    try:
+        for piece, g in theirs.items():
+            owner, _, name = piece.rpartition(".")
+            target = getattr(sa, owner) if owner else sa
+            undo.append((target, name, reference(piece)))
+            setattr(target, name, g)
+            if not owner:
+                names[name] = g
+            for table in (t for t in vars(sa).values() if isinstance(t, dict)):
+                for key in [k for k, v in table.items() if v is ORIGINALS[piece]]:
+                    undo.append((table, key, table[key]))
+                    table[key] = g
+        yield theirs
+    finally:
+        for target, name, value in reversed(undo):
+            if isinstance(target, dict):
+                target[name] = value
+            else:
+                setattr(target, name, value)
+
+
+def code_objects(function):
+    """A function's code and the code of every function defined inside it."""
+    found, todo = set(), [function.__code__]
+    while todo:
+        code = todo.pop()
+        found.add(code)
+        todo += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return found
+
+
+@contextlib.contextmanager
+def tripwire(pieces, filename):
+    """Notes every call, from the student's file, of the reference function it replaces: such a
+    piece would grade the reference, not the student."""
+    watched = {code: piece for piece in pieces for code in code_objects(ORIGINALS[piece])}
+    caught = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in watched:
+            caller = frame.f_back
+            while caller is not None:
+                if caller.f_code.co_filename == filename:
+                    caught.append(watched[frame.f_code])
+                    return
+                caller = caller.f_back
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield caught
+    finally:
+        sys.setprofile(previous)
+
+
+# -------------------------------------------------------------------------------------------------
+# Grading
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    assignment: Assignment
+    passed: int = 0
+    status: str = "passed"       # passed, failed, not done, refused
+    message: str = ""
+    seconds: float = 0.0
+
+    @property
+    def points(self):
+        return self.assignment.points * self.passed / len(self.assignment.checks)
+
+
+def grade_one(module, assignment, seed):
+    """Run one assignment's checks with its pieces, and only those, swapped in."""
+    result, start, not_done = Result(assignment), time.perf_counter(), 0
+    with swapped_in(module, assignment.pieces), tripwire(assignment.pieces,
+                                                         module.__file__) as caught:
+        for i, check in enumerate(assignment.checks):
+            failure = None
+            try:
+                with torch.random.fork_rng():
+                    check(torch.Generator().manual_seed(seed * 1000 + i))
+            except NotImplementedError as e:
+                not_done += 1
+                failure = f"not done: {e}" if str(e) else "not done"
+            except Wrong as e:
+                failure = str(e)
+            except RecursionError:
+                caught.append(", ".join(assignment.pieces))
+            except Exception as e:
+                line = str(e).splitlines()[0] if str(e) else ""
+                failure = f"{check.__name__}: {type(e).__name__}: {line}"
+            if caught:
+                break
+            result.passed += failure is None
+            if failure and not result.message:
+                result.message = failure
+    if caught:
+        result.status, result.passed = "refused", 0
+        result.message = (f"{caught[0]} calls stable_audio's own {caught[0]}, the function it "
+                          f"is meant to replace: that grades the reference, not you; write it")
+    elif not_done == len(assignment.checks):
+        result.status, result.message = "not done", ""
+    elif result.passed < len(assignment.checks):
+        result.status = "failed"
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def print_table(path, results):
+    print(f"{path}")
+    print(f"{'':3} {'':5} {'assignment':48} {'checks':>7} {'points':>8} {'time':>6}  first failure")
+    for r in results:
+        a = r.assignment
+        checks = r.status if r.status in ("not done", "refused") else \
+            f"{r.passed}/{len(a.checks)}"
+        print(f"{a.key:3} {a.section:5} {a.title:48} {checks:>7} {r.points:4.1f}/{a.points:<3}"
+              f" {r.seconds:5.1f}s  {r.message}")
+    total = sum(r.points for r in results)
+    print(f"{'':58} total {total:5.1f}/{sum(r.assignment.points for r in results)}")
+
+
+CSV_FIELDS = ["file", "assignment", "status", "passed", "checks", "points", "max_points",
+              "seconds", "message"]
+
+
+def csv_rows(path, results):
+    return [{"file": str(path), "assignment": r.assignment.key, "status": r.status,
+             "passed": r.passed, "checks": len(r.assignment.checks),
+             "points": f"{r.points:.1f}", "max_points": r.assignment.points,
+             "seconds": f"{r.seconds:.2f}", "message": r.message} for r in results]
+
+
+def grade(paths, only=None, seed=0, as_csv=False):
+    """Grade each file on the chosen assignments; 0 when every one passes, 1 otherwise."""
+    chosen = [ASSIGNMENTS[k] for k in (only or ASSIGNMENTS)]
+    writer = csv.DictWriter(sys.stdout, CSV_FIELDS) if as_csv else None
+    if writer:
+        writer.writeheader()
+    ok = True
+    for path in paths:
+        try:
+            module = load_student(path)
+            results = [grade_one(module, a, seed) for a in chosen]
+        except NotImportable as e:
+            ok = False
+            if writer:
+                writer.writerows(csv_rows(path, [Result(a, status="import error", message=str(e))
+                                                 for a in chosen]))
+            else:
+                print(e)
+            continue
+        ok &= all(r.status == "passed" for r in results)
+        refused = [r for r in results if r.status == "refused"]
+        if writer:
+            writer.writerows(csv_rows(path, results))
+        elif refused:
+            print(f"{path}: refused: {refused[0].message}")
+        else:
+            print_table(path, results)
+    return 0 if ok else 1
+
+
+def list_assignments():
+    print(f"{'':3} {'':5} {'assignment':48} {'points':>6} {'minutes':>7}  write")
+    for a in ASSIGNMENTS.values():
+        print(f"{a.key:3} {a.section:5} {a.title:48} {a.points:6} {a.minutes:7}  "
+              f"{', '.join(a.pieces)}")
+
+
+def assignment_keys(text):
+    keys = [k.strip().upper() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ASSIGNMENTS]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown assignment {', '.join(unknown) or text!r}: "
+                                         f"choose from {', '.join(ASSIGNMENTS)}")
+    return keys
+
+
+def parse_args(argv):
+    p = sa.Parser(description="Course assignments on Stable Audio: write the paper's key pieces, "
+                              "graded against closed forms and properties.")
+    commands = p.add_subparsers(dest="command", required=True, parser_class=sa.Parser)
+    commands.add_parser("list", help="each assignment, its section, pieces, points and minutes")
+    for name, what in (("starter", "the blank file to hand out"),
+                       ("solution", "the instructor's key: the reference's bodies")):
+        c = commands.add_parser(name, help=f"write {what}")
+        c.add_argument("--out", required=True, help="the file to write")
+        c.add_argument("--force", action="store_true", help="replace --out if it exists")
+    c = commands.add_parser("grade", help="grade students' files: a table, or CSV rows")
+    c.add_argument("files", nargs="+", help="the students' files (a starter filled in)")
+    c.add_argument("--only", type=assignment_keys, default=None, metavar="A1,A6",
+                   help="grade these assignments only (default: all)")
+    c.add_argument("--seed", type=int, default=0, help="draws the checks' inputs (default 0)")
+    c.add_argument("--csv", action="store_true",
+                   help="CSV rows (file, assignment, status, points, ...) for a whole class")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.command == "list":
+            list_assignments()
+            return 0
+        if args.command in ("starter", "solution"):
+            blank = args.command == "starter"
+            write_new(args.out, student_file(blank, Path(args.out).name), args.force)
+            print(f"wrote {args.out}: {len(PIECES)} pieces in {len(ASSIGNMENTS)} assignments"
+                  + ("; grade it with `python assignments.py grade " + args.out + "`"
+                     if blank else ""))
+            return 0
+        return grade(args.files, args.only, args.seed, args.csv)
+    except (sa.UsageError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
