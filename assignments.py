@@ -97,7 +97,8 @@ def snake_formula(g):
     compare(sa.snake(x, alpha), x + s ** 2 / alpha, "snake(x, alpha)", [
         ("the 1/alpha is missing: Snake is x + sin^2(alpha x) / alpha", x + s ** 2),
         ("sin, not sin squared: Snake is x + sin^2(alpha x) / alpha", x + s / alpha),
-        ("sin^2 is multiplied by alpha; it is divided by it", x + alpha * s ** 2)])
+        ("sin^2 is multiplied by alpha; it is divided by it", x + alpha * s ** 2),
+        ("that is x alone: add the periodic term sin^2(alpha x) / alpha", x)])
 
 
 def snake_beta(g):
@@ -827,6 +828,7 @@ def write_new(path, text, force):
     path = Path(path)
     if path.exists() and not force:
         raise sa.UsageError(f"{path} exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -1031,9 +1033,21 @@ def csv_rows(path, results):
              "seconds": f"{r.seconds:.2f}", "message": r.message} for r in results]
 
 
+def student_files(paths):
+    """The files to grade: each file named, and every .py file of each folder named."""
+    files = []
+    for path in map(Path, paths):
+        found = sorted(path.glob("*.py")) if path.is_dir() else [path]
+        if not found:
+            raise sa.UsageError(f"{path} holds no .py file to grade")
+        files += found
+    return files
+
+
 def grade(paths, only=None, seed=0, as_csv=False):
-    """Grade each file on the chosen assignments; 0 when every one passes, 1 otherwise."""
-    chosen = [ASSIGNMENTS[k] for k in (only or ASSIGNMENTS)]
+    """Grade each file (or folder of files) on the chosen assignments; 0 when every one passes,
+    1 otherwise."""
+    chosen, paths = [ASSIGNMENTS[k] for k in (only or ASSIGNMENTS)], student_files(paths)
     writer = csv.DictWriter(sys.stdout, CSV_FIELDS) if as_csv else None
     if writer:
         writer.writeheader()
@@ -1088,7 +1102,8 @@ def parse_args(argv):
         c.add_argument("--out", required=True, help="the file to write")
         c.add_argument("--force", action="store_true", help="replace --out if it exists")
     c = commands.add_parser("grade", help="grade students' files: a table, or CSV rows")
-    c.add_argument("files", nargs="+", help="the students' files (a starter filled in)")
+    c.add_argument("files", nargs="+", help="the students' files (a starter filled in), or "
+                                             "folders of them")
     c.add_argument("--only", type=assignment_keys, default=None, metavar="A1,A6",
                    help="grade these assignments only (default: all)")
     c.add_argument("--seed", type=int, default=0, help="draws the checks' inputs (default 0)")
