@@ -49,7 +49,7 @@ import stable_audio as sa
 
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
-SECTIONS = ("speed", "throughput", "vae", "timing", "samplers", "adherence")
+SECTIONS = ("speed", "throughput", "vae", "timing", "samplers", "adherence", "grading")
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
 
 # speed
@@ -59,6 +59,7 @@ PAPER_STEPS = 100
 H100_TARGET_S = 4.0          # 95 s, 100 steps, CFG 6, batch 1, bf16 (the paper: 8 s on an A100)
 CLI_SECONDS = 30
 CLI_TARGET_S = 20.0                         # the README's command: at most 20 s on 2 CPU cores
+GRADING_TARGET_S = 60.0                     # assignments.py grading all of a key: 2 CPU cores
 TIME_LINE = re.compile(r"time: loading ([\d.]+) s \+ sampling and decoding ([\d.]+) s")
 
 # throughput
@@ -803,11 +804,35 @@ def bench_adherence(setup):
 
 
 # -------------------------------------------------------------------------------------------------
+# grading: the course's autograder on every assignment, as an instructor runs it (a subprocess,
+# start-up included), on the key, which runs every check to its end.
+# -------------------------------------------------------------------------------------------------
+def bench_grading(setup):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "key.py"
+        subprocess.run([sys.executable, str(HERE / "assignments.py"), "solution", "--out",
+                        str(key)], capture_output=True, text=True, cwd=HERE, check=True)
+        for _ in range(setup["repeats"]):
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, str(HERE / "assignments.py"), "grade",
+                                   str(key)], capture_output=True, text=True, cwd=HERE)
+            wall = time.perf_counter() - t0
+            rows.append({"command": "assignments.py grade key.py", "wall s": wall,
+                         "exit": done.returncode, "target s (2 CPU cores)":
+                         f"<= {GRADING_TARGET_S:g}",
+                         "met": done.returncode == 0 and wall <= GRADING_TARGET_S})
+    yield table("grading: every assignment", machine(torch.device("cpu"), torch.float32), rows,
+                "the instructor's key graded on all eight assignments, start-up included "
+                "(exit 0: every check passed)")
+
+
+# -------------------------------------------------------------------------------------------------
 # Command line.
 # -------------------------------------------------------------------------------------------------
 BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "vae": bench_vae,
-           "timing": bench_timing,
-           "samplers": bench_samplers, "adherence": bench_adherence}
+           "timing": bench_timing, "samplers": bench_samplers, "adherence": bench_adherence,
+           "grading": bench_grading}
 
 
 def parse_args(argv):
