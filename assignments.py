@@ -755,7 +755,7 @@ ORIGINALS = {piece: reference(piece) for piece in PIECES}   # kept before anythi
 # -------------------------------------------------------------------------------------------------
 # The starter and the key, made from stable_audio.py's own text
 # -------------------------------------------------------------------------------------------------
-HEADER = '''"""Stable Audio, the pieces you write: {what}.
+HEADER = '''"""Stable Audio, the pieces you write ({what}).
 
 Made by `python assignments.py {command}` from stable_audio.py. Each function keeps the
 reference's signature and docstring; write its body. Grade with
@@ -802,7 +802,8 @@ def student_file(blank, name):
     used = {n.id for p in PIECES for n in ast.walk(nodes[p]) if isinstance(n, ast.Name)}
     names = sorted(used & set(vars(sa)) - top - {"math", "torch", "F", "nn"}, key=str.lower)
     imports = textwrap.fill(", ".join(names), 96, initial_indent="    ", subsequent_indent="    ")
-    out = [HEADER.format(what="blank" if blank else "the reference's bodies (the key)",
+    out = [HEADER.format(what="the starter: bodies to write" if blank else
+                         "the key: the reference's bodies",
                          command="starter" if blank else "solution", name=name),
            "import math\n\nimport torch\nimport torch.nn.functional as F\nfrom torch import nn\n",
            f"from stable_audio import (  # noqa: F401  names the reference's bodies use\n"
