@@ -1012,15 +1012,16 @@ def grade_one(module, assignment, seed):
 
 def print_table(path, results):
     print(f"{path}")
-    print(f"{'':3} {'':5} {'assignment':48} {'checks':>7} {'points':>8} {'time':>6}  first failure")
+    print(f"{'':3} {'':5} {'assignment':48} {'checks':>8} {'points':>8} {'time':>6}  "
+          f"first failure")
     for r in results:
         a = r.assignment
         checks = r.status if r.status in ("not done", "refused") else \
             f"{r.passed}/{len(a.checks)}"
-        print(f"{a.key:3} {a.section:5} {a.title:48} {checks:>7} {r.points:4.1f}/{a.points:<3}"
+        print(f"{a.key:3} {a.section:5} {a.title:48} {checks:>8} {r.points:4.1f}/{a.points:<3}"
               f" {r.seconds:5.1f}s  {r.message}")
     total = sum(r.points for r in results)
-    print(f"{'':58} total {total:5.1f}/{sum(r.assignment.points for r in results)}")
+    print(f"{'':59} total {total:5.1f}/{sum(r.assignment.points for r in results)}")
 
 
 CSV_FIELDS = ["file", "assignment", "status", "passed", "checks", "points", "max_points",
@@ -1103,8 +1104,8 @@ def parse_args(argv):
         c.add_argument("--out", required=True, help="the file to write")
         c.add_argument("--force", action="store_true", help="replace --out if it exists")
     c = commands.add_parser("grade", help="grade students' files: a table, or CSV rows")
-    c.add_argument("files", nargs="+", help="the students' files (a starter filled in), or "
-                                             "folders of them")
+    c.add_argument("files", nargs="+",
+                   help="the students' files (a starter filled in), or folders of them")
     c.add_argument("--only", type=assignment_keys, default=None, metavar="A1,A6",
                    help="grade these assignments only (default: all)")
     c.add_argument("--seed", type=int, default=0, help="draws the checks' inputs (default 0)")
