@@ -565,23 +565,26 @@ def crop_or_pad(audio, window, rng, sample_rate):
 
 
 class AudioData:
-    """Batches of windows from `clip(rng, window) -> (audio (2, N), prompt)` of a subclass.
-    Item `index` depends only on (seed, index): a run resumed at step k sees the same batches."""
+    """Batches of windows from `clip(rng, window, index) -> (audio (2, N), prompt)` of a subclass.
+    Item `index` depends only on (seed, index): a run resumed at step k sees the same batches.
+    Batches count items from `first`: a held-out set starts where no training run reaches."""
+    trained_on = False         # held-out data that training reads too: a folder with few files
 
-    def __init__(self, window, sample_rate, seed=0):
-        self.window, self.sample_rate, self.seed = window, sample_rate, seed
+    def __init__(self, window, sample_rate, seed=0, first=0):
+        self.window, self.sample_rate, self.seed, self.first = window, sample_rate, seed, first
 
     def item(self, index, window):
         """Item `index`: audio (2, window), prompt, seconds_start, seconds_total."""
         rng = np.random.default_rng([self.seed, index])
-        clip, prompt = self.clip(rng, window)
+        clip, prompt = self.clip(rng, window, index)
         x, start, total = crop_or_pad(clip, window, rng, self.sample_rate)
         x = -x if rng.random() < 0.5 else x                 # released code: random polarity flip
         return x, prompt, start, total
 
     def batch(self, batch_size, step, window=None):
-        """Items step·B … step·B + B−1: audio (B, 2, window), prompts, seconds_start/total (B,)."""
-        indices = range(step * batch_size, (step + 1) * batch_size)
+        """Items step·B … step·B + B−1 (after `first`): audio (B, 2, window), prompts,
+        seconds_start/total (B,)."""
+        indices = range(self.first + step * batch_size, self.first + (step + 1) * batch_size)
         audio, prompts, start, total = zip(*(self.item(i, window or self.window) for i in indices))
         return {"audio": torch.stack(audio), "prompts": list(prompts),
                 "seconds_start": torch.tensor(start), "seconds_total": torch.tensor(total)}
@@ -590,7 +593,7 @@ class AudioData:
 class ToyData(AudioData):
     """The procedural sound world: an endless stream of fresh clips."""
 
-    def clip(self, rng, window):
+    def clip(self, rng, window, index):
         # Clips up to 1.25 windows: most are padded (so the model learns to end on time), some are
         # cropped (so seconds_start varies); none is made longer than needed just to be cut away.
         max_seconds = max(1.0, TOY_OVERHANG * window / self.sample_rate)
@@ -599,22 +602,81 @@ class ToyData(AudioData):
 
 
 class FolderData(AudioData):
-    """Audio files with same-name .txt captions or .json metadata, read on demand."""
+    """Audio files with same-name .txt captions or .json metadata, read on demand: the usable files
+    of folder `path`, or the `items` of its scan_folder given. `in_turn`: item j reads file j mod F
+    instead of one at random, so that every file of a held-out set counts."""
 
-    def __init__(self, path, window, sample_rate, seed=0):
+    def __init__(self, path, window, sample_rate, seed=0, items=None, in_turn=False):
         super().__init__(window, sample_rate, seed)
-        self.items, _ = scan_folder(path)
+        self.items = scan_folder(path)[0] if items is None else items
+        self.in_turn = in_turn
+
+    def summary(self):
+        """The files in one line: how many, how long, at which rates and channel counts."""
         rates = sorted({item["sample_rate"] for item in self.items})
         channels = sorted({item["channels"] for item in self.items})
         hours = sum(item["seconds"] for item in self.items) / 3600
-        print(f"data: {len(self.items)} files, {hours:.3g} h, sample rates {rates} Hz, channels "
-              f"{channels}; read as stereo at {sample_rate} Hz")
+        return (f"{len(self.items)} files, {hours:.3g} h, sample rates {rates} Hz, channels "
+                f"{channels}; read as stereo at {self.sample_rate} Hz")
 
-    def clip(self, rng, window):
-        # Drawn with replacement: item `index` needs no shuffled epoch order to be reproduced.
-        item = self.items[rng.integers(len(self.items))]
+    def clip(self, rng, window, index):
+        # Training draws with replacement: item `index` needs no shuffled epoch order to be
+        # reproduced.
+        n = len(self.items)
+        item = self.items[index % n if self.in_turn else rng.integers(n)]
         audio = read_audio(item["path"], self.sample_rate)
         return audio, item["caption"] if "caption" in item else build_prompt(item["meta"], rng)
+
+
+# -------------------------------------------------------------------------------------------------
+# Held-out data, to watch a training run on: what it evaluates and makes demos from, and never
+# trains on. From a folder: the files of another (--val), or a share of its own picked by a hash
+# of each file's path, so that adding files moves no other file in or out. From the sound world:
+# items from an index no run reaches, at seed 0 whatever the run's, so that runs compare.
+# -------------------------------------------------------------------------------------------------
+HELD_OUT_SHARE = 0.05      # of a folder's files, and at least one
+MIN_TO_SPARE = 3           # a folder of fewer files keeps them all for training
+HELD_OUT_FIRST = 2 ** 48   # a run draws items from 0 on, steps x batch of them
+
+
+def path_share(path, root):
+    """Where a file falls in [0, 1): a hash of its path inside the folder, the same anywhere."""
+    name = Path(path).relative_to(root).as_posix()
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def split_data(data, val, window, sample_rate, seed=0):
+    """--data (`toy` or a folder) and --val (a folder or None) -> (data to train on, held-out
+    data, what is held out in words). A folder too small to spare a file is evaluated on its
+    training files (held-out data with `trained_on` set), and the words say so."""
+    held = None
+    if val is not None:
+        try:
+            held = FolderData(val, window, sample_rate, in_turn=True)
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"--val {val}: {err}") from None
+        note = f"the {len(held.items)} files of {val}"
+    if data == "toy":
+        if held is None:
+            held = ToyData(window, sample_rate, 0, first=HELD_OUT_FIRST)
+            note = "sound-world items from 2^48 on, at seed 0 (never trained on)"
+        return ToyData(window, sample_rate, seed), held, note
+    items, _ = scan_folder(data)
+    if held is None and len(items) < MIN_TO_SPARE:
+        held = FolderData(data, window, sample_rate, items=items, in_turn=True)
+        held.trained_on = True
+        note = (f"none of {len(items)} files (too few to spare one): evaluating on TRAINING "
+                f"data; give more files or --val DIR")
+    elif held is None:
+        share = {item["path"]: path_share(item["path"], data) for item in items}
+        out = {p for p, x in share.items() if x < HELD_OUT_SHARE} or {min(share, key=share.get)}
+        held = FolderData(data, window, sample_rate, items=[i for i in items if i["path"] in out],
+                          in_turn=True)
+        items = [item for item in items if item["path"] not in out]
+        note = f"{len(out)} of {len(share)} files (a share picked by path; --val DIR to choose)"
+    train = FolderData(data, window, sample_rate, seed, items)
+    print(f"data: {train.summary()}")
+    return train, held, note
 
 
 def make_toy_folder(path, sample_rate, n=10, max_seconds=10.0, seed=0):

@@ -7,20 +7,25 @@ world (both from sound_world.py).
     python train.py diffusion --size tiny --data toy --steps 4000
     torchrun --nproc_per_node 8 train.py diffusion --size full --data DIR --grad-accum 4
 
-Each stage writes OUT/STAGE.pt (resumable with --resume) and OUT/STAGE.log. Under torchrun each
-rank trains on its own share of every batch (DistributedDataParallel); rank 0 alone writes.
+Each stage writes OUT/STAGE.pt (resumable with --resume), OUT/STAGE.log and OUT/STAGE.csv (one row
+per step, with held-out figures every --eval-every steps), and demos under OUT/demos/. Under
+torchrun each rank trains on its own share of every batch (DistributedDataParallel); rank 0 alone
+writes.
 Shape alphabet: B batch, C channels, L latent frames, N samples.
 """
 import argparse
+import csv
+import functools
 import hashlib
 import math
 import os
+import shlex
 import signal
 import sys
 import time
 import traceback
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields, replace
 from datetime import timedelta
 
@@ -299,6 +304,25 @@ class EMA:
             else:
                 self.shadow[k].copy_(v)
 
+    @contextmanager
+    def weights(self, model):
+        """`model` in eval mode with the averaged weights in place of the trained ones, which come
+        back bit for bit after (kept on the CPU meanwhile: a GPU may have no room for a copy)."""
+        state, modes = model.state_dict(), [(m, m.training) for m in model.modules()]
+        trained = {k: state[k].to("cpu", copy=True) for k in self.shadow}
+        with torch.no_grad():
+            for k, v in self.shadow.items():
+                state[k].copy_(v)
+        model.eval()
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for k, v in trained.items():
+                    state[k].copy_(v)
+            for m, mode in modes:
+                m.training = mode
+
 
 def plain(value):
     """A value a checkpoint can hold and torch.load(weights_only=True) can read back."""
@@ -334,6 +358,7 @@ class Trainer:
                     group["lr"] = group["lr"] if args.lr_from_checkpoint else args.lr
             self.note_new_split(resume_state.get("args", {}))
         self.first_step = self.step
+        self.best = resume_state.get("best", math.inf) if resume_state else math.inf
         self.log = (open(os.path.join(args.out, f"{args.stage}.log"), "a", buffering=1)
                     if self.ranks.main else None)
 
@@ -349,21 +374,23 @@ class Trainer:
                   f"effective batch goes from {math.prod(before)} to {math.prod(now)} and the "
                   f"data order and noise change; keep both numbers to continue it exactly")
 
-    def save(self):
+    def save(self, path=None):
+        """The whole state at this step into `path` (default OUT/STAGE.pt), on every rank."""
+        path = path or self.path
         states = [s for rank in self.ranks.collect([g.get_state() for g in self.generators])
                   for s in rank]
         if self.ranks.main:
             try:
-                self._save(states)
+                self._save(path, states)
             except (OSError, RuntimeError) as e:
-                raise TrainingError(f"could not write {self.path} ({str(e).splitlines()[0]}); "
+                raise TrainingError(f"could not write {path} ({str(e).splitlines()[0]}); "
                                     f"is the disk full? The previous checkpoint is untouched"
                                     ) from None
         self.ranks.barrier()           # `all`: the next stage reads this checkpoint on every rank
 
-    def _save(self, rng):
-        sa.save_checkpoint(self.path, self.model, stage=self.args.stage, step=self.step,
-                           ema=self.ema.shadow, rng=rng,
+    def _save(self, path, rng):
+        sa.save_checkpoint(path, self.model, stage=self.args.stage, step=self.step,
+                           ema=self.ema.shadow, rng=rng, best=self.best,
                            optimizers=[opt.state_dict() for opt in self.optimizers],
                            **self.extra(),
                            args={**{k: v for k, v in vars(self.args).items()
@@ -394,18 +421,25 @@ class Trainer:
             raise KeyboardInterrupt
         return micro
 
-    def run(self, step_fn, batch_fn):
+    def run(self, step_fn, batch_fn, held, evaluate, demo):
         """Call step_fn(step, micro-batches) -> {name: loss} until --steps, saving every
-        --save-every steps; batch_fn(index) -> the data's batch `index` (see micro_index)."""
+        --save-every steps; batch_fn(index) -> the data's batch `index` (see micro_index). Every
+        --eval-every steps and at the last, evaluate(model) -> {name: held-out figure}; every
+        --demo-every steps, demo(model, step); both see the EMA weights, on rank 0, and read the
+        held-out data `held`."""
         args, ranks = self.args, self.ranks
         bar = tqdm(total=args.steps, initial=self.step, desc=args.stage, dynamic_ncols=True,
                    disable=not ranks.main)
         start, losses = time.time(), {}
+        self.held_note = " on TRAINING data" if held.trained_on else ""
+        metrics = (Metrics(os.path.join(args.out, f"{args.stage}.csv"), args.stage, self.step)
+                   if ranks.main else None)
         # Under torchrun Ctrl-C reaches every rank (and torchrun passes it on): each finishes its
         # step and they stop together; torchrun kills them after --shutdown_timeout (30 s).
         ctrl_c = signal.signal(signal.SIGINT, self.on_ctrl_c) if ranks.on else None
         try:
             while self.step < args.steps:
+                began = time.time()
                 losses = ranks.mean(step_fn(self.step, self.fetch(batch_fn)))
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise Stop(
@@ -414,14 +448,25 @@ class Trainer:
                         f"--dtype float32")
                 self.ema.update(self.model, self.step)
                 self.step += 1
+                seconds = time.time() - began
                 text = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
                 bar.set_postfix_str(text)
                 bar.update()
                 per_step = (time.time() - start) / (self.step - self.first_step)
                 if self.log:
                     self.log.write(f"step {self.step} {text} {per_step:.3f} s/step\n")
+                figures, eval_seconds = {}, None
+                if args.eval_every and (self.step % args.eval_every == 0
+                                        or self.step == args.steps):
+                    figures, eval_seconds = self.evaluate(evaluate)
+                if metrics:
+                    metrics.write({"step": self.step, **losses, **figures,
+                                   "lr": self.optimizers[0].param_groups[0]["lr"],
+                                   "step_seconds": seconds, "eval_seconds": eval_seconds})
                 if self.step % args.save_every == 0 or self.step == args.steps:
                     self.save()
+                if args.demo_every and self.step % args.demo_every == 0:
+                    self.demo(demo)
         except KeyboardInterrupt:
             self.save()
             raise Stop(f"interrupted after step {self.step}; saved {self.path}; "
@@ -432,7 +477,132 @@ class Trainer:
             bar.close()
             if self.log:
                 self.log.close()
+            if metrics:
+                metrics.close()
         return losses
+
+    def evaluate(self, evaluate):
+        """The held-out figures of the EMA weights, on every rank -> (figures, seconds taken).
+        With --keep-best, a better main figure than any before saves OUT/STAGE_best.pt."""
+        began, figures = time.time(), {}
+        if self.ranks.main:
+            with self.ema.weights(self.model), torch.no_grad():
+                figures = evaluate(self.model)
+        figures = self.ranks.collect(figures)[0]          # rank 0's, for --keep-best's save
+        seconds = time.time() - began
+        main = figures[VAL_FIGURES[self.args.stage][0]]
+        kept = ""
+        if self.args.keep_best and main < self.best:
+            self.best, best = main, self.path.removesuffix(".pt") + "_best.pt"
+            self.save(best)
+            kept = f"; best so far, saved {best}"
+        tqdm.write(f"{self.args.stage} step {self.step}: held-out{self.held_note} "
+                   + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in figures.items())
+                   + f" ({seconds:.1f} s{kept})")
+        return figures, seconds
+
+    def demo(self, demo):
+        """Rank 0 makes the stage's demos from the EMA weights; the others wait."""
+        if self.ranks.main:
+            with self.ema.weights(self.model), torch.no_grad():
+                demo(self.model, self.step)
+        self.ranks.barrier()
+
+
+# -------------------------------------------------------------------------------------------------
+# Watching a run, to know when to stop it: every --eval-every steps (and at the last) figures on
+# held-out data (sound_world.split_data) from the EMA weights with fixed noise, so that two
+# evaluations of the same weights agree and runs compare; every --demo-every steps something to
+# hear under OUT/demos/ (or, for clap, read); one row per step in OUT/STAGE.csv. None of it draws
+# from the training's noise streams, so a run trains the same with it or without.
+# -------------------------------------------------------------------------------------------------
+EVAL_EVERY, DEMO_EVERY = 100, 500
+EVAL_ITEMS = {"vae": 8, "clap": 16, "diffusion": 4}     # held-out windows an evaluation reads
+# diffusion: the v-loss at 8 noise levels, the midpoints of [0, 1] in t: the mean of the loss
+# over t ~ U[0, 1], as training draws it, by the midpoint rule.
+EVAL_T = [(k + 0.5) / 8 for k in range(8)]
+DEMO_PROMPTS, DEMO_CLIPS, TABLE_ROWS = 2, 2, 4   # held-out captions, vae clips, clap table rows
+
+# Columns of OUT/STAGE.csv beside step, lr and seconds: the training losses, then the held-out
+# figures, the first of which --keep-best follows. A cell without a value stays empty.
+LOSSES = {"vae": ("spectral", "kl", "adversarial", "feature", "disc"), "clap": ("loss",),
+          "diffusion": ("loss", "latent_std")}
+VAL_FIGURES = {"vae": ("val_spectral", "val_kl"), "clap": ("val_loss", "val_top1"),
+               "diffusion": ("val_loss",)}
+
+
+class Metrics:
+    """OUT/STAGE.csv, one row per step: the training losses, the held-out figures where the step
+    was evaluated, the learning rate, and the seconds the step's training and evaluation took. A
+    resumed run first drops the rows past its checkpoint, which the stopped run wrote after its
+    last save, so that no step is missing or there twice. Written from the first row on."""
+    def __init__(self, path, stage, step):
+        self.path, self.step, self.file = path, step, None
+        self.columns = ["step", *LOSSES[stage], *VAL_FIGURES[stage], "lr", "step_seconds",
+                        "eval_seconds"]
+
+    def start(self):
+        """The rows up to the run's first step (none for a fresh run) rewritten, atomically."""
+        rows, last = [], 0
+        if self.step and os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                for row in csv.DictReader(f):
+                    step = row.get("step") or ""
+                    whole = None not in row and None not in row.values()   # not cut short
+                    if whole and step.isdigit() and last < int(step) <= self.step:
+                        rows.append(row)
+                        last = int(step)
+        with open(f"{self.path}.tmp", "w", newline="") as f:
+            old = csv.DictWriter(f, self.columns, extrasaction="ignore", lineterminator="\n")
+            old.writeheader()
+            old.writerows(rows)
+        os.replace(f"{self.path}.tmp", self.path)
+        self.file = open(self.path, "a", newline="", buffering=1)
+        self.writer = csv.DictWriter(self.file, self.columns, lineterminator="\n")
+
+    def write(self, values):
+        if self.file is None:
+            self.start()
+        self.writer.writerow({k: "" if v is None else f"{v:.6g}" if isinstance(v, float) else v
+                              for k, v in values.items()})
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def v_loss_at(unet, z, t, eps, context, mask, content_frames):
+    """§4.4's v-objective at the noise levels t (B,) with the noise eps given: what
+    sa.diffusion_loss computes, always conditioned, at the t and eps it draws itself."""
+    alpha, sigma = (a[:, None, None] for a in sa.alpha_sigma(t))
+    v = alpha * eps - sigma * z
+    return F.mse_loss(unet(alpha * z + sigma * eps, t, context, mask, content_frames), v).item()
+
+
+def write_demos(args, step, clips, names, sample_rate):
+    """(B, 2, N) audio -> OUT/demos/STAGE_STEP_NAME.wav, each with its spectrogram PNG."""
+    folder = os.path.join(args.out, "demos")
+    os.makedirs(folder, exist_ok=True)
+    for clip, name in zip(clips.float().cpu().numpy(), names):
+        path = os.path.join(folder, f"{args.stage}_{step:06d}_{name}.wav")
+        try:
+            sound_world.write_clip(path, clip, sample_rate)
+        except (OSError, RuntimeError) as e:
+            raise TrainingError(f"could not write {path} ({str(e).splitlines()[0]})") from None
+    tqdm.write(f"{args.stage} step {step}: wrote {len(names)} demos (+ .png) to {folder}")
+
+
+def retrieval_table(step, similarity, prompts):
+    """clap's demo: held-out captions (rows) against their own clips (columns), the best marked."""
+    n = len(prompts)
+    lines = [f"clap step {step}: held-out captions against clips, cosine similarity, [best]",
+             " " * 42 + "".join(f"{f'clip {j + 1}':>9}" for j in range(n))]
+    for i, prompt in enumerate(prompts):
+        best = int(similarity[i].argmax())
+        cells = [f"[{s:.2f}]" if j == best else f"{s:.2f} "
+                 for j, s in enumerate(similarity[i].tolist())]
+        lines.append(f"{i + 1:>2} {prompt[:38]:<39}" + "".join(f"{c:>9}" for c in cells))
+    tqdm.write("\n".join(lines))
 
 
 def autocast(device, dtype):
@@ -465,8 +635,9 @@ def model_config(args):
     return config
 
 
-# The flags that shape a run's data and model, their defaults, and the stages they shape. With
-# --resume they come back from the checkpoint unless given, so that it continues the same run.
+# The flags that shape a run's data, model and what it reports, their defaults, and the stages
+# they shape. With --resume they come back from the checkpoint unless given, so that it continues
+# the same run.
 EVERY_STAGE = ("vae", "clap", "diffusion")
 RUN_FLAGS = {"data": ("toy", EVERY_STAGE), "seed": (0, EVERY_STAGE),
              "overfit": (False, EVERY_STAGE), "window_seconds": (None, EVERY_STAGE),
@@ -476,7 +647,11 @@ RUN_FLAGS = {"data": ("toy", EVERY_STAGE), "seed": (0, EVERY_STAGE),
              "vae_strides": (None, ("vae", "diffusion")),
              "latent_cache": (0, ("diffusion",)), "latent_scale": (None, ("diffusion",)),
              "clap_layer": (-2, ("diffusion",)), "no_timing": (False, ("diffusion",)),
-             "paper_timing": (False, ("diffusion",))}
+             "paper_timing": (False, ("diffusion",)),
+             "val": (None, EVERY_STAGE), "eval_every": (EVAL_EVERY, EVERY_STAGE),
+             "demo_every": (DEMO_EVERY, EVERY_STAGE), "keep_best": (False, EVERY_STAGE),
+             "demo_prompt": (None, ("diffusion",)), "demo_seconds": (10.0, ("vae", "diffusion")),
+             "demo_steps": (20, ("diffusion",))}
 # Of those, the ones the checkpoint's model was built with: a resumed run cannot change them.
 MODEL_FLAGS = {"window_seconds", "activation", "vae_strides", "latent_scale", "clap_layer",
                "no_timing", "paper_timing"}
@@ -487,6 +662,8 @@ def as_flag(name, value):
     flag = "--" + name.replace("_", "-")
     if value is None or isinstance(value, bool):
         return flag if value else f"no {flag}"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):   # a repeated flag
+        return " ".join(f"{flag} {shlex.quote(v)}" for v in value)
     return f"{flag} {','.join(map(str, value)) if isinstance(value, list) else value}"
 
 
@@ -532,6 +709,10 @@ def prepare(args, stage):
         return model, path, state
     if os.path.exists(path) and not args.force:
         raise TrainingError(f"{path} exists; pass --resume to continue it or --force to start over")
+    metrics = os.path.join(args.out, f"{stage}.csv")
+    if os.path.exists(metrics) and not args.force:
+        raise TrainingError(f"{metrics} holds the metrics of an earlier run that left no "
+                            f"checkpoint; pass --force to start over")
     torch.manual_seed(args.seed)               # parameter initialisation draws from torch's RNG
     return sa.build_model(model_config(args)), path, None
 
@@ -546,11 +727,11 @@ class Overfit:
 
 
 def make_data(args, config):
-    if args.data == "toy":
-        data = sound_world.ToyData(config.window, config.sample_rate, args.seed)
-    else:
-        data = sound_world.FolderData(args.data, config.window, config.sample_rate, args.seed)
-    return Overfit(data) if args.overfit else data
+    """(data to train on, held-out data for evaluation and demos), saying what is held out."""
+    data, held, note = sound_world.split_data(args.data, args.val, config.window,
+                                              config.sample_rate, args.seed)
+    print(f"held out: {note}")
+    return Overfit(data) if args.overfit else data, held
 
 
 class Batches(torch.utils.data.Dataset):
@@ -632,7 +813,8 @@ def train_vae(args):
     trainer = Trainer(args, model, [opt_g, opt_d], path, state,
                       extra=lambda: {"discriminator": disc.state_dict()})
     crop = args.crop or 65536
-    data = prefetch(make_data(args, config), args, trainer.first_step, window=crop)
+    data, held = make_data(args, config)
+    data = prefetch(data, args, trainer.first_step, window=crop)
 
     def reconstruct(vae, x, generator):
         """Audio (B, 2, N) -> x_hat (B, 2, N), posterior mean and std (B, 64, L)."""
@@ -678,7 +860,29 @@ def train_vae(args):
             accumulate(losses, parts, K)
         clip_and_step(opt_g, vae.parameters(), args.clip)
         return {**losses, **logs}
-    return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop))
+
+    @functools.cache
+    def held_out(n, window):
+        return held.batch(n, 0, window)["audio"].to(device)                  # (n, 2, window)
+
+    def evaluate(model):
+        """The reconstruction and KL terms on held-out clips, decoded from the posterior mean
+        (as sample.py --reconstruct does): no sampled z in the figure."""
+        x = held_out(EVAL_ITEMS["vae"], crop)
+        mean, std = model.vae.encode(x)
+        x_hat = model.vae.decode(mean)[..., :x.shape[-1]]
+        return {"val_spectral": sa.stereo_loss(x_hat, x, config.sample_rate).item(),
+                "val_kl": sa.kl_divergence(mean, std).item()}
+
+    def demo(model, step):
+        """Held-out clips of --demo-seconds and their reconstructions, to hear phase 1 and 2."""
+        x = held_out(DEMO_CLIPS, round(args.demo_seconds * config.sample_rate))
+        x_hat = model.vae.decode(model.vae.encode(x)[0])[..., :x.shape[-1]]
+        write_demos(args, step, torch.stack([x, x_hat], 1).flatten(0, 1),        # in pairs
+                    [f"{i}_{name}" for i in range(len(x)) for name in ("heldout", "decoded")],
+                    config.sample_rate)
+    return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop), held,
+                       evaluate, demo)
 
 
 def train_clap(args):
@@ -692,7 +896,8 @@ def train_clap(args):
     opt = torch.optim.AdamW(clap.parameters(), args.lr)
     trainer = Trainer(args, model, [opt], path, state)
     crop = min(args.crop or 10 * config.sample_rate, config.window)
-    data = prefetch(make_data(args, config), args, trainer.first_step, window=crop)
+    data, held = make_data(args, config)
+    data = prefetch(data, args, trainer.first_step, window=crop)
 
     def contrastive_loss(clap, tokens, mask, audio):
         # On R ranks every caption meets every clip of the R micro-batches, as in one process at
@@ -713,7 +918,32 @@ def train_clap(args):
             accumulate(losses, {"loss": loss}, K)
         clip_and_step(opt, clap.parameters(), args.clip)
         return losses
-    return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop))
+
+    @functools.cache
+    def held_out():
+        batch = held.batch(EVAL_ITEMS["clap"], 0, window=crop)
+        return batch["prompts"], batch["audio"].to(device)
+
+    def similarity(model):
+        prompts, audio = held_out()
+        text = model.clap.embed_text(*model.clap.tokenize(prompts))
+        return text, model.clap.embed_audio(audio)
+
+    def evaluate(model):
+        """The contrastive loss over the held-out pairs, and how often a caption's closest clip
+        is its own (or carries the same caption: a held-out file can come twice, cropped anew)."""
+        prompts, _ = held_out()
+        text, audio = similarity(model)
+        best = (text @ audio.T).argmax(1).tolist()
+        return {"val_loss": model.clap.loss(text, audio).item(),
+                "val_top1": sum(prompts[j] == p for j, p in zip(best, prompts)) / len(prompts)}
+
+    def demo(model, step):
+        text, audio = similarity(model)
+        retrieval_table(step, (text @ audio.T)[:TABLE_ROWS, :TABLE_ROWS],
+                        held_out()[0][:TABLE_ROWS])
+    return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop), held,
+                       evaluate, demo)
 
 
 # Fields that only choose how fresh weights start: a trained part is the same part either way.
@@ -783,7 +1013,7 @@ class LatentCache:
     def __init__(self, model, data, n, device, args):
         self.seed, ranks = args.seed, args.ranks
         key = {"vae": hash_state(model.vae), "window": model.config.window, "data": args.data,
-               "seed": args.seed, "n": n, "overfit": args.overfit}
+               "files": hash_files(data), "seed": args.seed, "n": n, "overfit": args.overfit}
         path = os.path.join(args.out, "latents.pt")
         cached = torch.load(path, weights_only=True) if os.path.exists(path) else None
         if not ranks.any(cached is None or cached["key"] != key)[0]:
@@ -815,6 +1045,13 @@ class LatentCache:
                 "prompts": [self.cached["prompts"][j] for j in pick.tolist()],
                 "seconds_start": self.cached["seconds_start"][pick],
                 "seconds_total": self.cached["seconds_total"][pick]}
+
+
+def hash_files(data):
+    """A short fingerprint of the files a folder's data trains on (None for the sound world):
+    another held-out share, or files added, make other windows."""
+    items = getattr(getattr(data, "data", data), "items", None)            # through Overfit
+    return items and hashlib.sha256("\n".join(i["path"] for i in items).encode()).hexdigest()[:16]
 
 
 def hash_state(module):
@@ -865,7 +1102,7 @@ def train_diffusion(args):
     params = [*model.unet.parameters(), *model.timing.parameters()]
     opt = torch.optim.Adam(params, args.lr)               # the paper: Adam, no weight decay
     trainer = Trainer(args, model, [opt], path, state)
-    data = make_data(args, config)
+    data, held = make_data(args, config)
     if args.latent_cache:
         data = LatentCache(model, data, args.latent_cache, device, args)
     if state is None and args.latent_scale == "auto":
@@ -903,7 +1140,38 @@ def train_diffusion(args):
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
             print(f"peak GPU memory after one step: {peak:.1f} GiB")
         return losses
-    return trainer.run(step, lambda index: data.batch(args.batch_size, index))
+
+    @functools.cache
+    def held_out():
+        return held.batch(EVAL_ITEMS["diffusion"], 0)
+
+    @functools.cache
+    def held_out_latents():
+        mean, _ = encode_clips(model.vae, held_out()["audio"], device)    # the frozen VAE's
+        return mean                                                       # (B, 64, L)
+
+    def evaluate(model):
+        """The v-loss on held-out latents (posterior means), conditioned on their captions, at
+        the EVAL_T noise levels with noise from a generator of its own, seeded 0."""
+        batch, z = held_out(), held_out_latents() * config.latent_scale
+        timing = batch["seconds_start"], batch["seconds_total"]
+        context, mask = model.condition(batch["prompts"], *timing)
+        frames = model.content_frames(*timing).to(device)
+        generator = torch.Generator().manual_seed(0)
+        losses = [v_loss_at(model.unet, z, torch.full((len(z),), t, device=device),
+                            sa.randn(z.shape, generator, z), context, mask, frames)
+                  for t in EVAL_T]
+        return {"val_loss": sum(losses) / len(losses)}
+
+    def demo(model, step):
+        """Samples of --demo-prompt (or held-out captions) from seed 0 on, at every demo step."""
+        prompts = args.demo_prompt or held_out()["prompts"][:DEMO_PROMPTS]
+        audio = sa.generate(model, prompts, seconds_total=args.demo_seconds,
+                            steps=args.demo_steps, seed=0)
+        write_demos(args, step, audio, [f"{i}_{sound_world.slug(p)}" for i, p in
+                                        enumerate(prompts)], config.sample_rate)
+    return trainer.run(step, lambda index: data.batch(args.batch_size, index), held, evaluate,
+                       demo)
 
 
 STAGES = {"vae": train_vae, "clap": train_clap, "diffusion": train_diffusion}
@@ -1050,6 +1318,25 @@ def parse_args(argv):
                    "batch only, a sanity check: the loss should fall far below its starting value")
     p.add_argument("--seed", type=int, default=None, help="seed for data order and noise "
                    "(default 0)")
+    p.add_argument("--val", default=None, metavar="DIR", help="held-out audio to evaluate on, a "
+                   "folder like --data's (default: a share of --data's files picked by a hash of "
+                   "each path, at least one; for --data toy, sound-world items no run trains on)")
+    p.add_argument("--eval-every", type=int, default=None, metavar="N", help="every N steps and "
+                   "at the last, held-out figures of the EMA weights with fixed noise, printed and "
+                   f"put in OUT/STAGE.csv (default {EVAL_EVERY}; 0: never)")
+    p.add_argument("--demo-every", type=int, default=None, metavar="N", help="every N steps, "
+                   "demos from the EMA weights: diffusion writes fixed-seed samples, vae held-out "
+                   "clips and their reconstructions (audio and spectrogram PNG, in OUT/demos/); "
+                   f"clap prints a retrieval table (default {DEMO_EVERY}; 0: never)")
+    p.add_argument("--demo-prompt", action="append", default=None, metavar="TEXT",
+                   help="diffusion: a demo prompt; repeat the flag for more (default: the first "
+                   f"{DEMO_PROMPTS} held-out captions)")
+    p.add_argument("--demo-seconds", type=float, default=None, help="diffusion: seconds of each "
+                   "demo sample; vae: of each demo clip (default 10)")
+    p.add_argument("--demo-steps", type=int, default=None, help="diffusion: sampler steps of a "
+                   "demo (default 20)")
+    p.add_argument("--keep-best", action="store_true", default=None, help="keep the checkpoint "
+                   "of the best held-out figure so far too, as OUT/STAGE_best.pt")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="default: cuda, then mps, then cpu")
     args = p.parse_args(argv)
@@ -1072,10 +1359,28 @@ def parse_args(argv):
     for name in ("steps", "save_every", "grad_accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_watching(args)
     args.out = args.out or os.path.join("runs", args.size)
     if args.dtype is None:
         args.dtype = "bfloat16" if sa.pick_device(args.device).type == "cuda" else "float32"
     return args
+
+
+def check_watching(args):
+    """The flags of evaluation and demos, each wrong one a TrainingError: one `error:` line."""
+    for name in ("eval_every", "demo_every"):
+        if getattr(args, name) < 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be 0 (never) or more, got "
+                                f"{getattr(args, name)}")
+    if any(not prompt.strip() for prompt in args.demo_prompt or []):
+        raise TrainingError("--demo-prompt is empty; give the text of a demo, e.g. "
+                            "--demo-prompt 'steady rain, rain', or leave the flag out for "
+                            "held-out captions")
+    if not 0 < args.demo_seconds <= sa.TimingConfig.max_seconds:
+        raise TrainingError(f"--demo-seconds must be in (0, {sa.TimingConfig.max_seconds}], got "
+                            f"{args.demo_seconds:g}")
+    if args.demo_steps < 1:
+        raise TrainingError(f"--demo-steps must be at least 1, got {args.demo_steps}")
 
 
 def run_stage(args, stage):
