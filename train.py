@@ -425,8 +425,8 @@ class Trainer:
         """Call step_fn(step, micro-batches) -> {name: loss} until --steps, saving every
         --save-every steps; batch_fn(index) -> the data's batch `index` (see micro_index). Every
         --eval-every steps and at the last, evaluate(model) -> {name: held-out figure}; every
-        --demo-every steps, demo(model, step); both see the EMA weights, on rank 0, and read the
-        held-out data `held`."""
+        --demo-every steps, demo(model, step) -> what it did, in words; both see the EMA weights,
+        on rank 0, and read the held-out data `held`."""
         args, ranks = self.args, self.ranks
         bar = tqdm(total=args.steps, initial=self.step, desc=args.stage, dynamic_ncols=True,
                    disable=not ranks.main)
@@ -502,10 +502,14 @@ class Trainer:
         return figures, seconds
 
     def demo(self, demo):
-        """Rank 0 makes the stage's demos from the EMA weights; the others wait."""
+        """Rank 0 makes the stage's demos from the EMA weights and says what they are and how
+        long they took; the others wait."""
         if self.ranks.main:
+            began = time.time()
             with self.ema.weights(self.model), torch.no_grad():
-                demo(self.model, self.step)
+                head, *rest = demo(self.model, self.step).split("\n")
+            tqdm.write("\n".join([f"{self.args.stage} step {self.step}: {head} "
+                                  f"({time.time() - began:.1f} s)", *rest]))
         self.ranks.barrier()
 
 
@@ -580,7 +584,8 @@ def v_loss_at(unet, z, t, eps, context, mask, content_frames):
 
 
 def write_demos(args, step, clips, names, sample_rate):
-    """(B, 2, N) audio -> OUT/demos/STAGE_STEP_NAME.wav, each with its spectrogram PNG."""
+    """(B, 2, N) audio -> OUT/demos/STAGE_STEP_NAME.wav, each with its spectrogram PNG -> what
+    was written, in words."""
     folder = os.path.join(args.out, "demos")
     os.makedirs(folder, exist_ok=True)
     for clip, name in zip(clips.float().cpu().numpy(), names):
@@ -589,20 +594,21 @@ def write_demos(args, step, clips, names, sample_rate):
             sound_world.write_clip(path, clip, sample_rate)
         except (OSError, RuntimeError) as e:
             raise TrainingError(f"could not write {path} ({str(e).splitlines()[0]})") from None
-    tqdm.write(f"{args.stage} step {step}: wrote {len(names)} demos (+ .png) to {folder}")
+    return f"wrote {len(names)} demos (+ .png) to {folder}"
 
 
-def retrieval_table(step, similarity, prompts):
-    """clap's demo: held-out captions (rows) against their own clips (columns), the best marked."""
+def retrieval_table(similarity, prompts):
+    """clap's demo: held-out captions (rows) against their own clips (columns), the best marked,
+    as lines of text."""
     n = len(prompts)
-    lines = [f"clap step {step}: held-out captions against clips, cosine similarity, [best]",
+    lines = ["held-out captions against clips, cosine similarity, [best]",
              " " * 42 + "".join(f"{f'clip {j + 1}':>9}" for j in range(n))]
     for i, prompt in enumerate(prompts):
         best = int(similarity[i].argmax())
         cells = [f"[{s:.2f}]" if j == best else f"{s:.2f} "
                  for j, s in enumerate(similarity[i].tolist())]
         lines.append(f"{i + 1:>2} {prompt[:38]:<39}" + "".join(f"{c:>9}" for c in cells))
-    tqdm.write("\n".join(lines))
+    return "\n".join(lines)
 
 
 def autocast(device, dtype):
@@ -878,9 +884,9 @@ def train_vae(args):
         """Held-out clips of --demo-seconds and their reconstructions, to hear phase 1 and 2."""
         x = held_out(DEMO_CLIPS, round(args.demo_seconds * config.sample_rate))
         x_hat = model.vae.decode(model.vae.encode(x)[0])[..., :x.shape[-1]]
-        write_demos(args, step, torch.stack([x, x_hat], 1).flatten(0, 1),        # in pairs
-                    [f"{i}_{name}" for i in range(len(x)) for name in ("heldout", "decoded")],
-                    config.sample_rate)
+        return write_demos(args, step, torch.stack([x, x_hat], 1).flatten(0, 1),  # in pairs
+                           [f"{i}_{name}" for i in range(len(x))
+                            for name in ("heldout", "decoded")], config.sample_rate)
     return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop), held,
                        evaluate, demo)
 
@@ -939,9 +945,10 @@ def train_clap(args):
                 "val_top1": sum(prompts[j] == p for j, p in zip(best, prompts)) / len(prompts)}
 
     def demo(model, step):
+        """A table to read: the first held-out captions against their clips."""
         text, audio = similarity(model)
-        retrieval_table(step, (text @ audio.T)[:TABLE_ROWS, :TABLE_ROWS],
-                        held_out()[0][:TABLE_ROWS])
+        return retrieval_table((text @ audio.T)[:TABLE_ROWS, :TABLE_ROWS],
+                               held_out()[0][:TABLE_ROWS])
     return trainer.run(step, lambda index: data.batch(args.batch_size, index, window=crop), held,
                        evaluate, demo)
 
@@ -1168,8 +1175,8 @@ def train_diffusion(args):
         prompts = args.demo_prompt or held_out()["prompts"][:DEMO_PROMPTS]
         audio = sa.generate(model, prompts, seconds_total=args.demo_seconds,
                             steps=args.demo_steps, seed=0)
-        write_demos(args, step, audio, [f"{i}_{sound_world.slug(p)}" for i, p in
-                                        enumerate(prompts)], config.sample_rate)
+        return write_demos(args, step, audio, [f"{i}_{sound_world.slug(p)}" for i, p in
+                                               enumerate(prompts)], config.sample_rate)
     return trainer.run(step, lambda index: data.batch(args.batch_size, index), held, evaluate,
                        demo)
 
