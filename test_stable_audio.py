@@ -1738,7 +1738,7 @@ def test_diffusion_stage_gives_the_loss_each_clips_content_frames(parts, monkeyp
         (torch.as_tensor(s).clone(), torch.as_tensor(T).clone())) or frames(self, s, T))
     monkeypatch.setattr(sa, "diffusion_loss", lambda *a, content_frames=None, **k: seen.append(
         content_frames) or loss(*a, content_frames=content_frames, **k))
-    assert run_train("diffusion", "--steps", 2, "--out", parts, *DIFFUSION) == 0
+    assert run_train("diffusion", "--steps", 2, "--out", parts, *DIFFUSION, "--eval-every", 0) == 0
     assert len(seen) == 4                                        # (seconds, length) per step
     for (start, total), length in zip(seen[::2], seen[1::2]):
         want = [math.ceil((T - s) * 44100 / 1024) for s, T in zip(start.tolist(), total.tolist())]
@@ -1906,7 +1906,7 @@ def test_the_bundled_demo_fine_tunes_in_each_stage_and_the_result_samples(tmp_pa
     assert 0 < max(moved) < 0.01              # one step from the demo's CLAP, not from random
     assert run_train("diffusion", "--init", BUNDLED_DEMO, "--vae", BUNDLED_DEMO, "--clap",
                      BUNDLED_DEMO, "--steps", 1, "--batch-size", 1, "--latent-cache", 1,
-                     "--out", out) == 0
+                     "--eval-every", 0, "--out", out) == 0
     tuned, ckpt = sa.load_checkpoint(out / "diffusion.pt", ema=False)
     assert ckpt["config"]["latent_scale"] == demo.config.latent_scale          # the demo's, 4.5
     assert tuned.config.unet == demo.config.unet and tuned.config.timing.max_seconds == 512
@@ -2106,6 +2106,165 @@ def test_long_prompts_are_shortened_by_dropping_fields_never_the_sound():
     for _ in range(100):
         prompt = sound_world.build_prompt(meta, rng)
         assert len(prompt.encode()) <= 126 and "rain" in prompt
+
+
+# --- watching a run: held-out set, evaluation, demos, metrics -------------------------------------
+import csv  # noqa: E402 (this section's own)
+
+
+def metrics_rows(out, stage):
+    with open(out / f"{stage}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def captioned_files(folder, names):
+    """Short silent files with a caption each, as a user's folder would hold."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        sf.write(folder / f"{name}.wav", np.zeros((100, 2)), SR)
+        (folder / f"{name}.txt").write_text(f"{name} sound")
+    return folder
+
+
+def held_names(held):
+    return {os.path.basename(item["path"]) for item in held.items}
+
+
+def test_held_out_files_are_a_stable_share_by_path_and_a_small_folder_says_it_trains_on_them(
+        tmp_path):
+    first = [f"a{i:03d}" for i in range(100)]
+    folder = captioned_files(tmp_path / "data", first)
+    train_data, held, note = sound_world.split_data(folder, None, SR, SR)
+    before = held_names(held)
+    assert 1 <= len(before) <= 15 and note.startswith(f"{len(before)} of 100 files")
+    assert before.isdisjoint(held_names(train_data)) and not held.trained_on
+    assert len(held_names(train_data)) + len(before) == 100
+    captioned_files(folder, [f"b{i:03d}" for i in range(100)])      # more files arrive
+    _, held, note = sound_world.split_data(folder, None, SR, SR)
+    assert {name for name in held_names(held) if name.startswith("a")} == before
+    moved = folder.rename(tmp_path / "elsewhere")                   # the same files, moved
+    assert held_names(sound_world.split_data(moved, None, SR, SR)[1]) == held_names(held)
+    small = captioned_files(tmp_path / "small", ["x", "y"])
+    train_data, held, note = sound_world.split_data(small, None, SR, SR)
+    assert held.trained_on and held_names(held) == held_names(train_data) == {"x.wav", "y.wav"}
+    assert "TRAINING" in note
+    _, held, note = sound_world.split_data(small, moved, SR, SR)     # --val DIR: its files
+    assert len(held.items) == 200 and not held.trained_on and str(moved) in note
+
+
+def test_held_out_sound_world_items_are_the_same_whatever_the_runs_seed():
+    window = SR // 4
+    runs = [sound_world.split_data("toy", None, window, SR, seed) for seed in (0, 1)]
+    (train_0, held_0, _), (train_1, held_1, _) = runs
+    a, b = held_0.batch(2, 0), held_1.batch(2, 0)
+    assert torch.equal(a["audio"], b["audio"]) and a["prompts"] == b["prompts"]
+    for train_data in (train_0, train_1):
+        assert not torch.equal(train_data.batch(2, 0)["audio"], a["audio"])
+
+
+WATCHED = ["--init", BUNDLED_DEMO, "--vae", BUNDLED_DEMO, "--clap", BUNDLED_DEMO,
+           "--window-seconds", 0.75, "--batch-size", 1, "--latent-cache", 1, "--demo-steps", 2,
+           "--demo-seconds", 0.5]
+TIMES = ("step_seconds", "eval_seconds")
+
+
+def test_a_watched_run_writes_held_out_figures_and_demos_and_resumes_to_the_same_rows(tmp_path):
+    """The bundled demo fine-tuned for 4 steps, evaluated and sampled every 2: the metrics file
+    and demos; a run stopped at step 2 (after logging a row past its checkpoint, and half of
+    another) and resumed writes the same rows, times aside; one not watched, the same weights."""
+    watch = ["--eval-every", 2, "--demo-every", 2, "--keep-best"]
+    straight, split, unwatched = tmp_path / "straight", tmp_path / "split", tmp_path / "plain"
+    assert run_train("diffusion", *WATCHED, *watch, "--steps", 4, "--out", straight) == 0
+    assert run_train("diffusion", *WATCHED, *watch, "--steps", 2, "--out", split) == 0
+    last = (split / "diffusion.csv").read_text().splitlines()[-1]
+    with open(split / "diffusion.csv", "a") as f:
+        f.write("3" + last[1:] + "\n4,0.1")
+    assert run_train("diffusion", "--resume", "--batch-size", 1, "--steps", 4, "--out", split) == 0
+    rows = metrics_rows(straight, "diffusion")
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4"]
+    assert [bool(row["val_loss"]) for row in rows] == [False, True, False, True]
+    strip = lambda row: {k: v for k, v in row.items() if k not in TIMES}
+    assert [strip(row) for row in metrics_rows(split, "diffusion")] == list(map(strip, rows))
+    evaluated = [row for row in rows if row["val_loss"]]
+    best = min(evaluated, key=lambda row: float(row["val_loss"]))
+    assert torch.load(straight / "diffusion_best.pt", weights_only=True)["step"] == int(
+        best["step"])
+    demos = sorted(os.listdir(straight / "demos"))
+    assert {name.split("_")[1] for name in demos} == {"000002", "000004"} and len(demos) == 8
+    for name in demos:
+        if name.endswith(".wav"):
+            audio, sr = sf.read(straight / "demos" / name)
+            assert sr == SR and audio.shape == (SR // 2, 2) and np.isfinite(audio).all()
+            width, height, _, raw = read_png(straight / "demos" / name.replace(".wav", ".png"))
+            assert len(raw) == height * (1 + 3 * width)
+    assert run_train("diffusion", *WATCHED, "--eval-every", 0, "--demo-every", 0, "--steps", 4,
+                     "--out", unwatched) == 0
+    assert not (unwatched / "demos").exists()
+    a = torch.load(straight / "diffusion.pt", weights_only=True)
+    b = torch.load(unwatched / "diffusion.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+
+
+def test_a_vae_run_on_a_messy_folder_never_trains_on_its_held_out_share(tmp_path, monkeypatch,
+                                                                          capsys):
+    folder = tmp_path / "data"
+    sound_world.make_toy_folder(folder, SR, n=3, max_seconds=2, seed=1)
+    (folder / "broken.wav").write_bytes(os.urandom(300))
+    (folder / "broken.txt").write_text("noise")
+    for name, channels, rate, subtype in [("mono", 1, 22050, "PCM_U8"), ("six", 6, 48000, "FLOAT")]:
+        sf.write(folder / f"{name}.wav", 0.1 * np.random.randn(rate, channels), rate,
+                 subtype=subtype)
+        (folder / f"{name}.txt").write_text(f"{name} noise")
+    _, held, _ = sound_world.split_data(folder, None, SR, SR)
+    read, read_audio = [], sound_world.read_audio
+    monkeypatch.setattr(sound_world, "read_audio", lambda path, sr: read.append(
+        os.path.basename(path)) or read_audio(path, sr))
+    vae = ["vae", "--data", folder, "--crop", 4096, "--batch-size", 2, "--steps", 2]
+    assert run_train(*vae, "--eval-every", 0, "--demo-every", 0, "--out", tmp_path / "a") == 0
+    assert read and not held_names(held) & set(read)                     # training alone
+    assert run_train(*vae, "--eval-every", 1, "--demo-every", 2, "--demo-seconds", 0.25,
+                     "--out", tmp_path / "b") == 0
+    assert held_names(held) <= set(read)                                 # evaluation
+    out, err = capsys.readouterr()
+    assert f"held out: {len(held.items)} of 5 files" in out and "Traceback" not in err
+    rows = metrics_rows(tmp_path / "b", "vae")
+    assert all(float(row["val_spectral"]) > 0 and float(row["val_kl"]) >= 0 for row in rows)
+    demos = sorted(os.listdir(tmp_path / "b" / "demos"))
+    assert [name for name in demos if name.endswith(".wav")] == [
+        "vae_000002_0_decoded.wav", "vae_000002_0_heldout.wav", "vae_000002_1_decoded.wav",
+        "vae_000002_1_heldout.wav"]
+    for a, b in zip(*(sa.load_checkpoint(tmp_path / run / "vae.pt")[0].parameters()
+                      for run in ("a", "b"))):
+        assert torch.equal(a, b)
+
+
+def test_the_demo_clap_picks_held_out_clips_by_their_captions_well_above_chance(tmp_path,
+                                                                                 capsys):
+    assert run_train("clap", "--init", BUNDLED_DEMO, "--lr", 1e-9, "--steps", 1, "--crop",
+                     2 * SR, "--batch-size", 2, "--demo-every", 1, "--out", tmp_path) == 0
+    row = metrics_rows(tmp_path, "clap")[0]
+    assert float(row["val_top1"]) >= 0.5 and float(row["val_loss"]) < math.log(16) / 2
+    table = capsys.readouterr().out.split("held-out captions against clips")[1].splitlines()
+    assert len(table) >= 6 and all(line.count("[") == 1 for line in table[2:6])
+
+
+def test_bad_watching_flags_are_one_error_line_and_lose_nothing_in_out(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["clap", "--out", out, "--crop", 4096, "--batch-size", 2, "--eval-every", 0]
+    assert run_train(*args, "--steps", 1) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    empty = tmp_path / "val"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no audio here")
+    for bad in (["--demo-prompt", ""], ["--demo-prompt", "rain", "--demo-prompt", "  "],
+                ["--eval-every", -1], ["--demo-every", -2], ["--val", empty]):
+        capsys.readouterr()
+        assert run_train(*args, "--steps", 2, "--resume", *bad) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "\n" not in err, (bad, err)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 # ================================================================================== sample.py
@@ -2359,7 +2518,7 @@ def test_spectrogram_png_is_valid_with_frequency_up(tmp_path):
     sr = 32000
     t = np.arange(sr) / sr
     tone = np.sin(2 * np.pi * 4000 * t)                      # a quarter of the way to Nyquist
-    sample.write_spectrogram_png(tmp_path / "s.png", np.stack([tone, tone]))
+    sound_world.write_spectrogram_png(tmp_path / "s.png", np.stack([tone, tone]))
     width, height, colour, raw = read_png(tmp_path / "s.png")
     assert colour == 2 and 500 <= width <= 2000 and 150 <= height <= 600
     assert len(raw) == height * (1 + 3 * width)
@@ -2377,27 +2536,27 @@ def test_command_writes_a_valid_png_beside_the_audio(ckpt, tmp_path):
 
 def test_peak_limiter_scales_loud_clips_to_minus_1_dbfs_and_leaves_quiet_ones():
     loud = np.array([[0.5, -2.0, 1.0], [0.1, 0.2, 0.3]])
-    out, scaled = sample.limit_peak(loud)
+    out, scaled = sound_world.limit_peak(loud)
     assert scaled and np.abs(out).max() == 10 ** (-1 / 20)
     np.testing.assert_allclose(out / loud, 10 ** (-1 / 20) / 2)     # one gain: shape unchanged
     quiet = np.array([[0.5, -0.3], [0.1, 0.0]])
-    out, scaled = sample.limit_peak(quiet)
+    out, scaled = sound_world.limit_peak(quiet)
     assert not scaled and np.array_equal(out, quiet)
 
 
 @pytest.mark.parametrize("prompt", ["Ambient rain!!", "", "../../etc/passwd", "Café ночь 🌧",
                                     "ночь", "x" * 200, "  --  "])
 def test_slug_is_a_safe_nonempty_file_name(prompt):
-    name = sample.slug(prompt)
+    name = sound_world.slug(prompt)
     assert name and len(name) <= 40 and "/" not in name and ".." not in name
     assert set(name) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")
     assert not name.startswith("-")
 
 
 def test_slug_keeps_the_words():
-    assert sample.slug("Ambient rain!!") == "ambient-rain"
-    assert sample.slug("Café") == "cafe"
-    assert sample.slug("") == "untitled"
+    assert sound_world.slug("Ambient rain!!") == "ambient-rain"
+    assert sound_world.slug("Café") == "cafe"
+    assert sound_world.slug("") == "untitled"
 
 
 def test_output_paths_file_directory_and_batch(tmp_path):
@@ -2724,7 +2883,8 @@ def assert_same_checkpoints(path_a, path_b, exact=False):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Untrained parts as `parts` writes them, and a 4-step diffusion run on 2 ranks x batch 1."""
+    """Untrained parts as `parts` writes them, and a 4-step diffusion run on 2 ranks x batch 1,
+    evaluated and sampled every 2 steps."""
     root = tmp_path_factory.mktemp("ranks")
     torch.manual_seed(0)
     model = sa.build_model(sa.SIZES["tiny"])
@@ -2735,7 +2895,8 @@ def two_ranks(tmp_path_factory):
     (root / "rank.py").write_text(RANK_SCRIPT)
     out = fresh_out(root, "straight")
     status, stdout, stderr = torchrun("diffusion", "--steps", 4, "--out", out, *CLIPS,
-                                      "--batch-size", 1)
+                                      "--batch-size", 1, "--eval-every", 2, "--demo-every", 2,
+                                      "--demo-steps", 2, "--demo-seconds", 0.5)
     assert status == 0, stderr[-3000:]
     return root, out, stdout
 
@@ -2818,10 +2979,14 @@ def test_rank_0_alone_writes_the_log_the_checkpoint_and_the_output(two_ranks):
     """One log line per step, one checkpoint of plain weight names (what sample.py loads), and
     one copy of what the run prints."""
     _, out, stdout = two_ranks
-    assert sorted(p.name for p in out.iterdir()) == ["clap.pt", "diffusion.log", "diffusion.pt",
-                                                     "vae.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["clap.pt", "demos", "diffusion.csv",
+                                                     "diffusion.log", "diffusion.pt", "vae.pt"]
     assert [line.split()[1] for line in (out / "diffusion.log").read_text().splitlines()] == [
         "1", "2", "3", "4"]
+    rows = metrics_rows(out, "diffusion")
+    assert [(row["step"], bool(row["val_loss"])) for row in rows] == [
+        ("1", False), ("2", True), ("3", False), ("4", True)]
+    assert len(os.listdir(out / "demos")) == 8 and stdout.count("wrote 2 demos") == 2
     assert stdout.count("diffusion: done") == 1
     assert "effective batch 2 = batch 1 x 2 ranks x --grad-accum 1" in stdout
     _, ckpt = sa.load_checkpoint(out / "diffusion.pt")       # strict: no "module." prefixes
@@ -2988,6 +3153,201 @@ def test_exercises_cli_reports_bad_arguments_in_one_line_and_fails_the_check(cap
     assert err.rsplit("\r", 1)[-1].startswith("check failed: Snake has no effect")
 
 
+# ============================================================================== assignments.py
+import csv             # noqa: E402 (this section's own)
+import inspect         # noqa: E402
+import io              # noqa: E402
+import assignments     # noqa: E402
+
+# Typical mistakes, one per line: (assignment, the key's text, the mistake's text, words its
+# failure message must contain). Each is the key with one change.
+BUGS = [
+    ("A1", "(beta + 1e-9).reciprocal() * torch", "torch", "the 1/alpha is missing"),
+    ("A1", "(beta + 1e-9).reciprocal()", "beta.reciprocal()", "divide by alpha + 1e-9"),
+    ("A1", "std.pow(2) - 2 * torch.log(std)", "std - torch.log(std)", "used as the variance"),
+    ("A1", "return 0.5 * (mean", "return (mean", "the 1/2 is missing"),
+    ("A2", "(F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2",
+     "F.cross_entropy(logits, labels)", "caption -> clip only"),
+    ("A2", ".clamp(max=100)", "", "clamped at 100"),
+    ("A3", "self.start(index(seconds_start)), self.total(index(seconds_total))",
+     "self.start(index(seconds_total)), self.total(index(seconds_start))",
+     "start and total swapped"),
+    ("A3", "s.long().clamp(0, self.max_seconds)", "s.long()", "clamp seconds"),
+    ("A3", "torch.cat([text, timing.to(text.dtype)], 1)",
+     "torch.cat([timing.to(text.dtype), text], 1)", "after the text features"),
+    ("A3", "torch.cat([mask, ones], 1)", "torch.cat([mask, ~ones], 1)", "hides the timing tokens"),
+    ("A4", "else mask[:, None, None, :]", "else ~mask[:, None, None, :]", "wrong way round"),
+    ("A4", "attn_mask=mask)", "attn_mask=None)", "the mask is ignored"),
+    ("A4", "context = self.norm_context(x if context is None else context)",
+     "context = self.norm(x) if context is None else self.norm_context(context)",
+     "norm_context(x)"),
+    ("A4", "self.heads, -1", "1, -1", "one head"),
+    ("A5", "torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)",
+     "torch.sin(t * math.pi / 2), torch.cos(t * math.pi / 2)", "alpha and sigma swapped"),
+    ("A5", ".float(), v.float())", ".float(), eps.float())", "the target is eps"),
+    ("A5", "< cond_dropout)", "> cond_dropout)", "the wrong way round"),
+    ("A5", "t = torch.rand(B, generator=generator)", "t = torch.rand(B)", "generator passed in"),
+    ("A5", "mask = mask | drop[:, None]", "mask = mask", "null context has no padding"),
+    ("A6", "v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True)",
+     "v_c.std(dim=2, keepdim=True) / v.std(dim=2, keepdim=True)", "over frames (dim 2)"),
+    ("A6", "v = v_u + scale * (v_c - v_u)", "v = v_c + scale * (v_u - v_c)",
+     "guidance runs the wrong way"),
+    ("A6", "v = rescale * v_rescaled + (1 - rescale) * v",
+     "v = (1 - rescale) * v_rescaled + rescale * v", "phi weights the wrong term"),
+    ("A7", "z = alpha_t * x ", "z = x ", "the v-model was given x"),
+    ("A7", "torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps))",
+     "torch.linspace(sigma_max, sigma_min, steps)", "evenly spaced in sigma"),
+    ("A7", "2 / math.pi * math.atan(sigma)", "math.atan(sigma)", "scale it by 2 / pi"),
+    ("A8", "I2 / (1 + h) * d2", "I2 / 2 * d2", "as k-diffusion does"),
+    ("A8", "d1_0 = (denoised - D_1) / h_1", "d1_0 = (D_1 - denoised) / h_1", "sign is flipped"),
+    ("A8", "return ddim_step(x, (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * D_1, h)",
+     "return ddim_step(x, denoised, h)", "a first-order (DDIM/Euler) update"),
+]
+
+
+@pytest.fixture(scope="module")
+def key_text():
+    return assignments.student_file(False, "key.py")
+
+
+def student(tmp_path, text, name="student.py"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return assignments.load_student(path)
+
+
+def test_the_starter_keeps_each_pieces_signature_and_docstring_and_grades_not_done(tmp_path,
+                                                                                   capsys):
+    # Made from stable_audio.py each time, it cannot drift from it: checked piece by piece.
+    assert assignments.main(["starter", "--out", str(tmp_path / "student.py")]) == 0
+    module = assignments.load_student(tmp_path / "student.py")
+    assert len(assignments.ASSIGNMENTS) >= 8
+    for piece in assignments.PIECES:
+        theirs, ours = assignments.their_function(module, piece), assignments.reference(piece)
+        assert inspect.signature(theirs) == inspect.signature(ours), piece
+        assert theirs.__doc__ == ours.__doc__, piece
+        with pytest.raises(NotImplementedError, match=piece.replace(".", r"\.")):
+            theirs(*[None] * len(inspect.signature(ours).parameters))
+    capsys.readouterr()
+    assert assignments.main(["grade", str(tmp_path / "student.py")]) == 1
+    rows = capsys.readouterr().out.splitlines()[2:-1]
+    assert len(rows) == len(assignments.ASSIGNMENTS)
+    assert all("not done" in row and "0.0/" in row for row in rows), rows
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_key_passes_every_assignment(key_text, tmp_path, seed):
+    module = student(tmp_path, key_text)
+    for a in assignments.ASSIGNMENTS.values():
+        result = assignments.grade_one(module, a, seed)
+        assert (result.status, result.passed) == ("passed", len(a.checks)), result.message
+
+
+@pytest.mark.parametrize("key, old, new, words", BUGS, ids=[f"{b[0]}-{b[3]}" for b in BUGS])
+def test_each_typical_mistake_fails_its_assignment_with_a_message_naming_it(key_text, tmp_path,
+                                                                            key, old, new, words):
+    assert key_text.count(old) == 1, "the reference changed: update this mistake"
+    module = student(tmp_path, key_text.replace(old, new))
+    result = assignments.grade_one(module, assignments.ASSIGNMENTS[key], 0)
+    assert result.status == "failed" and words in result.message, result.message
+    # The other assignments are graded on the reference's pieces, so the mistake stays in its own.
+    other = next(a for k, a in assignments.ASSIGNMENTS.items() if k != key)
+    assert assignments.grade_one(module, other, 0).status == "passed"
+
+
+def test_an_answer_hard_coded_for_one_seed_fails_at_another(key_text, tmp_path):
+    # Record what get_sigmas is asked at seed 0 and answer that whatever the arguments.
+    asked = []
+    a7 = assignments.ASSIGNMENTS["A7"]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sa, "get_sigmas", lambda *args: asked.append(args) or
+                  assignments.ORIGINALS["get_sigmas"](*args))
+        a7.checks[0](torch.Generator().manual_seed(0))
+    answer = assignments.ORIGINALS["get_sigmas"](*asked[0]).tolist()
+    start = key_text.index("def get_sigmas(")
+    end = key_text.index("\n\n\n", start)
+    module = student(tmp_path, key_text[:start] + "def get_sigmas(steps, sigma_min=0.03, "
+                     f"sigma_max=80.0):\n    return torch.tensor({answer}).double()"
+                     + key_text[end:])
+    assert assignments.grade_one(module, a7, 0).passed == 2
+    assert assignments.grade_one(module, a7, 1).status == "failed"
+
+
+def test_a_piece_that_calls_the_reference_it_replaces_is_refused_in_one_line(key_text, tmp_path,
+                                                                             capsys):
+    start = key_text.index("def guided_v(")
+    end = key_text.index("\n\n\n", start)
+    body = "(*args, **kwargs):\n    return {}(*args, **kwargs)"
+    kept = "import stable_audio\nfrom stable_audio import guided_v as theirs\n" + key_text
+    start, end = start + len(kept) - len(key_text), end + len(kept) - len(key_text)
+    for call in ("theirs", "stable_audio.guided_v"):         # kept aside, or through the module
+        (tmp_path / "cheat.py").write_text(kept[:start] + "def guided_v" + body.format(call)
+                                           + kept[end:])
+        assert assignments.main(["grade", str(tmp_path / "cheat.py"), "--only", "A6"]) == 1
+        out = capsys.readouterr().out
+        assert out.count("\n") == 1 and "refused: guided_v calls stable_audio's own guided_v" \
+            in out, out
+    assert assignments.grade_one(student(tmp_path, key_text, "key.py"),
+                                 assignments.ASSIGNMENTS["A6"], 0).status == "passed"
+
+
+def test_grading_swaps_pieces_in_and_puts_the_reference_back(key_text, tmp_path):
+    module = student(tmp_path, key_text.replace("I2 / (1 + h) * d2", "I2 / 2 * d2"))
+    before = dict(vars(sa)), dict(vars(sa.Attention)), dict(sa.SAMPLERS)
+    with assignments.swapped_in(module, ["sample_dpmpp_3m", "Attention.forward"]):
+        assert sa.SAMPLERS["dpmpp-3m"] is sa.sample_dpmpp_3m is not before[2]["dpmpp-3m"]
+        assert sa.Attention.forward is not before[1]["forward"]
+    assert (dict(vars(sa)), dict(vars(sa.Attention)), dict(sa.SAMPLERS)) == before
+
+
+def test_grade_reports_bad_files_in_one_line_and_a_class_as_csv(key_text, tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("def snake(:\n")
+    (tmp_path / "key.py").write_text(key_text)
+    assert assignments.main(["grade", str(tmp_path / "broken.py")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "does not import: SyntaxError" in out
+    for argv in (["grade", str(tmp_path / "missing.py")], ["grade", "x.py", "--only", "A9"],
+                 ["starter", "--out", str(tmp_path / "key.py")]):
+        assert assignments.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert (tmp_path / "key.py").read_text() == key_text            # not overwritten
+    files = [str(tmp_path / n) for n in ("key.py", "broken.py")]
+    assert assignments.main(["grade", *files, "--only", "a1,A7", "--csv"]) == 1
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(os.path.basename(r["file"]), r["assignment"], r["status"]) for r in rows] == [
+        ("key.py", "A1", "passed"), ("key.py", "A7", "passed"),
+        ("broken.py", "A1", "import error"), ("broken.py", "A7", "import error")]
+
+
+def test_the_assignments_guide_points_at_the_lines_that_open_what_it_names():
+    text = open(os.path.join(REPO, "docs", "assignments.md"), encoding="utf-8").read()
+    lines, nodes = assignments.definitions()
+    found = re.findall(r"`([\w.]+)`\s+\(stable_audio\.py:(\d+)\)", text)
+    assert {name for name, _ in found} >= set(assignments.PIECES)
+    for name, line in found:
+        assert nodes[name].lineno == int(line), f"{name} opens at line {nodes[name].lineno}"
+
+
+def test_an_exercise_runs_on_the_students_pieces(key_text, tmp_path, capsys):
+    # Exercise 4 on the key computes what it computes on the reference; on a Snake that is the
+    # identity it fits no better than a linear network.
+    figures = {}
+    for name, text in (("reference", None), ("key", key_text),
+                       ("identity", key_text.replace(
+                           "return x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)",
+                           "return x"))):
+        argv = ["4", "--scale", "0.02"]
+        if text:
+            (tmp_path / f"{name}.py").write_text(text)
+            argv += ["--student", str(tmp_path / f"{name}.py")]
+        assert exercises.main(argv) == 0
+        out = capsys.readouterr().out
+        figures[name] = re.search(r"snake: fit error +(\S+)", out)[1]
+    assert "with your snake" in out and sa.snake is assignments.ORIGINALS["snake"]
+    assert figures["key"] == figures["reference"] != figures["identity"]
+
+
 # ---------------------------------------------------------------------------- resuming, export
 def test_resume_without_the_run_flags_continues_on_the_cached_latents(parts, tmp_path, capsys):
     """--resume alone takes --latent-cache, --latent-scale and the window back from the
@@ -3069,6 +3429,7 @@ DOC_SKIPPED = {"pip install": "the CI's own setup, from the network",
 # --seconds, --start, --inpaint, and a Python block's seconds_total: a tenth; its steps: 2
 # exercises.py: --scale 0.01 and --seeds 1, without --check (its ranges hold at scale 1 only)
 # docs/mutants.py: --list, which checks that every mutant applies (running them takes hours)
+# assignments.py grade: exit 1 is a grade too (a starter fails every assignment), not a failure
 # checkpoints/demo.pt: the bundled weights at a 3 s window (the U-Net always runs the window)
 # The stand-ins for the reader's files (documented_repo):
 # my_clip.wav (2 s of rain), drums.wav (1.2 s of drums), song.wav (1 s of piano): sound world
@@ -3228,7 +3589,9 @@ def run_commands(doc, commands, root, monkeypatch):
                 continue
             argv = set_flag(argv, "--only", ",".join(left))
         code = run_documented(argv, root, monkeypatch)
-        assert code == 0, f"{doc}: {command!r}, run as {argv}, exited with {code}"
+        graded = argv[:2] == ["assignments.py", "grade"]        # 1: a student's file fails
+        assert code == 0 or graded and code == 1, \
+            f"{doc}: {command!r}, run as {argv}, exited with {code}"
         for path in written_files(argv):
             assert (root / path).exists(), f"{doc}: {command!r} did not write {path}"
         ran.append(argv)
@@ -3244,7 +3607,7 @@ def test_every_documented_command_runs_in_its_short_form(doc, sat, tmp_path, mon
     monkeypatch.chdir(root)
     monkeypatch.syspath_prepend(str(root))
     for name in ("stable_audio", "released", "sound_world", "train", "sample", "bench",
-                 "exercises"):
+                 "exercises", "assignments"):
         monkeypatch.delitem(sys.modules, name, raising=False)     # the copy's, when imported
     # One torch thread, here and in what the commands start: beside other processes on 2 cores,
     # two threads slowed training steps several times over (docs/exercises.md says so too).
@@ -3303,10 +3666,12 @@ def our_imports(name):
 
 def test_each_file_imports_only_the_rooms_below_it():
     """The model file imports none of ours; the two rooms beside it import the model alone; the
-    tools import the model and the rooms, never each other (the file map in the README)."""
+    tools import the model and the rooms, never each other, but for one edge: exercises.py
+    --student runs on a student's pieces, put in place by assignments.py (the README's file map)."""
     rooms = {"stable_audio": set(), "released": {"stable_audio"}, "sound_world": {"stable_audio"}}
-    tools = ("sample", "train", "bench", "exercises")
+    tools = {"sample": set(), "train": set(), "bench": set(), "assignments": set(),
+             "exercises": {"assignments"}}
     for name, allowed in rooms.items():
         assert our_imports(f"{name}.py") <= allowed, name
-    for tool in tools:
-        assert our_imports(f"{tool}.py") <= set(rooms), tool
+    for tool, also in tools.items():
+        assert our_imports(f"{tool}.py") <= set(rooms) | also, tool
