@@ -1248,7 +1248,7 @@ def export_released(args):
 # order; a run that fails says why in one `error:` line and exits with status 2.
 # -------------------------------------------------------------------------------------------------
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Train Stable Audio's three stages (paper §4).")
+    p = sa.Parser(description="Train Stable Audio's three stages (paper §4).")
     p.add_argument("stage", choices=[*STAGES, "all", "export"], help="what to train; `all` runs "
                    "the three in order (vae, clap, diffusion), each for --steps; `export` writes "
                    "OUT/diffusion.pt's EMA weights alone to --to")
