@@ -378,7 +378,7 @@ def masked_keys_change_nothing(g):
 def schedule(g):
     t = torch.rand(50, generator=g).double()
     alpha, sigma = sa.alpha_sigma(t)
-    c, s = torch.cos(math.pi * t / 2), torch.sin(math.pi * t / 2)
+    c, s = cosine(t)
     compare(torch.stack([alpha, sigma]), torch.stack([c, s]), "alpha_sigma(t)", [
         ("alpha and sigma swapped: at t = 0 there is no noise, (alpha, sigma) = (1, 0)",
          torch.stack([s, c])),
