@@ -26,6 +26,9 @@ Every table names the machine (CPU model and torch threads, or GPU), the torch v
 speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
 and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
 """
+import contextlib
+import dataclasses
+import gc
 import json
 import math
 import os
@@ -49,7 +52,8 @@ import stable_audio as sa
 
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
-SECTIONS = ("speed", "throughput", "vae", "timing", "samplers", "adherence", "grading")
+SECTIONS = ("speed", "throughput", "cpu-bf16", "vae", "timing", "samplers", "adherence",
+            "grading")
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
 
 # speed
@@ -828,17 +832,365 @@ def bench_grading(setup):
 
 
 # -------------------------------------------------------------------------------------------------
+# cpu-bf16: the U-Net forward in float32 and under bf16 autocast on this CPU. bf16 halves the bytes
+# moved and, on CPUs that multiply bf16 in hardware (AMX, AVX-512 BF16), the arithmetic time; on
+# others it is emulated and many times slower, so sa.pick_dtype keeps float32 there.
+# -------------------------------------------------------------------------------------------------
+CPU_BF16_FRAMES = 256                       # latent frames (5.9 s), batch 2: the CFG pair
+
+
+def relative_error(a, b):
+    """||a - b|| / ||b|| over all elements, in float64 on the CPU: b is the reference."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+@torch.inference_mode()
+def cpu_bf16_rows(sizes, repeats):
+    cpu, rows = torch.device("cpu"), []
+    for size in tqdm(sizes, desc="cpu-bf16", leave=False):
+        config, unet, _ = build_parts(size, cpu)
+        x, t, context, mask = random_inputs(config, 2, CPU_BF16_FRAMES, cpu)
+        forward = lambda: unet.eval()(x, t, context, mask)
+        v, fp32_s = forward(), median_seconds(forward, cpu, repeats)
+        with torch.autocast("cpu", torch.bfloat16):
+            v_bf16, bf16_s = forward(), median_seconds(forward, cpu, repeats)
+        rows.append({"size": size, "latent frames": CPU_BF16_FRAMES, "float32 s": fp32_s,
+                     "bf16 s": bf16_s, "bf16 speed-up": fp32_s / bf16_s,
+                     "relative difference": relative_error(v_bf16, v)})
+    return rows
+
+
+def bench_cpu_bf16(setup):
+    cpu = torch.device("cpu")
+    sizes = ["tiny"] if setup["quick"] else SIZE_ORDER[:SIZE_ORDER.index(setup["size"]) + 1]
+    units = sa.cpu_has_bf16()
+    choice = ("bfloat16 when asked (--dtype bfloat16)" if units else
+              "float32 even when asked for bfloat16")
+    yield table("cpu-bf16: U-Net forward, float32 and bf16 autocast", machine(cpu, torch.float32),
+                cpu_bf16_rows(sizes, setup["repeats"]),
+                f"CPU {cpu_model()}: bf16 matrix units (AMX, AVX-512 BF16) "
+                f"{'present' if units else 'absent'}, so sample.py and generate run in {choice}; "
+                "float32 stays the default on every CPU, so a seed gives the same audio anywhere",
+                f"random weights, batch 2, median of {setup['repeats']} after a warm-up; relative "
+                "difference: ||v_bf16 - v_fp32|| / ||v_fp32||")
+
+
+# -------------------------------------------------------------------------------------------------
+# --gpu-check: a self-test of a user's GPU in a few minutes, one row per check. Each check is a
+# function yielding rows; one that raises becomes a FAIL row saying why, and the rest still run.
+# The CPU tests run the same checks with a plan of tiny sizes, so the logic cannot rot.
+# -------------------------------------------------------------------------------------------------
+PARITY_TOLERANCE = 1e-4      # float32 on the GPU against the CPU, relative: rounding-order only
+BF16_TOLERANCE = 0.05        # bf16 autocast against float32: 0.5-0.7 % at small, 2.4 % tiny VAE
+PAPER_A100_S = 8.0           # the paper: 95 s of audio in 8 s on one A100
+TRAIN_BATCH = {"vae": 8, "clap": 64, "diffusion": 8}     # train.py's defaults at full size
+VAE_CROP, CLAP_SECONDS = 65536, 10                       # train.py's clips for vae and clap
+SDPA_KERNELS = {"aten::_scaled_dot_product_flash_attention": "flash",
+                "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+                "aten::_scaled_dot_product_cudnn_attention": "cuDNN",
+                "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+                "aten::_scaled_dot_product_attention_math": "math"}
+
+
+@dataclasses.dataclass
+class GPUPlan:
+    """What --gpu-check runs. A size: a name in sa.SIZES or a ModelConfig (the tests' tiny ones)."""
+    reduced: object = "small"          # correctness and attention kernels
+    frames: int = 128                  # latent frames of the correctness inputs
+    full: object = "full"              # the headline and the training steps
+    steps: int = PAPER_STEPS           # the headline's sampler steps
+    dtype: torch.dtype = torch.bfloat16
+    batch: dict = dataclasses.field(default_factory=lambda: dict(TRAIN_BATCH))
+    vae_crop: int = VAE_CROP
+    clap_seconds: float = CLAP_SECONDS
+    train_steps: int = 3               # timed, after one warm-up step
+    ddp_size: str = "tiny"             # the torchrun run: train.py all, then a resumed step
+    ddp_steps: int = 2
+    ddp_flags: tuple = ()
+
+
+def check_row(check, ok, figure, criterion):
+    return {"check": check, "result": "pass" if ok else "FAIL", "figure": figure,
+            "criterion": criterion}
+
+
+def size_name(size):
+    return size if isinstance(size, str) else size.size
+
+
+def build_on(size, device):
+    """A random-weight model of `size` built on the device (seeded: the same weights anywhere)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        return sa.build_model(size).eval()
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 matmuls and convolutions on the GPU: cuDNN convolutions default to TF32, whose
+    10-bit mantissa alone would miss PARITY_TOLERANCE."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def part_outputs(model, inputs):
+    """Each part's outputs on fixed inputs, in float32: U-Net v, VAE posterior mean and decoded
+    audio, CLAP text features and audio embedding."""
+    z, t, context, mask, audio, tokens, token_mask = inputs
+    return {"U-Net": [model.unet(z, t, context, mask)],
+            "VAE": [model.vae.encode(audio)[0], model.vae.decode(z[:1])],
+            "CLAP": [model.clap.text_features(tokens, token_mask), model.clap.embed_audio(audio)]}
+
+
+@torch.inference_mode()
+def check_correctness(device, plan):
+    """The reduced size's parts on the device against the same weights on the CPU: float32 within
+    PARITY_TOLERANCE, bf16 autocast within BF16_TOLERANCE and finite."""
+    model = build_on(plan.reduced, "cpu")
+    prompts = ["ambient rain", "a slow piano melody in a large hall"]       # unequal padding
+    context, mask = model.condition(prompts, [0, 10], [30, 95])
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, model.config.vae.latent_dim, plan.frames, generator=g)
+    audio = 0.1 * torch.randn(2, 2, plan.frames * model.vae.hop, generator=g)
+    inputs = (z, torch.tensor([0.3, 0.8]), context, mask, audio, *model.clap.tokenize(prompts))
+    reference = part_outputs(model, inputs)
+    model.to(device)
+    inputs = tuple(x.to(device) for x in inputs)
+    with no_tf32():
+        fp32 = part_outputs(model, inputs)
+    with torch.autocast(device.type, plan.dtype):
+        low = part_outputs(model, inputs)
+    name, low_name = size_name(plan.reduced), str(plan.dtype).removeprefix("torch.")
+    for part, ref in reference.items():
+        error = max(relative_error(a, b) for a, b in zip(fp32[part], ref))
+        yield check_row(f"{part} float32 on {device.type} = CPU ({name})",
+                        error <= PARITY_TOLERANCE, f"{error:.1e}",
+                        f"relative error <= {PARITY_TOLERANCE:g}")
+        error = max(relative_error(a, b) for a, b in zip(low[part], ref))
+        finite = all(torch.isfinite(a).all() for a in low[part])
+        yield check_row(f"{part} {low_name} autocast on {device.type} ({name})",
+                        finite and error <= BF16_TOLERANCE, f"{error:.1e}" if finite else "NaN/inf",
+                        f"finite, relative error <= {BF16_TOLERANCE:g}")
+
+
+def sdpa_kernel_used(module, args, device, dtype):
+    """The kernel F.scaled_dot_product_attention ran for module(*args): the profiler names the
+    aten op the dispatcher picked (flash, cuDNN, memory-efficient or math)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            module(*args)
+    ran = [SDPA_KERNELS[e.name] for e in prof.events() if e.name in SDPA_KERNELS]
+    return ran[0] if ran else "none seen"
+
+
+@torch.inference_mode()
+def check_attention_kernels(device, plan):
+    """Which SDPA kernel the U-Net's self- and cross-attention run at the plan's dtype: each
+    module's first call is captured, then replayed alone under the profiler. A fused kernel
+    (anything but math) passes: math materialises the L x L attention matrix."""
+    model = build_on(plan.reduced, device)
+    block = next(m for m in model.unet.modules() if isinstance(m, sa.TransformerBlock))
+    calls = {}
+    hooks = [getattr(block, name).register_forward_pre_hook(
+        lambda module, args, name=name: calls.setdefault(name, args)) for name in
+        ("self_attn", "cross_attn")]
+    context, mask = model.condition(["ambient rain"], [0], [30])
+    z = torch.randn(1, model.config.vae.latent_dim, model.latent_frames, device=device)
+    with torch.autocast(device.type, plan.dtype):
+        model.unet(z, torch.tensor([0.5], device=device), context, mask)
+    for hook in hooks:
+        hook.remove()
+    for name, label in (("self_attn", "self-attention"), ("cross_attn", "cross-attention")):
+        kernel = sdpa_kernel_used(getattr(block, name), calls[name], device, plan.dtype)
+        yield check_row(f"U-Net {label} kernel ({str(plan.dtype).removeprefix('torch.')}, "
+                        f"{size_name(plan.reduced)})", kernel not in ("math", "none seen"),
+                        kernel, "a fused SDPA kernel, not math")
+
+
+@torch.inference_mode()
+def check_headline(device, plan):
+    """§6's headline: the whole window, CFG 6, the plan's steps and dtype (the U-Net's weights cast,
+    as sample.py --dtype does), timed after a whole warm-up run."""
+    model = build_on(plan.full, device)
+    model.unet.to(plan.dtype)
+    seconds = model.config.window / model.config.sample_rate
+    run = lambda: sa.generate(model, [SPEED_PROMPT], seconds_total=seconds, steps=plan.steps,
+                              cfg_scale=sa.CFG_SCALE, dtype=plan.dtype)
+    run()
+    sync(device)
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    audio = run()
+    sync(device)
+    wall = time.perf_counter() - t0
+    yield check_row(f"generate {seconds:.1f} s, {plan.steps} steps, CFG {sa.CFG_SCALE:g} "
+                    f"({size_name(plan.full)}, {str(plan.dtype).removeprefix('torch.')})",
+                    bool(torch.isfinite(audio).all()),
+                    f"{wall:.2f} s ({PAPER_A100_S / wall:.2f}x the paper's speed), "
+                    f"{peak_memory_gib(device):.1f} GiB peak",
+                    f"finite audio; the paper: {PAPER_A100_S:g} s on one A100")
+
+
+def stage_loss(model, stage, batch, plan, generator):
+    """One training batch's loss for a stage, on random data shaped like train.py's: the VAE's
+    reconstruction and KL terms (train.py adds a discriminator), CLAP's contrastive loss, the
+    U-Net's v-loss on latents spanning the window."""
+    config, device = model.config, next(model.parameters()).device
+    noise = lambda *shape: torch.randn(*shape, generator=generator).to(device)
+    with torch.autocast(device.type, plan.dtype, enabled=plan.dtype != torch.float32):
+        if stage == "vae":
+            x = 0.1 * noise(batch, 2, plan.vae_crop)
+            mean, std = model.vae.encode(x)
+            x_hat = model.vae.decode(mean + std * noise(*mean.shape))[..., :plan.vae_crop]
+            return (sa.stereo_loss(x_hat.float(), x, config.sample_rate)
+                    + 1e-4 * sa.kl_divergence(mean.float(), std.float()))
+        if stage == "clap":
+            tokens, mask = model.clap.tokenize([f"sound number {i}" for i in range(batch)])
+            audio = 0.1 * noise(batch, 2, round(plan.clap_seconds * config.sample_rate))
+            return model.clap.loss(model.clap.embed_text(tokens, mask),
+                                   model.clap.embed_audio(audio)).float()
+        z = noise(batch, config.vae.latent_dim, model.latent_frames)
+        context = noise(batch, config.context_len, config.clap.text_width)
+        mask = torch.ones(batch, config.context_len, dtype=torch.bool, device=device)
+        return sa.diffusion_loss(model.unet, z, context, mask, generator)
+
+
+def check_training(device, plan):
+    """A few Adam steps of each stage at the plan's full size and dtype: seconds per step and
+    peak memory; the diffusion stage with and without gradient checkpointing."""
+    model = build_on(plan.full, device).train()
+    for stage, checkpointing in (("vae", False), ("clap", False), ("diffusion", False),
+                                 ("diffusion", True)):
+        part = {"vae": model.vae, "clap": model.clap, "diffusion": model.unet}[stage]
+        model.unet.set_checkpointing(checkpointing)
+        opt = torch.optim.Adam(part.parameters(), lr=1e-5)
+        generator, losses = torch.Generator().manual_seed(0), []
+
+        def step():
+            loss = stage_loss(model, stage, plan.batch[stage], plan, generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        name = (f"train {stage}{' --grad-checkpointing' if checkpointing else ''} "
+                f"({size_name(plan.full)}, batch {plan.batch[stage]}, "
+                f"{str(plan.dtype).removeprefix('torch.')})")
+        reset_peak_memory(device)
+        try:
+            seconds = median_seconds(step, device, plan.train_steps)
+        except torch.OutOfMemoryError:
+            seconds = None           # the row comes after the handler, which holds activations
+        opt.zero_grad(set_to_none=True)
+        del opt                      # and its state: the next stage needs the memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if seconds is None:
+            yield check_row(name, False, "out of memory", "runs: lower the batch, or add "
+                            "--grad-checkpointing (diffusion)")
+        else:
+            yield check_row(name, all(math.isfinite(x) for x in losses),
+                            f"{seconds:.2f} s/step, {peak_memory_gib(device):.1f} GiB peak",
+                            "runs, finite losses")
+
+
+def last_line(done):
+    return (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1][:200]
+
+
+def check_data_parallel(device, plan):
+    """train.py under torchrun, one rank per visible GPU (NCCL; gloo on a CPU): every stage for a
+    few steps, then the diffusion stage resumed for one more from its checkpoint, which must then
+    load and generate."""
+    ranks = torch.cuda.device_count() if device.type == "cuda" else 1
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    with tempfile.TemporaryDirectory() as out:
+        common = ["--size", plan.ddp_size, "--data", "toy", "--out", out, "--device", device.type,
+                  "--eval-every", "0", "--demo-every", "0", *plan.ddp_flags]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={ranks}", str(HERE / "train.py")]
+        t0 = time.perf_counter()
+        for stage, steps in (("all", plan.ddp_steps), ("diffusion", plan.ddp_steps + 1)):
+            resume = ["--resume"] if stage == "diffusion" else []
+            done = subprocess.run([*torchrun, stage, *resume, "--steps", str(steps), *common],
+                                  capture_output=True, text=True, cwd=HERE, timeout=900)
+            if done.returncode != 0:
+                raise RuntimeError(f"torchrun train.py {stage} exited {done.returncode}: "
+                                   f"{last_line(done)}")
+        wall = time.perf_counter() - t0
+        model, state = sa.load_checkpoint(Path(out) / "diffusion.pt", device=device)
+        audio = sa.generate(model, [SPEED_PROMPT], seconds_total=1, steps=2)
+    ok = state["step"] == plan.ddp_steps + 1 and bool(torch.isfinite(audio).all())
+    yield check_row(f"torchrun: {ranks} rank{'s' * (ranks > 1)} ({backend}), train.py all and "
+                    f"a resumed diffusion step ({plan.ddp_size})", ok,
+                    f"{wall:.0f} s, checkpoint at step {state['step']}",
+                    "runs; the checkpoint reloads at its step and generates")
+
+
+GPU_CHECKS = (check_correctness, check_attention_kernels, check_headline, check_training,
+              check_data_parallel)
+
+
+def run_checks(device, plan, checks=GPU_CHECKS):
+    """Every check's rows; a check that raises adds a FAIL row with the error; the rest run."""
+    rows = []
+    for check in tqdm(checks, desc="gpu-check", leave=False):
+        try:
+            for row in check(device, plan):
+                rows.append(row)
+        except Exception as e:        # noqa: BLE001 (any failure is a row, not the end)
+            message = (str(e).strip().splitlines() or [""])[0][:200]
+            rows.append(check_row(check.__name__.removeprefix("check_").replace("_", " "), False,
+                                  type(e).__name__, message))
+        gc.collect()                  # the failed check's tensors, before the next needs memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def no_gpu_message():
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    return (f"--gpu-check needs a CUDA GPU and torch {torch.__version__} ({build}) sees none; "
+            "run it where nvidia-smi lists a GPU, with a CUDA build of torch")
+
+
+def gpu_check(args):
+    """python bench.py --gpu-check: the table, the JSON, exit 0 if every check passed, else 1."""
+    if not torch.cuda.is_available():
+        raise sa.UsageError(no_gpu_message())
+    device = torch.device("cuda")
+    rows = run_checks(device, GPUPlan())
+    passed = sum(r["result"] == "pass" for r in rows)
+    t = table("gpu-check", machine(device, torch.bfloat16), rows,
+              f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+              f"{torch.cuda.device_count()} GPU(s) visible; {passed} of {len(rows)} checks passed")
+    print(markdown(t), flush=True)
+    Path(args.out).write_text(json.dumps({"created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                          "gpu-check": t}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if all(r["result"] == "pass" for r in rows) else 1
+
+
+# -------------------------------------------------------------------------------------------------
 # Command line.
 # -------------------------------------------------------------------------------------------------
 BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "vae": bench_vae,
            "timing": bench_timing, "samplers": bench_samplers, "adherence": bench_adherence,
-           "grading": bench_grading}
+           "grading": bench_grading, "cpu-bf16": bench_cpu_bf16}
 
 
 def parse_args(argv):
     p = sa.Parser(description="Benchmark the Stable Audio reference; prints markdown tables "
                               "and writes the figures to a JSON file.")
     add = p.add_argument
+    add("--gpu-check", action="store_true", help="instead of the sections: a self-test of this "
+        "machine's CUDA GPU in about five minutes (correctness against the CPU, attention "
+        "kernels, the paper's 95 s headline, training steps, torchrun), one table; exit 1 if "
+        "a check fails, 2 without a GPU")
     add("--quick", action="store_true", help="a CPU run of a few minutes: 1 repeat, 1 seed, "
         "25 steps for timing and adherence, fewer durations and prompts, one size")
     add("--size", choices=list(sa.SIZES), help="model size for speed and throughput (default: "
@@ -846,7 +1198,8 @@ def parse_args(argv):
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
     add("--dtype", choices=["auto", *sa.DTYPES], default="auto", help="the U-Net's precision "
-        "(default auto: bfloat16 on cuda as in the paper, float32 elsewhere)")
+        "(default auto: bfloat16 on cuda as in the paper, float32 elsewhere; bfloat16 also runs "
+        "on CPUs with bf16 units, AMX or AVX-512 BF16)")
     add("--ckpt", help="checkpoint for timing, adherence and the cli run, and for speed when "
         "given (default checkpoints/demo.pt beside this script; those parts are skipped if "
         "it is missing)")
@@ -932,6 +1285,8 @@ def prepare(args, sections):
 def run(args):
     """Run the chosen sections, print each table when done, write the JSON after each section."""
     sections = check_args(args)
+    if args.gpu_check:
+        return gpu_check(args)
     setup = prepare(args, sections)
     report = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args), "sections": {}}
     for name in sections:

@@ -78,7 +78,8 @@ def parse_args(argv):
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
     add("--dtype", choices=sa.DTYPES, default="float32", help="the U-Net's precision (default "
-        "float32); bfloat16 and float16 need cuda and fall back to float32 elsewhere, with a note")
+        "float32); bfloat16 runs on cuda and on CPUs with bf16 units (AMX, AVX-512 BF16), "
+        "float16 on cuda; elsewhere they fall back to float32, with a note")
     add("--no-ema", action="store_true", help="use the raw weights, not the EMA ones (if saved)")
     add("--decode-chunk", type=int, default=None, help="latent frames the VAE decodes at a time, "
         f"which bounds memory; more than {sa.DECODE_OVERLAP} (default 128 on a CPU, 512 on a GPU)")

@@ -1175,14 +1175,25 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def cpu_has_bf16():
+    """Whether the CPU multiplies bf16 in hardware (AMX, AVX-512 BF16, Arm BF16), as Linux's
+    /proc/cpuinfo lists; elsewhere bf16 is emulated, many times slower than float32."""
+    if not os.path.isfile("/proc/cpuinfo"):
+        return False
+    with open("/proc/cpuinfo") as f:
+        return bool({"amx_bf16", "avx512_bf16", "bf16"} & set(f.read().split()))
+
+
 def pick_dtype(name, device):
-    """"auto": bfloat16 on CUDA (the paper's); elsewhere float32 only, safe and usually faster."""
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    if name != "float32" and device.type != "cuda":
-        print(f"note: --dtype {name} needs cuda; running in float32 on {device.type}")
-        return torch.float32
-    return DTYPES[name]
+    """"auto": bfloat16 on CUDA (the paper's), float32 elsewhere (the same numbers on any CPU).
+    bfloat16 runs on CPUs with bf16 units (cpu_has_bf16); other requests fall back to float32."""
+    name = ("bfloat16" if device.type == "cuda" else "float32") if name == "auto" else name
+    if name == "float32" or device.type == "cuda" or (
+            name == "bfloat16" and device.type == "cpu" and cpu_has_bf16()):
+        return DTYPES[name]
+    units = " or a CPU with bf16 units (AMX, AVX-512 BF16)" if name == "bfloat16" else ""
+    print(f"note: --dtype {name} needs cuda{units}; running in float32 on {device.type}")
+    return torch.float32
 
 
 class Stopwatch:

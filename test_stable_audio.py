@@ -2392,9 +2392,13 @@ def test_a_constant_offset_is_removed_before_writing(tmp_path, capsys):
     assert "near-silent" in capsys.readouterr().err
 
 
-def test_half_precision_off_cuda_falls_back_to_float32(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("units", [False, True])
+def test_bfloat16_on_a_cpu_runs_only_with_bf16_units(units, ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sa, "cpu_has_bf16", lambda: units)
     assert run_sample(ckpt, tmp_path / "a.wav", "--device", "cpu", "--dtype", "bfloat16") == 0
-    assert "float32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("on cpu in bfloat16") == units and out.count("running in float32") != units
+    assert sf.read(tmp_path / "a.wav")[0].any()
 
 
 def test_init_audio_sets_the_length_and_inpainting_runs(ckpt, tmp_path, capsys):
@@ -2772,6 +2776,131 @@ def test_bench_cuda_without_a_gpu_is_one_error_line(tmp_path, capsys):
     assert bench.main(["--device", "cuda", "--only", "samplers",
                        "--out", str(tmp_path / "b.json")]) == 2
     assert capsys.readouterr().err.startswith("error: --device cuda but no CUDA GPU")
+
+
+# ------------------------------------------------------------------- bench.py --gpu-check
+# The GPU self-test's checks run here on the CPU with tiny sizes: the same code, so it cannot rot.
+GPU_PLAN = bench.GPUPlan(reduced=SHORT, frames=32, full=SHORT, steps=2,
+                         batch={"vae": 1, "clap": 2, "diffusion": 1}, vae_crop=8192,
+                         clap_seconds=1, train_steps=1, ddp_steps=1,
+                         ddp_flags=("--window-seconds", "1", "--batch-size", "1", "--crop", "8192"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_gpu_check_without_a_gpu_is_one_line_and_exit_2(tmp_path, capsys):
+    assert bench.main(["--gpu-check", "--out", str(tmp_path / "g.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --gpu-check needs a CUDA GPU")
+    assert len(captured.err.strip().splitlines()) == 1 and not captured.out
+    assert not (tmp_path / "g.json").exists()
+
+
+def test_gpu_check_runs_every_check_on_the_cpu():
+    rows = bench.run_checks(torch.device("cpu"), GPU_PLAN)
+    assert [r["result"] for r in rows] == ["pass"] * len(rows), rows
+    names = " | ".join(r["check"] for r in rows)
+    for part in ("U-Net", "VAE", "CLAP"):
+        assert f"{part} float32" in names and f"{part} bfloat16 autocast" in names
+    for stage in ("vae", "clap", "diffusion", "diffusion --grad-checkpointing"):
+        assert f"train {stage} (" in names
+    assert "self-attention kernel" in names and "cross-attention kernel" in names
+    assert "generate 3.0 s, 2 steps, CFG 6" in names and "torchrun: 1 rank (gloo)" in names
+    # The same weights on the same device agree exactly; bf16 carries its 8-bit mantissa's error.
+    errors = {r["check"].split(" on ")[0]: float(r["figure"]) for r in rows
+              if "float32 on" in r["check"] or "autocast" in r["check"]}
+    assert all(errors[f"{part} float32"] == 0 for part in ("U-Net", "VAE", "CLAP"))
+    assert all(1e-4 < errors[f"{part} bfloat16 autocast"] < bench.BF16_TOLERANCE
+               for part in ("U-Net", "VAE", "CLAP"))
+    assert rows[-1]["figure"].endswith("checkpoint at step 2")   # 1 step, then 1 resumed
+
+
+def test_a_failing_check_is_one_row_and_the_rest_still_run():
+    def check_broken(device, plan):
+        yield bench.check_row("first part", True, "1", "-")
+        raise RuntimeError("CUDA error: an illegal memory access\nmore lines")
+    rows = bench.run_checks(torch.device("cpu"), GPU_PLAN,
+                            [check_broken, bench.check_attention_kernels])
+    assert [r["result"] for r in rows] == ["pass", "FAIL", "pass", "pass"]
+    assert rows[1]["check"] == "broken" and rows[1]["figure"] == "RuntimeError"
+    assert rows[1]["criterion"] == "CUDA error: an illegal memory access"
+
+
+def test_gpu_check_training_out_of_memory_is_a_row_and_the_next_stage_runs(monkeypatch):
+    real = bench.median_seconds
+    calls = []
+
+    def median_seconds(fn, device, repeats):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(fn, device, repeats)
+    monkeypatch.setattr(bench, "median_seconds", median_seconds)
+    rows = list(bench.check_training(torch.device("cpu"), GPU_PLAN))
+    assert [r["result"] for r in rows] == ["FAIL", "pass", "pass", "pass"]
+    assert rows[0]["figure"] == "out of memory" and "--grad-checkpointing" in rows[0]["criterion"]
+
+
+def test_the_attention_kernel_is_read_from_what_ran():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    attn = sa.Attention(32, 4).eval()
+    x = torch.randn(1, 16, 32)
+    with torch.inference_mode():
+        assert bench.sdpa_kernel_used(attn, (x,), torch.device("cpu"), torch.float32) == \
+            "flash (CPU)"
+        with sdpa_kernel(SDPBackend.MATH):
+            assert bench.sdpa_kernel_used(attn, (x,), torch.device("cpu"), torch.float32) == "math"
+
+
+def test_relative_error_and_tf32_flags():
+    b = torch.randn(1000)
+    assert bench.relative_error(b * 1.01, b) == pytest.approx(0.01, rel=1e-5)
+    off = 0.5 * b.norm() * F.normalize(torch.ones(1000), dim=0)     # a vector of norm ||b|| / 2
+    assert bench.relative_error(b + off, b) == pytest.approx(0.5, rel=1e-6)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with bench.no_tf32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_gpu_check_trains_at_train_pys_default_batches():
+    assert bench.TRAIN_BATCH == {stage: train.DEFAULTS[stage]["full"][0]
+                                 for stage in ("vae", "clap", "diffusion")}
+
+
+# ------------------------------------------------------------------- bf16 on CPUs that have it
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx2 avx512f amx_bf16 amx_tile", True),
+                                              ("fpu avx512f avx512_bf16", True),
+                                              ("fp asimd bf16 i8mm", True),
+                                              ("fpu sse avx2 avx512f avx512bw", False)])
+def test_cpu_bf16_units_are_read_from_the_cpu_flags(flags, expected, tmp_path, monkeypatch):
+    fake = tmp_path / "cpuinfo"
+    fake.write_text(f"processor : 0\nflags : {flags}\n")
+    real_open, real_isfile = open, os.path.isfile
+    redirect = lambda path: str(fake) if path == "/proc/cpuinfo" else path
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(redirect(path), *a, **k))
+    monkeypatch.setattr(os.path, "isfile", lambda path: real_isfile(redirect(path)))
+    assert sa.cpu_has_bf16() is expected
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_bfloat16_on_a_cpu_only_where_it_has_bf16_units(units, monkeypatch, capsys):
+    monkeypatch.setattr(sa, "cpu_has_bf16", lambda: units)
+    cpu = torch.device("cpu")
+    assert sa.pick_dtype("bfloat16", cpu) == (torch.bfloat16 if units else torch.float32)
+    assert ("AMX" in capsys.readouterr().out) is not units
+    assert sa.pick_dtype("auto", cpu) == torch.float32            # the default stays float32
+    assert sa.pick_dtype("float16", cpu) == torch.float32
+    assert sa.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_bench_cpu_bf16_reports_both_precisions(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--quick", "--only", "cpu-bf16", "--out", str(out)]) == 0
+    (t,) = json.loads(out.read_text())["sections"]["cpu-bf16"]
+    (row,) = t["rows"]
+    assert row["size"] == "tiny" and row["float32 s"] > 0 and row["bf16 s"] > 0
+    assert 1e-4 < row["relative difference"] < bench.BF16_TOLERANCE
+    assert bench.cpu_model() in t["notes"][0]
 
 
 # ------------------------------------------------------------------- data-parallel training
