@@ -3713,6 +3713,12 @@ def run_commands(doc, commands, root, monkeypatch):
         argv = short_form(words[1:], ranks)
         if argv in ran:                             # the prose repeats a command: it ran once
             continue
+        if "--gpu-check" in argv:                   # without a GPU: one line and exit 2
+            code = run_documented(argv, root, monkeypatch)
+            expected = {0, 1} if torch.cuda.is_available() else {2}    # 1: a check failed
+            assert code in expected, f"{doc}: {command!r} exited with {code}"
+            ran.append(argv)
+            continue
         if argv[0] == "bench.py":
             left = bench_sections_left(argv, benched)
             if not left:
