@@ -4,6 +4,7 @@ and prompt adherence. Prints a markdown table per measurement and writes the sam
     python bench.py --quick                          # a few minutes on a CPU (tiny size)
     python bench.py --size full --device cuda        # the paper's setting: 95 s, 100 steps, bf16
     python bench.py --only samplers,throughput --out samplers.json
+    python bench.py --gpu-check                      # a self-test of a CUDA GPU, one table
 
 Sections (run in this order; --only picks some):
   speed       wall time of `generate` for 10 s, 30 s and the whole window, split into text
@@ -12,6 +13,8 @@ Sections (run in this order; --only picks some):
               `python sample.py "ambient rain" --seconds 30 ...` as a subprocess, start-up included.
   throughput  U-Net forward (batch 2: the CFG pair) and VAE decode per latent length, peak memory;
               on CUDA also the largest training batch with and without gradient checkpointing.
+  cpu-bf16    the U-Net forward on the CPU in float32 and under bf16 autocast: time, difference,
+              and whether the CPU has bf16 units (AMX, AVX-512 BF16) so --dtype bfloat16 uses it.
   vae         reconstruction of unseen sound-world clips by a checkpoint's VAE (STFT loss, SNR,
               log-spectral distance) and its compression ratio.
   timing      §6.3 timing accuracy: request durations across the window, find where the untrimmed
@@ -22,9 +25,12 @@ Sections (run in this order; --only picks some):
   adherence   CLAP scores of generated audio against every prompt, a Fréchet distance to real
               sound-world clips, and acoustic descriptors beside those of real clips. The CLAP
               is this project's own small one, so its figures are not the paper's.
+  grading     assignments.py grading the instructor's key on every assignment, as a subprocess.
 Every table names the machine (CPU model and torch threads, or GPU), the torch version and dtype.
 speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
 and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
+--gpu-check runs none of them: correctness on the GPU against the CPU, the attention kernels, the
+paper's 95 s headline, training steps of each stage and a torchrun run, a row each (GPU_CHECKS).
 """
 import contextlib
 import dataclasses
