@@ -944,19 +944,25 @@ def no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def part_outputs(model, inputs):
-    """Each part's outputs on fixed inputs, in float32: U-Net v, VAE posterior mean and decoded
-    audio, CLAP text features and audio embedding."""
+PARTS = ("U-Net", "VAE", "CLAP")
+
+
+def part_outputs(model, inputs, part):
+    """A part's outputs on fixed inputs: U-Net v, VAE posterior mean and decoded audio, CLAP text
+    features and audio embedding."""
     z, t, context, mask, audio, tokens, token_mask = inputs
-    return {"U-Net": [model.unet(z, t, context, mask)],
-            "VAE": [model.vae.encode(audio)[0], model.vae.decode(z[:1])],
-            "CLAP": [model.clap.text_features(tokens, token_mask), model.clap.embed_audio(audio)]}
+    if part == "U-Net":
+        return [model.unet(z, t, context, mask)]
+    if part == "VAE":
+        return [model.vae.encode(audio)[0], model.vae.decode(z[:1])]
+    return [model.clap.text_features(tokens, token_mask), model.clap.embed_audio(audio)]
 
 
 @torch.inference_mode()
 def check_correctness(device, plan):
     """The reduced size's parts on the device against the same weights on the CPU: float32 within
-    PARITY_TOLERANCE, bf16 autocast within BF16_TOLERANCE and finite."""
+    PARITY_TOLERANCE, bf16 autocast within BF16_TOLERANCE and finite. A part that fails on the
+    device is one row; the next part still runs."""
     model = build_on(plan.reduced, "cpu")
     prompts = ["ambient rain", "a slow piano melody in a large hall"]       # unequal padding
     context, mask = model.condition(prompts, [0, 10], [30, 95])
@@ -964,21 +970,28 @@ def check_correctness(device, plan):
     z = torch.randn(2, model.config.vae.latent_dim, plan.frames, generator=g)
     audio = 0.1 * torch.randn(2, 2, plan.frames * model.vae.hop, generator=g)
     inputs = (z, torch.tensor([0.3, 0.8]), context, mask, audio, *model.clap.tokenize(prompts))
-    reference = part_outputs(model, inputs)
+    reference = {part: part_outputs(model, inputs, part) for part in PARTS}
     model.to(device)
     inputs = tuple(x.to(device) for x in inputs)
-    with no_tf32():
-        fp32 = part_outputs(model, inputs)
-    with torch.autocast(device.type, plan.dtype):
-        low = part_outputs(model, inputs)
     name, low_name = size_name(plan.reduced), str(plan.dtype).removeprefix("torch.")
-    for part, ref in reference.items():
-        error = max(relative_error(a, b) for a, b in zip(fp32[part], ref))
+    for part in PARTS:
+        failure = None               # a row after the handler, whose traceback holds tensors
+        try:
+            with no_tf32():
+                fp32 = part_outputs(model, inputs, part)
+            with torch.autocast(device.type, plan.dtype):
+                low = part_outputs(model, inputs, part)
+        except Exception as e:       # noqa: BLE001 (this part's row; the next part still runs)
+            failure = (type(e).__name__, first_line(e))
+        if failure is not None:
+            yield check_row(f"{part} on {device.type} ({name})", False, *failure)
+            continue
+        error = max(relative_error(a, b) for a, b in zip(fp32, reference[part]))
         yield check_row(f"{part} float32 on {device.type} = CPU ({name})",
                         error <= PARITY_TOLERANCE, f"{error:.1e}",
                         f"relative error <= {PARITY_TOLERANCE:g}")
-        error = max(relative_error(a, b) for a, b in zip(low[part], ref))
-        finite = all(torch.isfinite(a).all() for a in low[part])
+        error = max(relative_error(a, b) for a, b in zip(low, reference[part]))
+        finite = all(torch.isfinite(a).all() for a in low)
         yield check_row(f"{part} {low_name} autocast on {device.type} ({name})",
                         finite and error <= BF16_TOLERANCE, f"{error:.1e}" if finite else "NaN/inf",
                         f"finite, relative error <= {BF16_TOLERANCE:g}")
@@ -1087,21 +1100,28 @@ def check_training(device, plan):
                 f"({size_name(plan.full)}, batch {plan.batch[stage]}, "
                 f"{str(plan.dtype).removeprefix('torch.')})")
         reset_peak_memory(device)
+        failure = None               # a row after the handler, whose traceback holds tensors
         try:
             seconds = median_seconds(step, device, plan.train_steps)
         except torch.OutOfMemoryError:
-            seconds = None           # the row comes after the handler, which holds activations
+            failure = ("out of memory", "runs: lower the batch, or add --grad-checkpointing "
+                       "(diffusion)")
+        except Exception as e:       # noqa: BLE001 (this stage's row; the next stage still runs)
+            failure = (type(e).__name__, first_line(e))
         opt.zero_grad(set_to_none=True)
         del opt                      # and its state: the next stage needs the memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if seconds is None:
-            yield check_row(name, False, "out of memory", "runs: lower the batch, or add "
-                            "--grad-checkpointing (diffusion)")
+        if failure is not None:
+            yield check_row(name, False, *failure)
         else:
             yield check_row(name, all(math.isfinite(x) for x in losses),
                             f"{seconds:.2f} s/step, {peak_memory_gib(device):.1f} GiB peak",
                             "runs, finite losses")
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [""])[0][:200]
 
 
 def last_line(done):
@@ -1149,9 +1169,8 @@ def run_checks(device, plan, checks=GPU_CHECKS):
             for row in check(device, plan):
                 rows.append(row)
         except Exception as e:        # noqa: BLE001 (any failure is a row, not the end)
-            message = (str(e).strip().splitlines() or [""])[0][:200]
             rows.append(check_row(check.__name__.removeprefix("check_").replace("_", " "), False,
-                                  type(e).__name__, message))
+                                  type(e).__name__, first_line(e)))
         gc.collect()                  # the failed check's tensors, before the next needs memory
         if device.type == "cuda":
             torch.cuda.empty_cache()

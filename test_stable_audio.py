@@ -2825,7 +2825,23 @@ def test_a_failing_check_is_one_row_and_the_rest_still_run():
     assert rows[1]["criterion"] == "CUDA error: an illegal memory access"
 
 
-def test_gpu_check_training_out_of_memory_is_a_row_and_the_next_stage_runs(monkeypatch):
+def test_a_part_failing_on_the_device_is_a_row_and_the_next_part_runs(monkeypatch):
+    real = bench.part_outputs
+
+    def part_outputs(model, inputs, part):
+        if part == "VAE" and "VAE" in calls:           # the reference ran: now on the device
+            raise RuntimeError("CUDA error: no kernel image is available")
+        calls.append(part)
+        return real(model, inputs, part)
+    calls = []
+    monkeypatch.setattr(bench, "part_outputs", part_outputs)
+    rows = list(bench.check_correctness(torch.device("cpu"), GPU_PLAN))
+    assert [(r["check"].split()[0], r["result"]) for r in rows] == [
+        ("U-Net", "pass"), ("U-Net", "pass"), ("VAE", "FAIL"), ("CLAP", "pass"), ("CLAP", "pass")]
+    assert rows[2]["criterion"] == "CUDA error: no kernel image is available"
+
+
+def test_a_failing_training_stage_is_a_row_and_the_next_stage_runs(monkeypatch):
     real = bench.median_seconds
     calls = []
 
@@ -2833,11 +2849,16 @@ def test_gpu_check_training_out_of_memory_is_a_row_and_the_next_stage_runs(monke
         calls.append(1)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
+        if len(calls) == 3:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED\nmore")
         return real(fn, device, repeats)
     monkeypatch.setattr(bench, "median_seconds", median_seconds)
     rows = list(bench.check_training(torch.device("cpu"), GPU_PLAN))
-    assert [r["result"] for r in rows] == ["FAIL", "pass", "pass", "pass"]
+    assert [r["result"] for r in rows] == ["FAIL", "pass", "FAIL", "pass"]
     assert rows[0]["figure"] == "out of memory" and "--grad-checkpointing" in rows[0]["criterion"]
+    assert rows[2]["figure"] == "RuntimeError"
+    assert rows[2]["criterion"] == "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED"
+    assert rows[3]["check"].startswith("train diffusion --grad-checkpointing")
 
 
 def test_the_attention_kernel_is_read_from_what_ran():
