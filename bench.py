@@ -856,8 +856,9 @@ def cpu_bf16_rows(sizes, repeats):
     cpu, rows = torch.device("cpu"), []
     for size in tqdm(sizes, desc="cpu-bf16", leave=False):
         config, unet, _ = build_parts(size, cpu)
+        unet.eval()
         x, t, context, mask = random_inputs(config, 2, CPU_BF16_FRAMES, cpu)
-        forward = lambda: unet.eval()(x, t, context, mask)
+        forward = lambda: unet(x, t, context, mask)
         v, fp32_s = forward(), median_seconds(forward, cpu, repeats)
         with torch.autocast("cpu", torch.bfloat16):
             v_bf16, bf16_s = forward(), median_seconds(forward, cpu, repeats)
@@ -926,7 +927,7 @@ def size_name(size):
 
 
 def build_on(size, device):
-    """A random-weight model of `size` built on the device (seeded: the same weights anywhere)."""
+    """A random-weight model of `size` built on the device (seeded: a rerun builds the same)."""
     torch.manual_seed(0)
     with torch.device(device):
         return sa.build_model(size).eval()
@@ -1073,9 +1074,7 @@ def stage_loss(model, stage, batch, plan, generator):
             audio = 0.1 * noise(batch, 2, round(plan.clap_seconds * config.sample_rate))
             return model.clap.loss(model.clap.embed_text(tokens, mask),
                                    model.clap.embed_audio(audio)).float()
-        z = noise(batch, config.vae.latent_dim, model.latent_frames)
-        context = noise(batch, config.context_len, config.clap.text_width)
-        mask = torch.ones(batch, config.context_len, dtype=torch.bool, device=device)
+        z, _, context, mask = random_inputs(config, batch, model.latent_frames, device)
         return sa.diffusion_loss(model.unet, z, context, mask, generator)
 
 
