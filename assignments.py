@@ -47,23 +47,56 @@ def randn(g, *shape):
     return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
-def compare(got, want, what, suspects=(), rtol=1e-6, atol=1e-9):
+# A correct piece may compute in float32 (each rounding 6e-8 of the values it works on, a few dozen
+# of them in a piece) or add a small epsilon to a division (1e-9 .. 1e-6): both stay below RTOL of
+# the largest expected value at every seed, and every mistake the grader names is off by far more.
+RTOL = 1e-5
+
+
+def close(got, want, rtol, atol=None):
+    """|got - want| <= atol + rtol |want| everywhere; atol defaults to rtol times the largest
+    |want|, since float32 round-off scales with the values a piece works on, not with each output."""
+    atol = rtol * want.abs().max().item() if atol is None and want.numel() else atol or 0.0
+    return bool(((got - want).abs() <= atol + rtol * want.abs()).all())
+
+
+def compare(got, want, what, suspects=(), rtol=RTOL, atol=None):
     """Raise Wrong unless got equals want to rtol/atol; if got matches one of the suspects (hint,
     value) instead, the message is that suspect's hint."""
+    if isinstance(got, (int, float)) and want.numel() == 1:
+        got = torch.tensor(float(got), dtype=torch.float64).reshape(want.shape)
     if not isinstance(got, torch.Tensor):
         raise Wrong(f"{what}: expected a tensor, got {type(got).__name__}")
     if got.shape != want.shape:
         raise Wrong(f"{what} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
     got = got.detach().double()
-    if torch.allclose(got, want, rtol=rtol, atol=atol):
+    if close(got, want, rtol, atol):
         return
     for hint, value in suspects:
-        if value.shape == got.shape and torch.allclose(got, value.double(), rtol=1e-4, atol=1e-7):
+        value = torch.as_tensor(value, dtype=torch.float64)
+        if value.shape == got.shape and close(got, value, 100 * rtol, atol and 100 * atol):
             raise Wrong(f"{what}: {hint}")
     if not torch.isfinite(got).all():
         raise Wrong(f"{what} holds nan or inf")
     raise Wrong(f"{what} is off by up to {(got - want).abs().max().item():.3g} "
                 f"(the expected values reach {want.abs().max().item():.3g})")
+
+
+def is_zero(value):
+    """True for 0 given as a number or as a tensor of zeros (either is "0" in a docstring)."""
+    try:
+        return bool((torch.as_tensor(value).abs() == 0).all())
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def nontrivial(got, *inputs, what):
+    """A property check earns nothing from a piece that returns zeros or one of its inputs."""
+    got = got.detach().double()
+    if is_zero(got) or any(isinstance(i, torch.Tensor) and i.shape == got.shape
+                           and torch.equal(got, i.detach().double()) for i in inputs):
+        raise Wrong(f"{what} returns {'zeros' if is_zero(got) else 'its input unchanged'}: "
+                    f"write the formula first")
 
 
 def cosine(t):
@@ -113,12 +146,15 @@ def snake_beta(g):
 
 
 def snake_at_alpha_zero(g):
-    x = randn(g, 1, 2, 10)
-    got = sa.snake(x, torch.zeros(1, 2, 1, dtype=torch.float64))
-    expect(bool(torch.isfinite(got).all()), "snake at alpha = 0 gives nan: divide by alpha + 1e-9, "
-                                            "as DAC does (sin^2(alpha x) / alpha tends to 0, and "
-                                            "a learned alpha can reach 0)")
-    compare(got, x, "snake at alpha = 0", atol=1e-6)
+    x, a = randn(g, 2, 2, 10), 0.5 + torch.rand(1, generator=g).item()
+    alpha = torch.tensor([0.0, a], dtype=torch.float64).reshape(1, 2, 1)
+    got = sa.snake(x, alpha)
+    expect(isinstance(got, torch.Tensor) and bool(torch.isfinite(got).all()),
+           "snake at alpha = 0 gives nan: divide by alpha + 1e-9, as DAC does (sin^2(alpha x) / "
+           "alpha tends to 0, and a learned alpha can reach 0)")
+    want = torch.cat([x[:, :1], x[:, 1:] + torch.sin(a * x[:, 1:]) ** 2 / a], 1)
+    compare(got, want, "snake with alpha = 0 in one channel (where it is x) and not the other",
+            [("that is x alone: add the periodic term sin^2(alpha x) / alpha", x)])
 
 
 def kl_closed_form(g):
@@ -132,8 +168,15 @@ def kl_closed_form(g):
         ("std was used as the variance: the terms are std^2 and log std^2 = 2 log std",
          terms(std, torch.log(std)).sum(1).mean()),
         ("log std^2 is 2 log std, not log std", terms(std ** 2, torch.log(std)).sum(1).mean()),
+        ("-log std^2 has the wrong sign: the terms are mean^2 + std^2 - log std^2 - 1",
+         terms(std ** 2, -2 * torch.log(std)).sum(1).mean()),
+        ("the -1 is missing: the terms are mean^2 + std^2 - log std^2 - 1",
+         (want + 0.5).sum(1).mean()),
         ("averaged over channels: sum them (one latent frame's KL), then average over batch and "
          "frames", want.mean()),
+        ("summed over frames as well as channels: sum over channels only, then average over "
+         "batch and frames", want.sum((1, 2)).mean()),
+        ("summed over the batch: average over batch and frames", want.sum(1).mean(1).sum()),
         ("summed over everything: sum over channels, average over batch and frames", want.sum())])
 
 
@@ -148,9 +191,9 @@ def kl_zero_at_the_prior(g):
 # -------------------------------------------------------------------------------------------------
 # A2 §4.3 CLAP's symmetric contrastive loss with a learned, clamped temperature
 # -------------------------------------------------------------------------------------------------
-def clap_with_scale(value):
+def clap_with_scale(value, dtype=torch.float64):
     return types.SimpleNamespace(logit_scale=nn.Parameter(torch.tensor(math.log(value),
-                                                                       dtype=torch.float64)))
+                                                                       dtype=dtype)))
 
 
 def infonce(logits):
@@ -175,7 +218,28 @@ def clap_loss_formula(g):
         ("no temperature: multiply the cosines by exp(logit_scale)",
          (infonce(logits / s) + infonce(logits.T / s)) / 2),
         ("logit_scale is a log: multiply by its exp", (infonce(logits * math.log(s) / s)
-                                                       + infonce(logits.T * math.log(s) / s)) / 2)])
+                                                       + infonce(logits.T * math.log(s) / s)) / 2),
+        ("the temperature divides the cosines; they are multiplied by exp(logit_scale)",
+         (infonce(logits / s ** 2) + infonce(logits.T / s ** 2)) / 2),
+        ("the cross-entropies are summed over the batch: average them (cross_entropy's default)",
+         len(logits) * want),
+        ("summed over the batch and both directions: average over both",
+         2 * len(logits) * want)])
+
+
+def clap_stable_in_float32(g):
+    # At the clamp (logits up to +-100), caption 0 points away from its clip and at clip 1: its
+    # right answer has probability e^-200, below float32's smallest number.
+    audio, text = unit_rows(g, 6, 16).float(), unit_rows(g, 6, 16).float()
+    audio[1], text[0] = -audio[0], -audio[0]
+    got = sa.CLAP.loss(clap_with_scale(1000.0, torch.float32), text, audio)
+    logits = 100 * text.double() @ audio.double().T
+    expect(isinstance(got, torch.Tensor) and bool(torch.isfinite(got).all()),
+           "CLAP.loss is inf or nan in float32 at large logits: log(softmax(x)) underflows to "
+           "log 0 (and exp(x) overflows past 88); use F.cross_entropy or log_softmax, which "
+           "subtract the largest logit first")
+    compare(got, (infonce(logits) + infonce(logits.T)) / 2,
+            "CLAP.loss in float32 with logits at +-100")
 
 
 def clap_temperature_clamped(g):
@@ -237,7 +301,21 @@ def timing_clamped(g):
         raise Wrong("TimingEmbedding.forward: index out of range: clamp seconds to "
                     "0..self.max_seconds (the tables have 513 rows)") from None
     want = torch.stack([timing.start.weight[[0, 512]], timing.total.weight[[512, 0]]], 1)
-    compare(got, want, "TimingEmbedding.forward outside 0..512 s")
+    compare(got, want, "TimingEmbedding.forward outside 0..512 s", [
+        ("clamped one short: the tables have max_seconds + 1 rows, 0..512 s, so clamp to "
+         "0..self.max_seconds", torch.stack([timing.start.weight[[0, 511]],
+                                             timing.total.weight[[511, 0]]], 1))])
+
+
+def call_condition(model, start, total):
+    """condition(PROMPTS, start, total) as generate calls it: Python lists of whole seconds."""
+    try:
+        with torch.no_grad():
+            return sa.StableAudio.condition(model, PROMPTS, start, total)
+    except (AttributeError, TypeError) as e:
+        raise Wrong(f"condition({PROMPTS!r}, {start}, {total}) fails with {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}; generate passes Python lists, "
+                    "so turn them into tensors (torch.as_tensor)") from None
 
 
 def conditioner(g):
@@ -257,11 +335,11 @@ PROMPTS = ["rain", "ocean waves crashing on a rocky beach, wide"]
 
 def condition_context(g):
     model = conditioner(g)
-    start, total = torch.tensor([0.0, 12.0]), torch.tensor([30.0, 47.0])
+    context, mask = call_condition(model, [0, 12], [30, 47])
     with torch.no_grad():
-        context, mask = sa.StableAudio.condition(model, PROMPTS, start, total)
         tokens, text_mask = model.clap.tokenize(PROMPTS)
         text = model.clap.text_features(tokens, text_mask)
+        last = model.clap.text_hidden(tokens, text_mask, len(model.clap.text_layers))
         s, T = model.timing.start.weight[[0, 12]], model.timing.total.weight[[30, 47]]
     timing = torch.stack([s, T], 1)
     compare(context, torch.cat([text, timing], 1), "condition's context", [
@@ -269,7 +347,11 @@ def condition_context(g):
          torch.cat([timing, text], 1)),
         ("start and total swapped: timing(seconds_start, seconds_total)",
          torch.cat([text, torch.stack([model.timing.start.weight[[30, 47]],
-                                       model.timing.total.weight[[0, 12]]], 1)], 1))])
+                                       model.timing.total.weight[[0, 12]]], 1)], 1)),
+        ("the text features come from CLAP's last layer; §3.2 takes the next-to-last "
+         "(clap.text_features)", torch.cat([last, timing], 1)),
+        ("the text features come from CLAP's last layer, normed; §3.2 takes the next-to-last "
+         "(clap.text_features)", torch.cat([model.clap.text_norm(last), timing], 1))])
     ones = torch.ones(2, 2, dtype=torch.bool)
     expect(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool,
            "condition's mask must be a bool tensor (True: a real token)")
@@ -286,8 +368,8 @@ def condition_context(g):
 def condition_without_timing(g):
     model = conditioner(g)
     model.config.timing.enabled = False
+    context, mask = call_condition(model, [0, 0], [10, 20])
     with torch.no_grad():
-        context, mask = sa.StableAudio.condition(model, PROMPTS, [0, 0], [10, 20])
         tokens, text_mask = model.clap.tokenize(PROMPTS)
         text = model.clap.text_features(tokens, text_mask)
     compare(context, text, "condition with config.timing.enabled False (the text-only ablation)")
@@ -305,29 +387,48 @@ def attention_module(g, features=16, heads=4, context_features=None):
     return attention
 
 
-def attention_by_hand(m, x, context=None, mask=None, heads=None, scale=True, keys_norm=None,
-                      invert=False):
-    """softmax(q k^T / sqrt(d) over the kept keys) v, head by head, written out."""
+def attention_by_hand(m, x, context=None, mask=None, heads=None, scale=0.5, keys_norm=None,
+                      invert=False, softmax_dim=-1, transpose=(True, True), kv=(0, 1)):
+    """softmax(q k^T / sqrt(d) over the kept keys) v, head by head, written out; the keywords
+    make the near misses: d**-scale, the softmax's axis, the heads' (split, join) transposes, which
+    half of to_kv is k and which v."""
     B, S, C = x.shape
     heads = heads or m.heads
     keys_norm = keys_norm or m.norm_context
     q = m.norm(x) @ m.to_q.weight.T
-    k, v = (keys_norm(x if context is None else context) @ m.to_kv.weight.T).chunk(2, -1)
-    split = lambda t: t.reshape(B, t.shape[1], heads, C // heads).transpose(1, 2)
+    kv_halves = (keys_norm(x if context is None else context) @ m.to_kv.weight.T).chunk(2, -1)
+    k, v = kv_halves[kv[0]], kv_halves[kv[1]]
+    if transpose[0]:
+        split = lambda t: t.reshape(B, t.shape[1], heads, C // heads).transpose(1, 2)
+    else:
+        split = lambda t: t.reshape(B, heads, t.shape[1], C // heads)
     q, k, v = split(q), split(k), split(v)                            # (B, h, S, d)
-    logits = q @ k.transpose(-1, -2) / (math.sqrt(C // heads) if scale else 1)
+    logits = q @ k.transpose(-1, -2) / (C // heads) ** scale
     if mask is not None:
         keep = ~mask if invert else mask
         logits = logits.masked_fill(~keep[:, None, None, :], -math.inf)
-    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, S, C)
+    out = logits.softmax(softmax_dim).nan_to_num() @ v                # (B, h, S, d)
+    out = out.transpose(1, 2).reshape(B, S, C) if transpose[1] else out.reshape(B, S, C)
     return out @ m.to_out.weight.T + m.to_out.bias
 
 
 def attention_suspects(m, x, context=None, mask=None):
-    found = [("no 1/sqrt(d) on the logits (d = features / heads)",
-              attention_by_hand(m, x, context, mask, scale=False)),
+    by_hand = lambda **kw: attention_by_hand(m, x, context, mask, **kw)
+    found = [("no 1/sqrt(d) on the logits (d = features / heads)", by_hand(scale=0)),
+             ("the logits are divided by d; by sqrt(d) (d = features / heads)", by_hand(scale=1)),
              ("one head: split the features into `heads` heads of features/heads each",
-              attention_by_hand(m, x, context, mask, heads=1))]
+              by_hand(heads=1)),
+             ("the softmax runs over the queries; it runs over the keys (the last axis)",
+              by_hand(softmax_dim=-2)),
+             ("the heads are reshaped without the transpose: (B, S, C) -> (B, S, heads, C/heads), "
+              "then transpose to (B, heads, S, C/heads), and back the same way",
+              by_hand(transpose=(False, False))),
+             ("the heads are joined without the transpose: (B, heads, S, C/heads) -> transpose "
+              "to (B, S, heads, C/heads), then reshape to (B, S, C)",
+              by_hand(transpose=(True, False))),
+             ("k and v swapped: to_kv's output is k (the first half), then v", by_hand(kv=(1, 0))),
+             ("k used as the values too: to_kv's output is k (the first half), then v",
+              by_hand(kv=(0, 0)))]
     if context is None:
         found.append(("keys and values from norm(x): as released, they come from "
                       "norm_context(x), in self-attention too",
@@ -336,7 +437,7 @@ def attention_suspects(m, x, context=None, mask=None):
         found += [("the mask is ignored: padded keys must get no weight",
                    attention_by_hand(m, x, context)),
                   ("the mask is the wrong way round: True marks a real token (attend), False "
-                   "padding", attention_by_hand(m, x, context, mask, invert=True))]
+                   "padding", by_hand(invert=True))]
     return found
 
 
@@ -367,7 +468,9 @@ def masked_keys_change_nothing(g):
     junk = torch.cat([context, 100 * randn(g, 2, 3, 12)], 1)
     mask = torch.tensor([[True] * 4 + [False] * 3] * 2)
     with torch.no_grad():
-        compare(m(x, junk, mask), m(x, context, torch.ones(2, 4, dtype=torch.bool)),
+        got = m(x, junk, mask)
+        nontrivial(got, x, what="Attention.forward")
+        compare(got, m(x, context, torch.ones(2, 4, dtype=torch.bool)),
                 "Attention.forward: appending masked (padded) keys changed the output; they must "
                 "get exactly zero weight (mask them out of the softmax)")
 
@@ -391,7 +494,8 @@ def v_loss_setup(g, B=256, dropout=0.0, mask=None):
     unet = Recorder(lambda *a: out, null)
     mask = torch.ones(B, 3, dtype=torch.bool) if mask is None else mask
     generator = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=g)))
-    loss = sa.diffusion_loss(unet, z, context, mask, generator, dropout, None)
+    loss = sa.diffusion_loss(unet, z.clone(), context.clone(), mask.clone(), generator, dropout,
+                             None)
     expect(len(unet.calls) == 1, f"diffusion_loss called the U-Net {len(unet.calls)} times, "
                                  "expected once")
     return loss, z, out, context, mask, unet.null_context.detach(), unet.calls[0]
@@ -415,19 +519,38 @@ def v_target(g):
         ("the target is eps; §4.4's is v = alpha eps - sigma z", mse(eps)),
         ("the target is z (x0); §4.4's is v = alpha eps - sigma z", mse(z)),
         ("the target is -v: v = alpha eps - sigma z", mse(-v)),
-        ("v with alpha and sigma swapped: v = alpha eps - sigma z", mse(sigma * eps - alpha * z))])
+        ("v with alpha and sigma swapped: v = alpha eps - sigma z", mse(sigma * eps - alpha * z)),
+        ("the squared error is summed: take its mean over every element (F.mse_loss)",
+         mse(v) * out.numel()),
+        ("the absolute error; §4.4's loss is the mean squared error", (out - v).abs().mean())])
 
 
 def v_loss_uses_the_generator(g):
     seed = int(torch.randint(2 ** 31, (1,), generator=g))
-    losses = []
+    runs = []
     for global_seed in (1, 2):
         torch.manual_seed(global_seed)
-        g2 = torch.Generator().manual_seed(seed)
-        losses.append(v_loss_setup(g2)[0].item())
-    expect(losses[0] == losses[1], "diffusion_loss: draw t, eps and the dropout with the "
-                                   "generator passed in (sa.randn(shape, generator, like)); the "
-                                   "global RNG makes runs unrepeatable")
+        loss, *_, call = v_loss_setup(torch.Generator().manual_seed(seed), dropout=0.5)
+        runs.append((loss.item(), call["t"], call["x"], call["context"]))
+    expect(runs[0][0] == runs[1][0] and all(torch.equal(a, b) for a, b in
+                                            zip(runs[0][1:], runs[1][1:])),
+           "diffusion_loss: draw t, eps and the dropout with the generator passed in "
+           "(torch.rand(B, generator=generator), sa.randn(shape, generator, like)); the global "
+           "RNG makes runs unrepeatable")
+
+
+def inputs_left_alone(g):
+    B = 64
+    z, context, mask = randn(g, B, 4, 8), randn(g, B, 3, 8), torch.ones(B, 3, dtype=torch.bool)
+    mask[::2, 2] = False
+    before = z.clone(), context.clone(), mask.clone()
+    unet = Recorder(lambda x, *a: x, randn(g, 3, 8))
+    generator = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=g)))
+    sa.diffusion_loss(unet, z, context, mask, generator, 0.5, None)
+    for name, now, then in zip(("z", "context", "mask"), (z, context, mask), before):
+        expect(torch.equal(now, then), f"diffusion_loss changed the caller's {name} in place: "
+                                       "build new tensors (torch.where, mask | drop) instead of "
+                                       "writing into the ones passed in")
 
 
 def dropout_rate(g):
@@ -499,7 +622,13 @@ def guidance_formula(g):
         ("guidance runs the wrong way: v = v_u + scale (v_c - v_u)",
          rescaled(v_c + s * (v_u - v_c), v_c, phi)),
         ("guidance starts from v_c: v = v_u + scale (v_c - v_u)",
-         rescaled(v_c + s * (v_c - v_u), v_c, phi))])
+         rescaled(v_c + s * (v_c - v_u), v_c, phi)),
+        ("the rescale ratio is inverted: v times std(v_c) / std(v), pulling v's spread to v_c's",
+         phi * v * v.std(1, keepdim=True) / v_c.std(1, keepdim=True) + (1 - phi) * v),
+        ("the rescale uses variances; it matches standard deviations, std(v_c) / std(v)",
+         phi * v * v_c.var(1, keepdim=True) / v.var(1, keepdim=True) + (1 - phi) * v),
+        ("the conditional and unconditional halves are swapped: the batch is (context, uncond), "
+         "so .chunk(2) gives v_c first", rescaled(v_c + s * (v_u - v_c), v_u, phi))])
 
 
 def guidance_at_scale_one(g):
@@ -549,7 +678,16 @@ def sigmas_spacing(g):
          torch.cat([torch.linspace(hi, lo, steps, dtype=torch.float64), zero])),
         ("one level too many: `steps` levels from sigma_max to sigma_min, then 0",
          torch.cat([torch.exp(torch.linspace(math.log(hi), math.log(lo), steps + 1,
-                                             dtype=torch.float64)), zero]))], rtol=1e-5)
+                                             dtype=torch.float64)), zero])),
+        ("one level too few: `steps` levels from sigma_max to sigma_min, then 0",
+         torch.cat([torch.exp(torch.linspace(math.log(hi), math.log(lo), steps - 1,
+                                             dtype=torch.float64)), zero])),
+        ("the schedule ascends: sampling starts at sigma_max and descends to sigma_min, then 0",
+         torch.cat([log_spaced.flip(0), zero])),
+        ("torch.logspace takes base-10 exponents: give it log10 of the ends (or exp a linspace "
+         "of natural logs)", torch.cat([torch.logspace(math.log(hi), math.log(lo), steps,
+                                                        dtype=torch.float64), zero]))],
+            atol=1e-12)
 
 
 def point_mass_v(x0, seen):
@@ -580,8 +718,16 @@ def denoiser_of_a_point_mass(g):
         compare(z.double(), x / math.sqrt(1 + sigma ** 2), f"the z given to the v-model at sigma "
                 f"{sigma}", [("the v-model was given x: it needs the VP latent "
                               "z = x / sqrt(1 + sigma^2) (alpha_t x)", x)])
+        a_t, s_t = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
+        v = point_mass_v(x0, [])(z.double(), t.double())
         compare(got, x0, f"v_to_denoiser on data that is always x0, at sigma {sigma}: the "
-                         f"denoiser must return x0 = alpha_t z - sigma_t v", rtol=1e-5, atol=1e-6)
+                         f"denoiser must return x0 = alpha_t z - sigma_t v", [
+                             ("the sign of sigma_t v: x0 = alpha_t z - sigma_t v",
+                              a_t * z + s_t * v),
+                             ("alpha_t and sigma_t swapped: x0 = alpha_t z - sigma_t v",
+                              s_t * z - a_t * v),
+                             ("x given where z belongs: x0 = alpha_t z - sigma_t v, with "
+                              "z = alpha_t x", a_t * x - s_t * v)])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -596,22 +742,29 @@ def derivatives_exact(g):
     p, dp, d2p = quadratic(g)
     lams = torch.sort(4 * torch.rand(3, generator=g).double() - 2).values.tolist()
     lam_2, lam_1, lam = lams
-    expect(tuple(map(float, sa.dpm_derivatives([], lam, p(lam)))) == (0.0, 0.0),
+    expect(all(map(is_zero, sa.dpm_derivatives([], lam, p(lam)))),
            "dpm_derivatives with no history must return (0, 0)")
     d1, d2 = sa.dpm_derivatives([(lam_1, p(lam_1))], lam, p(lam))
-    compare(d1, (p(lam) - p(lam_1)) / (lam - lam_1), "dpm_derivatives' p' from one past value: the "
-            "divided difference (D_i - D_{i-1}) / (lam_i - lam_{i-1})",
-            [("the sign is flipped: (D_i - D_{i-1}) / (lam_i - lam_{i-1})",
-              -(p(lam) - p(lam_1)) / (lam - lam_1))])
-    expect(float(torch.as_tensor(d2).abs().max()) == 0, "dpm_derivatives: with one past value "
-                                                        "p'' is 0")
+    slope = (p(lam) - p(lam_1)) / (lam - lam_1)
+    expect(not (is_zero(d1) and not is_zero(d2)), "dpm_derivatives: p' and p'' swapped: return "
+                                                  "(p', p''); with one past value p'' is 0")
+    compare(d1, slope, "dpm_derivatives' p' from one past value: the divided difference "
+            "(D_i - D_{i-1}) / (lam_i - lam_{i-1})",
+            [("the sign is flipped: (D_i - D_{i-1}) / (lam_i - lam_{i-1})", -slope),
+             ("divided by the step ahead, h, not by lam_i - lam_{i-1}: the past values are "
+              "behind", slope * (lam - lam_1))])
+    expect(is_zero(d2), "dpm_derivatives: with one past value p'' is 0")
     d1, d2 = sa.dpm_derivatives([(lam_2, p(lam_2)), (lam_1, p(lam_1))], lam, p(lam))
     slope = (p(lam) - p(lam_1)) / (lam - lam_1)
     compare(d1, dp(lam), "dpm_derivatives' p'(lam_i) through three values of a quadratic", [
         ("that is the slope between the last two points, p' half a step back; at lam_i add h_1 "
-         "times the second divided difference", slope)], rtol=1e-8)
+         "times the second divided difference", slope),
+        ("p' and p'' swapped: return (p', p'')", d2p),
+        ("history read oldest first: history[-1] is the newest (lam_{i-1}, D_{i-1})",
+         (p(lam) - p(lam_2)) / (lam - lam_2))])
     compare(d2, d2p, "dpm_derivatives' p'' through three values of a quadratic", [
-        ("p'' is twice the second divided difference", d2p / 2)], rtol=1e-8)
+        ("p'' is twice the second divided difference", d2p / 2),
+        ("p' and p'' swapped: return (p', p'')", dp(lam))])
 
 
 def d_of_lambda(p):
@@ -619,15 +772,22 @@ def d_of_lambda(p):
     return lambda x, sigma: p(-math.log(sigma))
 
 
-def multistep_by_hand(p, x, sigmas, order, w2=lambda h: (h * h / 2 - h - math.expm1(-h)) / (1 + h)):
-    """The samplers' updates written out, for a denoiser D(lam) = p(lam)."""
+def taper(h, I0):
+    """sample_dpmpp_3m's weight on p'': I2 / (1 + h), I2 = h^2 / 2 - I1, I1 = h - I0."""
+    return (h * h / 2 - (h - I0)) / (1 + h)
+
+
+def multistep_by_hand(p, x, sigmas, order, w2=taper, I0_sign=1, past=1, swap=False):
+    """The samplers' updates written out, for a denoiser D(lam) = p(lam); the keywords make the
+    near misses: the p'' weight, I0's sign, which past value 2M reads, p' and p'' swapped."""
     lams = [-math.log(s) for s in sigmas]
     D = [p(lam) for lam in lams]
     for i in range(len(sigmas) - 1):
         h = lams[i + 1] - lams[i]
         if order == 2 and i:
-            r = (lams[i] - lams[i - 1]) / h
-            x = ddim(x, (1 + 1 / (2 * r)) * D[i] - D[i - 1] / (2 * r), h)
+            j = i - past if i >= past else i - 1
+            r = (lams[i] - lams[j]) / h
+            x = ddim(x, (1 + 1 / (2 * r)) * D[i] - D[j] / (2 * r), h)
             continue
         d1, d2 = 0, 0
         if order == 3 and i:
@@ -635,8 +795,10 @@ def multistep_by_hand(p, x, sigmas, order, w2=lambda h: (h * h / 2 - h - math.ex
         if order == 3 and i > 1:
             f = (d1 - (D[i - 1] - D[i - 2]) / (lams[i - 1] - lams[i - 2])) / (lams[i] - lams[i - 2])
             d1, d2 = d1 + (lams[i] - lams[i - 1]) * f, 2 * f
-        I0 = -math.expm1(-h)
-        x = math.exp(-h) * x + I0 * D[i] + (h - I0) * d1 + w2(h) * d2
+        if swap:
+            d1, d2 = d2, d1
+        I0 = -I0_sign * math.expm1(-h)
+        x = math.exp(-h) * x + I0 * D[i] + (h - I0) * d1 + w2(h, I0) * d2
     return x
 
 
@@ -647,22 +809,28 @@ def ddim(x, D, h):
 def sampler_steps(g, sampler, order):
     p, _, _ = quadratic(g)
     x = randn(g, 3, 4)
-    sigmas = torch.exp(torch.linspace(math.log(20), math.log(0.05), 7, dtype=torch.float64))
+    # Uneven steps, h from 0.3 to 1.5: at h = 1 the taper 1 / (1 + h) is k-diffusion's 1/2.
+    h = 0.3 + 1.2 * torch.rand(6, generator=g).double()
+    sigmas = 20 * torch.exp(-torch.cat([torch.zeros(1, dtype=torch.float64), h.cumsum(0)]))
     got = sampler(d_of_lambda(p), x, sigmas)
     name = sampler.__name__
     suspects = [("a first-order (DDIM/Euler) update: use the past denoised values",
                  multistep_by_hand(p, x, sigmas, 1))]
+    by_hand = lambda **kw: multistep_by_hand(p, x, sigmas, order, **kw)
+    if order == 2:
+        suspects += [("the oldest history entry was read: history[-1] is the newest "
+                      "(lam_{i-1}, D_{i-1})", by_hand(past=2))]
     if order == 3:
-        I2 = lambda h: h * h / 2 - h - math.expm1(-h)
+        I2 = lambda h, I0: h * h / 2 - (h - I0)
         suspects += [("p'' weighted by I2 / 2, as k-diffusion does (order 2): the exact weight is "
-                      "I2, tapered by 1 / (1 + h)", multistep_by_hand(p, x, sigmas, 3,
-                                                                      lambda h: I2(h) / 2)),
-                     ("the p'' weight is I2 / (1 + h): the taper is missing",
-                      multistep_by_hand(p, x, sigmas, 3, I2)),
-                     ("p'' is left out: this is a second-order update",
-                      multistep_by_hand(p, x, sigmas, 3, lambda h: 0))]
+                      "I2, tapered by 1 / (1 + h)", by_hand(w2=lambda h, I0: I2(h, I0) / 2)),
+                     ("the p'' weight is I2 / (1 + h): the taper is missing", by_hand(w2=I2)),
+                     ("p'' is left out: this is a second-order update", by_hand(w2=lambda *a: 0)),
+                     ("I0's sign is flipped: I0 = 1 - e^{-h} = -expm1(-h), positive",
+                      by_hand(I0_sign=-1)),
+                     ("p' and p'' swapped: dpm_derivatives returns (p', p'')", by_hand(swap=True))]
     compare(got, multistep_by_hand(p, x, sigmas, order), f"{name}'s six steps on a denoiser "
-            f"quadratic in lam", suspects, rtol=1e-7)
+            f"quadratic in lam", suspects)
 
 
 def measured_order(sampler, order, low, high):
@@ -713,7 +881,7 @@ ASSIGNMENTS = {a.key: a for a in [
     Assignment("A2", "§4.3", "CLAP's symmetric contrastive loss", ("CLAP.loss",), 10, 30,
                "the CLAP banner; CLAP.__init__ (logit_scale), embed_text, embed_audio",
                (clap_loss_formula, clap_temperature_clamped, clap_temperature_learned,
-                clap_prefers_matched_pairs)),
+                clap_prefers_matched_pairs, clap_stable_in_float32)),
     Assignment("A3", "§3.2", "Timing embedding and the conditioning context",
                ("TimingEmbedding.forward", "StableAudio.condition"), 10, 45,
                "the timing banner; TimingEmbedding.__init__; CLAP.tokenize and text_features",
@@ -725,7 +893,8 @@ ASSIGNMENTS = {a.key: a for a in [
     Assignment("A5", "§4.4", "The v-objective with conditioning dropout",
                ("alpha_sigma", "diffusion_loss"), 10, 60,
                "the diffusion objective banner; randn; UNet.forward's arguments",
-               (schedule, v_target, v_loss_uses_the_generator, dropout_rate, dropped_mask)),
+               (schedule, v_target, v_loss_uses_the_generator, dropout_rate, dropped_mask,
+                inputs_left_alone)),
     Assignment("A6", "§3.4", "Classifier-free guidance with the CFG rescale", ("guided_v",), 10,
                45, "the sampling banner; content_mask; how generate calls guided_v",
                (guidance_formula, guidance_at_scale_one, guidance_without_rescale,

@@ -150,7 +150,9 @@ SIZES = {
 # is made of; ReLU-type activations must build every period out of pieces.
 # -------------------------------------------------------------------------------------------------
 def snake(x, alpha, beta=None):
-    """x + 1/beta sin^2(alpha x); DAC's Snake has beta = alpha."""
+    """x + 1/beta sin^2(alpha x); DAC's Snake has beta = alpha. x (B, C, N); alpha, beta (1, C, 1)
+    or broadcastable to x; beta None: alpha. Divides by beta + 1e-9 (a learned beta can reach 0).
+    -> x's shape."""
     beta = alpha if beta is None else beta
     return x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
 
@@ -285,7 +287,8 @@ class VAE(nn.Module):
 
 def kl_divergence(mean, std):
     """KL(N(mean, std^2) || N(0, 1)), summed over channels, averaged over batch and frames, with
-    the 1/2. Released, not the paper (KL term): no 1/2 (twice this), weight 1e-6; paper: 1e-4."""
+    the 1/2; mean, std (B, C, L), std > 0 -> a scalar (0-d tensor).
+    Released, not the paper (KL term): no 1/2 (twice this), weight 1e-6; paper: 1e-4."""
     return 0.5 * (mean.pow(2) + std.pow(2) - 2 * torch.log(std) - 1).sum(1).mean()
 
 
@@ -352,6 +355,12 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(features, features)
 
     def forward(self, x, context=None, mask=None):
+        """x (B, S, C); context (B, S', C_ctx), S' context tokens, or None: self-attention, keys and
+        values from norm_context(x) as released. q = to_q(norm(x)); to_kv(norm_context(context))
+        splits on its last axis into k (first half), then v. Heads: C splits into `heads`
+        contiguous groups of C / heads, (B, S, heads, C / heads) -> (B, heads, S, C / heads);
+        softmax(q k^T / sqrt(C / heads)) v over the keys where mask (B, S') bool is True (a real
+        token; None: all); heads joined back to (B, S, C), then to_out. -> (B, S, C)"""
         B, S, C = x.shape                                            # (B, S, C)
         context = self.norm_context(x if context is None else context)
         q, (k, v) = self.to_q(self.norm(x)), self.to_kv(context).chunk(2, dim=-1)
@@ -450,7 +459,10 @@ class CLAP(nn.Module):
         return F.normalize(self.audio_proj(self.audio_norm(h).mean(1)), dim=-1)
 
     def loss(self, text_emb, audio_emb):
-        """Symmetric InfoNCE: the i-th caption should pick the i-th clip and vice versa."""
+        """Symmetric InfoNCE: the i-th caption should pick the i-th clip and vice versa. text_emb,
+        audio_emb (B, D), unit rows; logits = min(exp(logit_scale), 100) T A^T (B, B); the mean of
+        the row-wise and column-wise cross-entropies -> a scalar (0-d tensor) with gradient to
+        logit_scale. Stable in float32 through F.cross_entropy (log_softmax), not exp then log."""
         logits = self.logit_scale.exp().clamp(max=100) * text_emb @ audio_emb.T   # (B, B)
         labels = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -475,7 +487,9 @@ class TimingEmbedding(nn.Module):
                 table.weight.data.copy_(sinusoids(config.max_seconds + 1, features))
 
     def forward(self, seconds_start, seconds_total):
-        """Seconds (B,) -> two tokens (B, 2, C); fractions of a second are dropped."""
+        """seconds_start, seconds_total (B,) tensors, float or int -> two tokens (B, 2, C), start's
+        then total's, each from its own table; whole seconds (fractions dropped, as .long()),
+        clamped to 0..max_seconds."""
         index = lambda s: s.long().clamp(0, self.max_seconds)
         return torch.stack([self.start(index(seconds_start)), self.total(index(seconds_total))], 1)
 
@@ -701,7 +715,11 @@ class StableAudio(nn.Module):
         return (seconds.double() * self.config.sample_rate / self.vae.hop).ceil().long()
 
     def condition(self, prompts, seconds_start, seconds_total):
-        """Prompts and seconds (B,) -> context (B, S + 2, C) and mask (B, S + 2)."""
+        """Prompts and seconds (B,) -> context (B, S + 2, C) and mask (B, S + 2). prompts: list of B
+        str; seconds_start, seconds_total: Python lists of ints (as generate passes) or tensors.
+        context: the text features (S = clap.text_len, C = clap.text_width), then the start and
+        total tokens in the text's dtype; mask bool: the tokenizer's (True = a real token), then
+        True, True. With config.timing.enabled False: the text features and mask alone."""
         tokens, mask = self.clap.tokenize(prompts)
         text = self.clap.text_features(tokens, mask)                 # (B, S, C)
         if not self.config.timing.enabled:                              # the ablation: text only
@@ -733,6 +751,7 @@ def build_model(size="full"):
 # schedule assumes unit-variance latents, as released (see latent_scale).
 # -------------------------------------------------------------------------------------------------
 def alpha_sigma(t):
+    """(alpha, sigma) = (cos, sin)(pi t / 2): t a tensor, any shape -> two tensors of t's shape."""
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
 
 
@@ -743,7 +762,12 @@ def randn(shape, generator, like):
 
 def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, content_frames=None):
     """v-objective loss for clean latents z (B, 64, L), content_frames as in UNet.forward.
-    Not the paper's (noise levels in training): t ~ U[0, 1]; released: scrambled Sobol, 1 % at 1."""
+    Not the paper's (noise levels in training): t ~ U[0, 1]; released: scrambled Sobol, 1 % at 1.
+    context (B, S', C), mask (B, S') bool, as StableAudio.condition gives. t (B,), eps (B, 64, L)
+    and the dropout all come from `generator` (randn), never the global RNG. Each sample's
+    conditioning is dropped with probability cond_dropout: its context becomes unet.null_context
+    (S', C), its mask all True; the caller's context and mask are not modified in place.
+    -> the float32 mean squared error of unet(z_t, t, context, mask, content_frames) against v."""
     B = z.shape[0]
     t = torch.rand(B, generator=generator).to(z.device)
     eps = randn(z.shape, generator, z)
@@ -762,7 +786,8 @@ def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, content_
 # Guidance (scale 6) mixes conditional and unconditional v in one batched forward.
 # -------------------------------------------------------------------------------------------------
 def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
-    """`steps` noise levels spaced evenly in log sigma, then a final 0. (steps + 1,)"""
+    """`steps` noise levels spaced evenly in log sigma, then a final 0: a float64 tensor
+    (steps + 1,), descending from sigma_max to sigma_min (both included), last 0."""
     sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps))
     return torch.cat([sigmas, sigmas.new_zeros(1)]).double()
 
@@ -770,7 +795,11 @@ def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
 def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCALE,
              content_frames=None):
     """Classifier-free guidance: v = v_u + scale (v_c - v_u), then Lin et al.'s CFG rescale (phi:
-    `rescale`), pulling the per-frame std over channels toward v_c's lest large scales blow up.
+    `rescale`), pulling the per-frame std over channels toward v_c's lest large scales blow up:
+    v <- phi v std(v_c) / std(v) + (1 - phi) v, std over dim 1. context, mask; uncond, uncond_mask:
+    (B, S', C), (B, S') as StableAudio.condition gives. -> v_fn(z, t): z (B, 64, L), t (B,), one
+    noise level per row -> v (B, 64, L), from one U-Net call on 2B rows (conditional first); at
+    scale 1 the conditional prediction alone (one call on B rows).
     Not the paper's (padding mask channel), `tiny` only: with `content_frames` (B,), the frames
     after them take v_c alone: both branches see the mask and should agree on silence there; guiding
     would multiply their disagreement (the paper's unconditional branch knows no timing)."""
@@ -792,7 +821,9 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCAL
 
 
 def v_to_denoiser(v_fn):
-    """Wrap a v-model v_fn(z, t) as a VE denoiser(x, sigma) -> x0 estimate."""
+    """Wrap a v-model v_fn(z, t) as a VE denoiser(x, sigma) -> x0 = alpha_t z - sigma_t v (B, C, L),
+    for x (B, C, L), sigma a Python float: v_fn gets z = alpha_t x and t (B,), every row (2 / pi)
+    atan(sigma), on x's device; (alpha_t, sigma_t) = (cos, sin)(pi t / 2)."""
     def denoiser(x, sigma):
         # The v-model's (alpha_t, sigma_t) = (cos, sin)(pi t / 2) with sigma_t / alpha_t = sigma.
         alpha_t, sigma_t = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
@@ -828,7 +859,10 @@ def ddim_step(x, denoised, h):
 
 
 def dpm_derivatives(history, lam, denoised):
-    """p'(lam) and p'' of the polynomial through history + (lam, denoised); 0 where too short."""
+    """p'(lam) and p'' of the polynomial through history + (lam, denoised); 0 where too short.
+    history: a list of (lam, D) pairs (float, tensor of denoised's shape), newest last; lam a
+    float. No history: (0, 0); one pair: (p', 0), the line's slope; two or more: the last two
+    and (lam, denoised) fix a quadratic, p'(lam) and p'' both tensors of denoised's shape."""
     if not history:
         return 0, 0
     lam_1, D_1 = history[-1]
@@ -846,7 +880,9 @@ def sample_dpmpp_2m(denoiser, x, sigmas, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): D held at the step's midpoint value, extrapolated
     through D_{i-1}, D_i: D(lam_i + h/2) ~ D_i + (h/2) (D_i - D_{i-1}) / h_{i-1}; r = h_{i-1} / h:
         x_{i+1} = e^{-h} x_i + (1 - e^{-h}) [(1 + 1/(2r)) D_i - 1/(2r) D_{i-1}].
-    Off by O(h^3) per step, the error falls as h^2; the first step (no D_{i-1}) is first order."""
+    Off by O(h^3) per step, the error falls as h^2; the first step (no D_{i-1}) is first order.
+    denoiser(x, sigma float) -> x0 estimate; x (B, C, L) noised at sigmas[0]; sigmas as get_sigmas
+    gives; callback(i, steps) after each step. The step to sigma = 0 returns D_i. -> x (B, C, L)"""
     def step(x, denoised, lam, h, history):
         if not history:
             return ddim_step(x, denoised, h)
@@ -864,7 +900,8 @@ def sample_dpmpp_3m(denoiser, x, sigmas, callback=None):
     and the error falls as h^3 (k-diffusion and diffusers weight p'' by I2 / 2: order 2). Order 3
     fixes the weights only up to O(h^4): tapering the p'' weight by 1 / (1 + h) keeps the order and
     stops the quadratic overshooting on a short schedule's long steps, where D settles onto x0
-    (h ~ 1-2 at 10 steps; docs/samplers.md). The first two steps run at orders 1 and 2 (no history).
+    (h ~ 1-2 at 10 steps; docs/samplers.md). Step 1 runs at order 1 (no history), step 2 at order 2
+    (one past value, p'' = 0), from step 3 order 3; to sigma = 0 it returns D_i. Arguments: as 2M.
     Not the paper's (sampler): the paper names no variant; released: 2M SDE; this 3M ODE is ours."""
     def step(x, denoised, lam, h, history):
         I0 = -math.expm1(-h)
