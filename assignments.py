@@ -19,13 +19,22 @@ fails, its message names the mistake its numbers match, if they match a known on
 """
 import argparse
 import ast
+import concurrent.futures
 import contextlib
 import csv
 import importlib.util
 import inspect
+import io
+import json
 import math
+import os
+import queue
+import signal
+import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 import types
 from dataclasses import dataclass
@@ -37,6 +46,8 @@ from torch import nn
 
 import sound_world
 import stable_audio as sa
+
+HERE = Path(__file__).resolve().parent
 
 
 class Wrong(Exception):
@@ -74,7 +85,7 @@ def compare(got, want, what, suspects=(), rtol=RTOL, atol=None):
         return
     for hint, value in suspects:
         value = torch.as_tensor(value, dtype=torch.float64)
-        if value.shape == got.shape and close(got, value, 100 * rtol, atol and 100 * atol):
+        if value.shape == got.shape and close(got, value, rtol, atol):
             raise Wrong(f"{what}: {hint}")
     if not torch.isfinite(got).all():
         raise Wrong(f"{what} holds nan or inf")
@@ -131,6 +142,7 @@ def snake_formula(g):
         ("the 1/alpha is missing: Snake is x + sin^2(alpha x) / alpha", x + s ** 2),
         ("sin, not sin squared: Snake is x + sin^2(alpha x) / alpha", x + s / alpha),
         ("sin^2 is multiplied by alpha; it is divided by it", x + alpha * s ** 2),
+        ("x is missing: Snake is x plus the periodic term sin^2(alpha x) / alpha", s ** 2 / alpha),
         ("that is x alone: add the periodic term sin^2(alpha x) / alpha", x)])
 
 
@@ -172,6 +184,12 @@ def kl_closed_form(g):
          terms(std ** 2, -2 * torch.log(std)).sum(1).mean()),
         ("the -1 is missing: the terms are mean^2 + std^2 - log std^2 - 1",
          (want + 0.5).sum(1).mean()),
+        ("+1 where -1 belongs: the terms are mean^2 + std^2 - log std^2 - 1",
+         (want + 1).sum(1).mean()),
+        ("the reverse KL, KL(N(0, 1) || N(mean, std^2)); the VAE's term is KL(posterior || "
+         "prior)", (0.5 * ((1 + mean ** 2) / std ** 2 + 2 * torch.log(std) - 1)).sum(1).mean()),
+        ("summed over frames and averaged over channels: sum over channels (dim 1), average over "
+         "batch and frames", want.sum(2).mean()),
         ("averaged over channels: sum them (one latent frame's KL), then average over batch and "
          "frames", want.mean()),
         ("summed over frames as well as channels: sum over channels only, then average over "
@@ -224,7 +242,17 @@ def clap_loss_formula(g):
         ("the cross-entropies are summed over the batch: average them (cross_entropy's default)",
          len(logits) * want),
         ("summed over the batch and both directions: average over both",
-         2 * len(logits) * want)])
+         2 * len(logits) * want),
+        ("the clamp is at ln 100; it bounds exp(logit_scale) at 100 (ln 100 bounds logit_scale)",
+         (infonce(logits * math.log(100) / s) + infonce(logits.T * math.log(100) / s)) / 2),
+        ("clamp(min=100) pins the temperature at 100 or more; it is clamp(max=100)",
+         (infonce(logits * 100 / s) + infonce(logits.T * 100 / s)) / 2),
+        ("nll_loss (or a plain mean) on raw logits: they need log_softmax first; "
+         "F.cross_entropy does both", -logits.diagonal().mean()),
+        ("nll_loss on raw logits in one direction: it needs log_softmax first; F.cross_entropy "
+         "does both", (-logits.diagonal().mean() + infonce(logits.T)) / 2),
+        ("the logits are T^T A, (D, D); they are T A^T, (B, B): caption i against clip j",
+         (infonce(s * text.T @ audio) + infonce(s * audio.T @ text)) / 2)])
 
 
 def clap_stable_in_float32(g):
@@ -290,7 +318,13 @@ def timing_rows(g):
         ("start and total swapped: seconds_start indexes self.start, seconds_total self.total",
          torch.stack([timing.start.weight[[30, 512, 45]], timing.total.weight[[3, 0, 100]]], 1)),
         ("seconds are rounded: drop the fraction (3.7 s -> row 3), as the released IntConditioner",
-         torch.stack([timing.start.weight[[4, 0, 100]], timing.total.weight[[30, 512, 45]]], 1))])
+         torch.stack([timing.start.weight[[4, 0, 100]], timing.total.weight[[30, 512, 45]]], 1)),
+        ("clamped from 1: 0 s has a row of its own, clamp to 0..self.max_seconds",
+         torch.stack([timing.start.weight[[3, 1, 100]], T], 1)),
+        ("one table for both tokens: seconds_total indexes self.total",
+         torch.stack([s, timing.start.weight[[30, 512, 45]]], 1)),
+        ("one table for both tokens: seconds_start indexes self.start",
+         torch.stack([timing.total.weight[[3, 0, 100]], T], 1))])
 
 
 def timing_clamped(g):
@@ -304,7 +338,9 @@ def timing_clamped(g):
     compare(got, want, "TimingEmbedding.forward outside 0..512 s", [
         ("clamped one short: the tables have max_seconds + 1 rows, 0..512 s, so clamp to "
          "0..self.max_seconds", torch.stack([timing.start.weight[[0, 511]],
-                                             timing.total.weight[[511, 0]]], 1))])
+                                             timing.total.weight[[511, 0]]], 1)),
+        ("clamped from 1: 0 s has a row of its own, clamp to 0..self.max_seconds",
+         torch.stack([timing.start.weight[[1, 512]], timing.total.weight[[512, 1]]], 1))])
 
 
 def call_condition(model, start, total):
@@ -340,6 +376,7 @@ def condition_context(g):
         tokens, text_mask = model.clap.tokenize(PROMPTS)
         text = model.clap.text_features(tokens, text_mask)
         last = model.clap.text_hidden(tokens, text_mask, len(model.clap.text_layers))
+        unmasked = model.clap.text_features(tokens, None)
         s, T = model.timing.start.weight[[0, 12]], model.timing.total.weight[[30, 47]]
     timing = torch.stack([s, T], 1)
     compare(context, torch.cat([text, timing], 1), "condition's context", [
@@ -351,7 +388,9 @@ def condition_context(g):
         ("the text features come from CLAP's last layer; §3.2 takes the next-to-last "
          "(clap.text_features)", torch.cat([last, timing], 1)),
         ("the text features come from CLAP's last layer, normed; §3.2 takes the next-to-last "
-         "(clap.text_features)", torch.cat([model.clap.text_norm(last), timing], 1))])
+         "(clap.text_features)", torch.cat([model.clap.text_norm(last), timing], 1)),
+        ("the text tower ran without the tokenizer's mask: pass it, so no token attends to "
+         "padding", torch.cat([unmasked, timing], 1))])
     ones = torch.ones(2, 2, dtype=torch.bool)
     expect(isinstance(mask, torch.Tensor) and mask.dtype == torch.bool,
            "condition's mask must be a bool tensor (True: a real token)")
@@ -379,7 +418,9 @@ def condition_without_timing(g):
 # -------------------------------------------------------------------------------------------------
 # A4 §3.3 Multi-head attention with a padding mask
 # -------------------------------------------------------------------------------------------------
-def attention_module(g, features=16, heads=4, context_features=None):
+def attention_module(g, features=24, heads=4, context_features=None):
+    """Four heads of six features: a head size equal to the number of heads would hide a split
+    of the features the wrong way round ((B, S, C / heads, heads))."""
     attention = sa.Attention(features, heads, context_features).double()
     with torch.no_grad():
         for p in attention.parameters():
@@ -388,28 +429,34 @@ def attention_module(g, features=16, heads=4, context_features=None):
 
 
 def attention_by_hand(m, x, context=None, mask=None, heads=None, scale=0.5, keys_norm=None,
-                      invert=False, softmax_dim=-1, transpose=(True, True), kv=(0, 1)):
+                      invert=False, softmax_dim=-1, transpose=(True, True), kv=(0, 1),
+                      query_norm=True, additive=False, out=True):
     """softmax(q k^T / sqrt(d) over the kept keys) v, head by head, written out; the keywords
     make the near misses: d**-scale, the softmax's axis, the heads' (split, join) transposes, which
-    half of to_kv is k and which v."""
+    half of to_kv is k and which v (kv="interleaved": alternate features), the norms, a mask added
+    to the logits as 0/1, no to_out."""
     B, S, C = x.shape
     heads = heads or m.heads
     keys_norm = keys_norm or m.norm_context
-    q = m.norm(x) @ m.to_q.weight.T
-    kv_halves = (keys_norm(x if context is None else context) @ m.to_kv.weight.T).chunk(2, -1)
-    k, v = kv_halves[kv[0]], kv_halves[kv[1]]
+    q = (m.norm(x) if query_norm else x) @ m.to_q.weight.T
+    kv_out = keys_norm(x if context is None else context) @ m.to_kv.weight.T
+    kv_halves = (kv_out[..., 0::2], kv_out[..., 1::2]) if kv == "interleaved" else \
+        kv_out.chunk(2, -1)
+    k, v = kv_halves if kv == "interleaved" else (kv_halves[kv[0]], kv_halves[kv[1]])
     if transpose[0]:
         split = lambda t: t.reshape(B, t.shape[1], heads, C // heads).transpose(1, 2)
     else:
         split = lambda t: t.reshape(B, heads, t.shape[1], C // heads)
     q, k, v = split(q), split(k), split(v)                            # (B, h, S, d)
     logits = q @ k.transpose(-1, -2) / (C // heads) ** scale
-    if mask is not None:
+    if mask is not None and additive:
+        logits = logits + mask[:, None, None, :].double()
+    elif mask is not None:
         keep = ~mask if invert else mask
         logits = logits.masked_fill(~keep[:, None, None, :], -math.inf)
-    out = logits.softmax(softmax_dim).nan_to_num() @ v                # (B, h, S, d)
-    out = out.transpose(1, 2).reshape(B, S, C) if transpose[1] else out.reshape(B, S, C)
-    return out @ m.to_out.weight.T + m.to_out.bias
+    joined = logits.softmax(softmax_dim).nan_to_num() @ v             # (B, h, S, d)
+    joined = joined.transpose(1, 2).reshape(B, S, C) if transpose[1] else joined.reshape(B, S, C)
+    return joined @ m.to_out.weight.T + m.to_out.bias if out else joined
 
 
 def attention_suspects(m, x, context=None, mask=None):
@@ -418,6 +465,8 @@ def attention_suspects(m, x, context=None, mask=None):
              ("the logits are divided by d; by sqrt(d) (d = features / heads)", by_hand(scale=1)),
              ("one head: split the features into `heads` heads of features/heads each",
               by_hand(heads=1)),
+             ("features/heads heads of `heads` features each: reshape to (B, S, heads, "
+              "features/heads), heads first", by_hand(heads=x.shape[-1] // m.heads)),
              ("the softmax runs over the queries; it runs over the keys (the last axis)",
               by_hand(softmax_dim=-2)),
              ("the heads are reshaped without the transpose: (B, S, C) -> (B, S, heads, C/heads), "
@@ -428,7 +477,13 @@ def attention_suspects(m, x, context=None, mask=None):
               by_hand(transpose=(True, False))),
              ("k and v swapped: to_kv's output is k (the first half), then v", by_hand(kv=(1, 0))),
              ("k used as the values too: to_kv's output is k (the first half), then v",
-              by_hand(kv=(0, 0)))]
+              by_hand(kv=(0, 0))),
+             ("k and v taken as alternate features: to_kv's output is k (its first half), then "
+              "v (its second half): .chunk(2, dim=-1)", by_hand(kv="interleaved")),
+             ("the queries come from x: they come from norm(x)", by_hand(query_norm=False)),
+             ("to_out is missing: the joined heads go through to_out", by_hand(out=False)),
+             ("the keys and values come from the context as given: normalise it first "
+              "(norm_context)", by_hand(keys_norm=lambda t: t))]
     if context is None:
         found.append(("keys and values from norm(x): as released, they come from "
                       "norm_context(x), in self-attention too",
@@ -437,26 +492,32 @@ def attention_suspects(m, x, context=None, mask=None):
         found += [("the mask is ignored: padded keys must get no weight",
                    attention_by_hand(m, x, context)),
                   ("the mask is the wrong way round: True marks a real token (attend), False "
-                   "padding", by_hand(invert=True))]
+                   "padding", by_hand(invert=True)),
+                  ("the mask was added to the logits as 0/1 (a float mask adds); a bool mask "
+                   "keeps the True keys: pass it as bool, or fill False with -inf",
+                   by_hand(additive=True))]
     return found
 
 
 def self_attention(g):
-    m, x = attention_module(g), randn(g, 2, 7, 16)
+    m, x = attention_module(g), randn(g, 2, 7, 24)
     with torch.no_grad():
-        compare(m(x), attention_by_hand(m, x), "Attention.forward (self-attention)",
+        got = m(x)
+        expect(torch.equal(got, m(x)), "Attention.forward gives another output for the same "
+                                       "input: no dropout (dropout_p=0) and no other randomness")
+        compare(got, attention_by_hand(m, x), "Attention.forward (self-attention)",
                 attention_suspects(m, x))
 
 
 def cross_attention(g):
-    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 16), randn(g, 2, 5, 12)
+    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 24), randn(g, 2, 5, 12)
     with torch.no_grad():
         compare(m(x, context), attention_by_hand(m, x, context),
                 "Attention.forward (cross-attention)", attention_suspects(m, x, context))
 
 
 def padded_cross_attention(g):
-    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 16), randn(g, 2, 6, 12)
+    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 24), randn(g, 2, 6, 12)
     mask = torch.tensor([[True] * 5 + [False], [True] * 3 + [False] * 3])
     with torch.no_grad():
         compare(m(x, context, mask), attention_by_hand(m, x, context, mask),
@@ -464,7 +525,7 @@ def padded_cross_attention(g):
 
 
 def masked_keys_change_nothing(g):
-    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 16), randn(g, 2, 4, 12)
+    m, x, context = attention_module(g, context_features=12), randn(g, 2, 7, 24), randn(g, 2, 4, 12)
     junk = torch.cat([context, 100 * randn(g, 2, 3, 12)], 1)
     mask = torch.tensor([[True] * 4 + [False] * 3] * 2)
     with torch.no_grad():
@@ -485,7 +546,13 @@ def schedule(g):
     compare(torch.stack([alpha, sigma]), torch.stack([c, s]), "alpha_sigma(t)", [
         ("alpha and sigma swapped: at t = 0 there is no noise, (alpha, sigma) = (1, 0)",
          torch.stack([s, c])),
-        ("the angle is pi t / 2, so that t = 1 is pure noise", torch.stack([t.cos(), t.sin()]))])
+        ("the angle is pi t / 2, so that t = 1 is pure noise", torch.stack([t.cos(), t.sin()])),
+        ("the angle is pi t / 2: at pi t, t = 1 is back to alpha = -1",
+         torch.stack([torch.cos(math.pi * t), torch.sin(math.pi * t)])),
+        ("a linear schedule (1 - t, t); §4.4's is the cosine (cos, sin)(pi t / 2)",
+         torch.stack([1 - t, t])),
+        ("cos^2 and sin^2 are the variances alpha^2 and sigma^2; alpha and sigma are cos and sin",
+         torch.stack([c ** 2, s ** 2]))])
 
 
 def v_loss_setup(g, B=256, dropout=0.0, mask=None):
@@ -611,6 +678,8 @@ def guidance_formula(g):
     s, phi = 6.0, 0.7
     v = v_u + s * (v_c - v_u)
     got = sa.guided_v(unet, *cond, s, phi)(z, t)
+    context, mask, uncond, uncond_mask = cond
+    v_u_masked = answer_v(z, t, uncond, mask)
     compare(got, rescaled(v, v_c, phi), "guided_v at scale 6, rescale 0.7", [
         ("the rescale's std runs over frames (dim 2); it is over channels (dim 1), frame by frame",
          rescaled(v, v_c, phi, 2)),
@@ -628,13 +697,21 @@ def guidance_formula(g):
         ("the rescale uses variances; it matches standard deviations, std(v_c) / std(v)",
          phi * v * v_c.var(1, keepdim=True) / v.var(1, keepdim=True) + (1 - phi) * v),
         ("the conditional and unconditional halves are swapped: the batch is (context, uncond), "
-         "so .chunk(2) gives v_c first", rescaled(v_c + s * (v_u - v_c), v_u, phi))])
+         "so .chunk(2) gives v_c first", rescaled(v_c + s * (v_u - v_c), v_u, phi)),
+        ("the rescale matches v_u's std; it pulls v toward v_c's", rescaled(v, v_u, phi)),
+        ("the rescale's std runs over the batch (dim 0); it is over channels (dim 1), frame by "
+         "frame", rescaled(v, v_c, phi, 0)),
+        ("the rescaled v is mixed with v_c; it is mixed with the guided v: "
+         "phi * rescaled + (1 - phi) * v", rescaled(v, v_c, 1) * phi + (1 - phi) * v_c),
+        ("the unconditional branch got the conditional mask: it takes uncond_mask",
+         rescaled(v_u_masked + s * (v_c - v_u_masked), v_c, phi))])
 
 
 def guidance_at_scale_one(g):
     unet, cond, z, t, v_c, v_u = guidance_setup(g)
     compare(sa.guided_v(unet, *cond, 1.0, 0.4)(z, t), v_c,
-            "guided_v at scale 1 must be the conditional prediction v_c")
+            "guided_v at scale 1 must be the conditional prediction v_c", [
+                ("that is v_u: at scale 1 guidance gives the conditional prediction v_c", v_u)])
 
 
 def guidance_without_rescale(g):
@@ -656,9 +733,14 @@ def guidance_past_the_end(g):
     frames = torch.tensor([12, 5, 0])
     got = sa.guided_v(unet, *cond, 6.0, 0.4, content_frames=frames)(z, t)
     inside = torch.arange(12) < frames[:, None]
-    want = torch.where(inside[:, None], rescaled(v_u + 6 * (v_c - v_u), v_c, 0.4), v_c)
+    guided = rescaled(v_u + 6 * (v_c - v_u), v_c, 0.4)
+    want = torch.where(inside[:, None], guided, v_c)
     compare(got, want, "guided_v with content_frames: frames past each content's end take v_c "
-                       "alone, the frames inside the guided v")
+                       "alone, the frames inside the guided v", [
+                           ("the wrong way round: v_c past the end, the guided v inside",
+                            torch.where(inside[:, None], v_c, guided)),
+                           ("content_frames is ignored: frames past the end take v_c alone",
+                            guided)])
     expect(all(c["frames"] is not None and len(c["frames"]) == len(c["x"]) for c in unet.calls),
            "guided_v: pass content_frames to the U-Net, one per row it is given")
 
@@ -682,6 +764,9 @@ def sigmas_spacing(g):
         ("one level too few: `steps` levels from sigma_max to sigma_min, then 0",
          torch.cat([torch.exp(torch.linspace(math.log(hi), math.log(lo), steps - 1,
                                              dtype=torch.float64)), zero])),
+        ("Karras et al.'s rho = 7 spacing; this schedule is even in log sigma",
+         torch.cat([(hi ** (1 / 7) + torch.linspace(0, 1, steps, dtype=torch.float64)
+                     * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7, zero])),
         ("the schedule ascends: sampling starts at sigma_max and descends to sigma_min, then 0",
          torch.cat([log_spaced.flip(0), zero])),
         ("torch.logspace takes base-10 exponents: give it log10 of the ends (or exp a linspace "
@@ -717,7 +802,11 @@ def denoiser_of_a_point_mass(g):
                      torch.full((3,), math.atan(sigma)))])
         compare(z.double(), x / math.sqrt(1 + sigma ** 2), f"the z given to the v-model at sigma "
                 f"{sigma}", [("the v-model was given x: it needs the VP latent "
-                              "z = x / sqrt(1 + sigma^2) (alpha_t x)", x)])
+                              "z = x / sqrt(1 + sigma^2) (alpha_t x)", x),
+                             ("the square root is missing: z = x / sqrt(1 + sigma^2)",
+                              x / (1 + sigma ** 2)),
+                             ("multiplied where it divides: z = x / sqrt(1 + sigma^2)",
+                              x * math.sqrt(1 + sigma ** 2))])
         a_t, s_t = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
         v = point_mass_v(x0, [])(z.double(), t.double())
         compare(got, x0, f"v_to_denoiser on data that is always x0, at sigma {sigma}: the "
@@ -760,6 +849,10 @@ def derivatives_exact(g):
         ("that is the slope between the last two points, p' half a step back; at lam_i add h_1 "
          "times the second divided difference", slope),
         ("p' and p'' swapped: return (p', p'')", d2p),
+        ("p' = slope + h_2 f; it is slope + h_1 f, h_1 = lam_i - lam_{i-1}",
+         slope + (lam_1 - lam_2) * d2p / 2),
+        ("the second divided difference is over h_1 alone; it is over lam_i - lam_{i-2} = h_1 + "
+         "h_2", slope + (slope - (p(lam_1) - p(lam_2)) / (lam_1 - lam_2))),
         ("history read oldest first: history[-1] is the newest (lam_{i-1}, D_{i-1})",
          (p(lam) - p(lam_2)) / (lam - lam_2))])
     compare(d2, d2p, "dpm_derivatives' p'' through three values of a quadratic", [
@@ -777,17 +870,23 @@ def taper(h, I0):
     return (h * h / 2 - (h - I0)) / (1 + h)
 
 
-def multistep_by_hand(p, x, sigmas, order, w2=taper, I0_sign=1, past=1, swap=False):
+def midpoint(r, D_i, D_j):
+    """2M's D at the step's midpoint, extrapolated through D_{i-1} and D_i."""
+    return (1 + 1 / (2 * r)) * D_i - D_j / (2 * r)
+
+
+def multistep_by_hand(p, x, sigmas, order, w2=taper, I0_sign=1, past=1, swap=False, mix=midpoint,
+                      r_of=lambda h_1, h: h_1 / h, I1_sign=1, decay=-1):
     """The samplers' updates written out, for a denoiser D(lam) = p(lam); the keywords make the
-    near misses: the p'' weight, I0's sign, which past value 2M reads, p' and p'' swapped."""
+    near misses: the p'' weight, I0's and I1's signs, e^{decay h}, which past value 2M reads, 2M's
+    r and its mix of D_i and D_{i-1}, p' and p'' swapped."""
     lams = [-math.log(s) for s in sigmas]
     D = [p(lam) for lam in lams]
     for i in range(len(sigmas) - 1):
         h = lams[i + 1] - lams[i]
         if order == 2 and i:
             j = i - past if i >= past else i - 1
-            r = (lams[i] - lams[j]) / h
-            x = ddim(x, (1 + 1 / (2 * r)) * D[i] - D[j] / (2 * r), h)
+            x = ddim(x, mix(r_of(lams[i] - lams[j], h), D[i], D[j]), h)
             continue
         d1, d2 = 0, 0
         if order == 3 and i:
@@ -798,7 +897,7 @@ def multistep_by_hand(p, x, sigmas, order, w2=taper, I0_sign=1, past=1, swap=Fal
         if swap:
             d1, d2 = d2, d1
         I0 = -I0_sign * math.expm1(-h)
-        x = math.exp(-h) * x + I0 * D[i] + (h - I0) * d1 + w2(h, I0) * d2
+        x = math.exp(decay * h) * x + I0 * D[i] + I1_sign * (h - I0) * d1 + w2(h, I0) * d2
     return x
 
 
@@ -819,7 +918,15 @@ def sampler_steps(g, sampler, order):
     by_hand = lambda **kw: multistep_by_hand(p, x, sigmas, order, **kw)
     if order == 2:
         suspects += [("the oldest history entry was read: history[-1] is the newest "
-                      "(lam_{i-1}, D_{i-1})", by_hand(past=2))]
+                      "(lam_{i-1}, D_{i-1})", by_hand(past=2)),
+                     ("r is inverted: r = h_{i-1} / h, the last step over this one",
+                      by_hand(r_of=lambda h_1, h: h / h_1)),
+                     ("r is h_{i-1} alone: r = h_{i-1} / h", by_hand(r_of=lambda h_1, h: h_1)),
+                     ("D_i and D_{i-1} swapped: (1 + 1/(2r)) D_i - 1/(2r) D_{i-1}",
+                      by_hand(mix=lambda r, D_i, D_j: midpoint(r, D_j, D_i))),
+                     ("D extrapolated to the step's end; 2M takes the midpoint: "
+                      "(1 + 1/(2r)) D_i - 1/(2r) D_{i-1}",
+                      by_hand(mix=lambda r, D_i, D_j: (1 + 1 / r) * D_i - D_j / r))]
     if order == 3:
         I2 = lambda h, I0: h * h / 2 - (h - I0)
         suspects += [("p'' weighted by I2 / 2, as k-diffusion does (order 2): the exact weight is "
@@ -828,7 +935,14 @@ def sampler_steps(g, sampler, order):
                      ("p'' is left out: this is a second-order update", by_hand(w2=lambda *a: 0)),
                      ("I0's sign is flipped: I0 = 1 - e^{-h} = -expm1(-h), positive",
                       by_hand(I0_sign=-1)),
-                     ("p' and p'' swapped: dpm_derivatives returns (p', p'')", by_hand(swap=True))]
+                     ("p' and p'' swapped: dpm_derivatives returns (p', p'')", by_hand(swap=True)),
+                     ("I1's sign is flipped: I1 = h - I0 weights p' (and gives I2 = h^2 / 2 - "
+                      "I1)", by_hand(I1_sign=-1, w2=lambda h, I0: (h * h / 2 + h - I0) / (1 + h))),
+                     ("I2 = h^2 / 2 - I1, the integral against tau^2 / 2 (this is tau^2)",
+                      by_hand(w2=lambda h, I0: (h * h - (h - I0)) / (1 + h))),
+                     ("the taper multiplies: the p'' weight is I2 / (1 + h)",
+                      by_hand(w2=lambda h, I0: taper(h, I0) * (1 + h) ** 2)),
+                     ("x grows by e^{h}: it decays, x_{i+1} = e^{-h} x_i + ...", by_hand(decay=1))]
     compare(got, multistep_by_hand(p, x, sigmas, order), f"{name}'s six steps on a denoiser "
             f"quadratic in lam", suspects)
 
@@ -1011,14 +1125,38 @@ class NotImportable(Exception):
     """The student's file does not import; one line says why."""
 
 
+def reference_state():
+    """stable_audio's names, its classes' attributes and its tables (sa.SAMPLERS), as they are."""
+    spaces = [sa] + [c for c in vars(sa).values()
+                     if isinstance(c, type) and c.__module__ == sa.__name__]
+    return ([(space, dict(vars(space))) for space in spaces],
+            [(t, dict(t)) for t in vars(sa).values() if isinstance(t, dict)])
+
+
+def restore(state):
+    """Put stable_audio back as reference_state found it."""
+    spaces, tables = state
+    for space, names in spaces:
+        for name in set(vars(space)) - set(names):
+            delattr(space, name)
+        for name, value in names.items():
+            if vars(space).get(name) is not value:
+                setattr(space, name, value)
+    for table, items in tables:
+        table.clear()
+        table.update(items)
+
+
 def load_student(path):
-    """The student's file as a module."""
+    """The student's file as a module. Whatever its top level does to stable_audio (say,
+    `stable_audio.ddim_step = mine`) is undone, so every piece is graded on the reference's."""
     path = Path(path)
     if not path.is_file():
         raise sa.UsageError(f"{path}: no such file; make one with "
                             f"`python assignments.py starter --out {path}`")
     spec = importlib.util.spec_from_file_location(f"student_{path.stem}", str(path))
     module = importlib.util.module_from_spec(spec)
+    state = reference_state()
     try:
         spec.loader.exec_module(module)
     except BaseException as e:                          # a student's file may raise anything
@@ -1027,19 +1165,25 @@ def load_student(path):
         message = (f"{e.msg}, line {e.lineno}" if isinstance(e, SyntaxError) else
                    str(e).splitlines()[0] if str(e) else "")
         raise NotImportable(f"{path} does not import: {type(e).__name__}: {message}") from None
+    finally:
+        restore(state)
     return module
 
 
 def their_function(module, piece):
-    """The student's function for a piece, or one that says it is missing."""
+    """The student's function for a piece, or None where their file has none."""
     owner, _, name = piece.rpartition(".")
     found = getattr(getattr(module, owner, None) if owner else module, name, None)
-    if isinstance(found, types.FunctionType):
-        return found
+    return found if isinstance(found, types.FunctionType) else None
 
-    def missing(*args, **kwargs):
-        raise NotImplementedError(f"{Path(module.__file__).name} has no {piece}")
-    return missing
+
+def missing(module, piece):
+    """Stands in for a piece the student's file does not define: it is not done."""
+    name = Path(module.__file__).name
+
+    def missing_piece(*args, **kwargs):
+        raise NotImplementedError(f"{piece} is missing from {name}")
+    return missing_piece
 
 
 def not_written(function):
@@ -1056,7 +1200,8 @@ def not_written(function):
 
 def written_pieces(module):
     """The pieces the student's file defines with a body of its own."""
-    return [p for p in PIECES if not not_written(their_function(module, p))]
+    return [p for p in PIECES if their_function(module, p) is not None
+            and not not_written(their_function(module, p))]
 
 
 @contextlib.contextmanager
@@ -1068,6 +1213,9 @@ def swapped_in(module, pieces):
     theirs = {}
     for piece in pieces:
         f = their_function(module, piece)
+        if f is None:
+            theirs[piece] = missing(module, piece)
+            continue
         g = types.FunctionType(f.__code__, names, f.__name__, f.__defaults__, f.__closure__)
         g.__kwdefaults__, g.__qualname__, g.__doc__ = f.__kwdefaults__, f.__qualname__, f.__doc__
         theirs[piece] = g
@@ -1103,19 +1251,27 @@ def code_objects(function):
     return found
 
 
+def piece_of(module, pieces):
+    """Each code object of the student's functions for `pieces` -> the piece it belongs to."""
+    return {code: piece for piece in pieces if their_function(module, piece)
+            for code in code_objects(their_function(module, piece))}
+
+
 @contextlib.contextmanager
-def tripwire(pieces, filename):
-    """Notes every call, from the student's file, of the reference function it replaces: such a
-    piece would grade the reference, not the student."""
+def tripwire(module, pieces):
+    """Notes every call, from the student's file, of a reference function that `pieces` replace,
+    as (the student's piece that called it, the piece called): such a piece grades the reference,
+    not the student."""
     watched = {code: piece for piece in pieces for code in code_objects(ORIGINALS[piece])}
-    caught = []
+    theirs, caught = piece_of(module, pieces), []
 
     def profile(frame, event, arg):
         if event == "call" and frame.f_code in watched:
             caller = frame.f_back
             while caller is not None:
-                if caller.f_code.co_filename == filename:
-                    caught.append(watched[frame.f_code])
+                if caller.f_code.co_filename == module.__file__:
+                    name = getattr(caller.f_code, "co_qualname", caller.f_code.co_name)
+                    caught.append((theirs.get(caller.f_code, name), watched[frame.f_code]))
                     return
                 caller = caller.f_back
     previous = sys.getprofile()
@@ -1126,14 +1282,25 @@ def tripwire(pieces, filename):
         sys.setprofile(previous)
 
 
+def recursing_piece(module, pieces, error):
+    """The student's piece that recurs most often in a RecursionError's traceback."""
+    theirs, counts, tb = piece_of(module, pieces), {}, error.__traceback__
+    while tb is not None:
+        piece = theirs.get(tb.tb_frame.f_code)
+        if piece:
+            counts[piece] = counts.get(piece, 0) + 1
+        tb = tb.tb_next
+    return max(counts, key=counts.get) if counts else pieces[0]
+
+
 # -------------------------------------------------------------------------------------------------
-# Grading
+# Grading one file, in this process
 # -------------------------------------------------------------------------------------------------
 @dataclass
 class Result:
     assignment: Assignment
     passed: int = 0
-    status: str = "passed"       # passed, failed, not done, refused
+    status: str = "passed"   # passed, failed, not done, refused, timed out, crashed, import error
     message: str = ""
     seconds: float = 0.0
 
@@ -1144,9 +1311,8 @@ class Result:
 
 def grade_one(module, assignment, seed):
     """Run one assignment's checks with its pieces, and only those, swapped in."""
-    result, start, not_done = Result(assignment), time.perf_counter(), 0
-    with swapped_in(module, assignment.pieces), tripwire(assignment.pieces,
-                                                         module.__file__) as caught:
+    result, start, not_done, refused = Result(assignment), time.perf_counter(), 0, None
+    with swapped_in(module, assignment.pieces), tripwire(module, assignment.pieces) as caught:
         for i, check in enumerate(assignment.checks):
             failure = None
             try:
@@ -1157,20 +1323,27 @@ def grade_one(module, assignment, seed):
                 failure = f"not done: {e}" if str(e) else "not done"
             except Wrong as e:
                 failure = str(e)
-            except RecursionError:
-                caught.append(", ".join(assignment.pieces))
+            except RecursionError as e:
+                piece = recursing_piece(module, assignment.pieces, e)
+                refused = (f"{piece} calls itself without end: while it is graded, "
+                           f"stable_audio.{piece.rpartition('.')[2]} is yours, not the "
+                           f"reference; write it without calling it")
+            except SystemExit as e:
+                failure = f"{check.__name__}: the piece calls exit({e.code!r}); it must return"
             except Exception as e:
                 line = str(e).splitlines()[0] if str(e) else ""
                 failure = f"{check.__name__}: {type(e).__name__}: {line}"
             if caught:
+                caller, called = caught[0]
+                refused = (f"{caller} calls stable_audio's own {called}, which {assignment.key} "
+                           f"asks you to write: that grades the reference, not you; write it")
+            if refused:
                 break
             result.passed += failure is None
             if failure and not result.message:
                 result.message = failure
-    if caught:
-        result.status, result.passed = "refused", 0
-        result.message = (f"{caught[0]} calls stable_audio's own {caught[0]}, the function it "
-                          f"is meant to replace: that grades the reference, not you; write it")
+    if refused:
+        result.status, result.passed, result.message = "refused", 0, refused
     elif not_done == len(assignment.checks):
         result.status, result.message = "not done", ""
     elif result.passed < len(assignment.checks):
@@ -1179,29 +1352,162 @@ def grade_one(module, assignment, seed):
     return result
 
 
-def print_table(path, results):
-    print(f"{path}")
-    print(f"{'':3} {'':5} {'assignment':48} {'checks':>8} {'points':>8} {'time':>6}  "
+# -------------------------------------------------------------------------------------------------
+# Each file in processes of its own, each assignment under a time limit
+# -------------------------------------------------------------------------------------------------
+TIMEOUT_S = 60.0        # per assignment; the slowest correct one takes about 0.05 s on 2 CPU cores
+STARTUP_S = 60.0        # a worker's own start (Python, torch), on top of the file's import
+WORKER = ("import sys; sys.path.insert(0, {here!r}); import assignments; "
+          "assignments.worker(*sys.argv[1:])")
+
+
+def worker(path, keys, seed, log):
+    """Grade one file in this process (started by grade_file): one JSON line per event on stdout,
+    which is then pointed elsewhere, so whatever the student's code prints goes to `log`."""
+    report = os.fdopen(os.dup(1), "w")
+    printed = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(printed, 1)
+    os.dup2(printed, 2)
+    torch.set_num_threads(1)                 # small tensors; files may be graded side by side
+
+    def send(**event):
+        report.write(json.dumps(event) + "\n")
+        report.flush()
+    send(event="started")
+    try:
+        module = load_student(path)
+    except NotImportable as e:
+        return send(event="import error", message=str(e))
+    send(event="imported")
+    for key in keys.split(","):
+        send(event="start", key=key)
+        r = grade_one(module, ASSIGNMENTS[key], int(seed))
+        send(event="result", key=key, passed=r.passed, status=r.status, message=r.message,
+             seconds=r.seconds)
+        sys.stdout.flush()
+
+
+def ended(code):
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def run_worker(path, todo, seed, timeout, log, results):
+    """One worker process on the assignments in `todo`, until it finishes them, stalls or dies;
+    each result goes into `results` and out of `todo`."""
+    with open(log, "ab") as printed:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WORKER.format(here=str(HERE)), str(path), ",".join(todo),
+             str(seed), str(log)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=printed, start_new_session=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    current, deadline = None, time.monotonic() + STARTUP_S + timeout
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                line = "stalled"
+            if line is None or line == "stalled":
+                how = (f"timed out after {timeout:g} s" if line == "stalled" else
+                       f"ended the grading process ({ended(proc.wait())})")
+                if current:
+                    status = "timed out" if line == "stalled" else "crashed"
+                    results[current] = Result(ASSIGNMENTS[current], status=status,
+                                              message=f"{current} {how}",
+                                              seconds=time.monotonic() - began)
+                    todo.remove(current)
+                elif todo:
+                    fail_all(results, todo, f"{path}: importing it {how}")
+                return
+            event = json.loads(line)
+            if event["event"] == "import error":
+                return fail_all(results, todo, event["message"])
+            if event["event"] == "started":
+                deadline = time.monotonic() + timeout
+            elif event["event"] == "start":
+                current, began = event["key"], time.monotonic()
+                deadline = began + timeout
+            elif event["event"] == "result":
+                key = event.pop("key")
+                results[key] = Result(ASSIGNMENTS[key], event["passed"], event["status"],
+                                      event["message"], event["seconds"])
+                todo.remove(key)
+                current = None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
+def fail_all(results, todo, message):
+    for key in todo:
+        results[key] = Result(ASSIGNMENTS[key], status="import error", message=message)
+    todo.clear()
+
+
+def grade_file(path, keys, seed, timeout):
+    """Grade one file apart from every other: -> (its results, what its code printed)."""
+    results, todo = {}, list(keys)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "printed.txt"
+        while todo:                                 # a stall or a crash ends one assignment
+            run_worker(path, todo, seed, timeout, log, results)
+        printed = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    return [results[key] for key in keys], printed
+
+
+# -------------------------------------------------------------------------------------------------
+# Grades out: a table, CSV rows, a gradebook, Gradescope's results.json
+# -------------------------------------------------------------------------------------------------
+def print_table(path, seed, results, printed_lines):
+    print(f"{path} (seed {seed})")
+    print(f"{'':3} {'':5} {'assignment':48} {'checks':>10} {'points':>8} {'time':>6}  "
           f"first failure")
     for r in results:
         a = r.assignment
-        checks = r.status if r.status in ("not done", "refused") else \
-            f"{r.passed}/{len(a.checks)}"
-        print(f"{a.key:3} {a.section:5} {a.title:48} {checks:>8} {r.points:4.1f}/{a.points:<3}"
+        checks = f"{r.passed}/{len(a.checks)}" if r.status in ("passed", "failed") else r.status
+        print(f"{a.key:3} {a.section:5} {a.title:48} {checks:>10} {r.points:4.1f}/{a.points:<3}"
               f" {r.seconds:5.1f}s  {r.message}")
     total = sum(r.points for r in results)
-    print(f"{'':59} total {total:5.1f}/{sum(r.assignment.points for r in results)}")
+    print(f"{'':61} total {total:5.1f}/{sum(r.assignment.points for r in results)}")
+    if printed_lines:
+        print(f"({path} printed {printed_lines} lines while graded, kept out of this table; "
+              f"--log FILE keeps them)")
 
 
-CSV_FIELDS = ["file", "assignment", "status", "passed", "checks", "points", "max_points",
-              "seconds", "message"]
+CSV_FIELDS = ["student", "file", "seed", "assignment", "status", "passed", "checks", "points",
+              "max_points", "seconds", "message"]
 
 
-def csv_rows(path, results):
-    return [{"file": str(path), "assignment": r.assignment.key, "status": r.status,
-             "passed": r.passed, "checks": len(r.assignment.checks),
-             "points": f"{r.points:.1f}", "max_points": r.assignment.points,
-             "seconds": f"{r.seconds:.2f}", "message": r.message} for r in results]
+def csv_rows(path, seed, results):
+    return [{"student": Path(path).stem, "file": str(path), "seed": seed,
+             "assignment": r.assignment.key, "status": r.status, "passed": r.passed,
+             "checks": len(r.assignment.checks), "points": f"{r.points:.1f}",
+             "max_points": r.assignment.points, "seconds": f"{r.seconds:.2f}",
+             "message": r.message} for r in results]
+
+
+def gradebook_text(graded, seed, chosen):
+    """One row per student: each assignment's points and the total."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["student", "file", "seed", *[a.key for a in chosen], "total", "max_points"])
+    for path, results in graded:
+        writer.writerow([Path(path).stem, str(path), seed, *[f"{r.points:.1f}" for r in results],
+                         f"{sum(r.points for r in results):.1f}", sum(a.points for a in chosen)])
+    return out.getvalue()
+
+
+def gradescope_text(results, seed):
+    """Gradescope's autograder results: the score, and one test per assignment."""
+    tests = [{"name": f"{r.assignment.key} {r.assignment.section} {r.assignment.title}",
+              "score": round(r.points, 2), "max_score": r.assignment.points,
+              "output": f"{r.status}: {r.message}" if r.message else r.status} for r in results]
+    return json.dumps({"score": round(sum(r.points for r in results), 2), "tests": tests,
+                       "output": f"graded at seed {seed}"}, indent=2) + "\n"
 
 
 def student_files(paths):
@@ -1212,37 +1518,49 @@ def student_files(paths):
         if not found:
             raise sa.UsageError(f"{path} holds no .py file to grade")
         files += found
+    for path in files:
+        if not path.is_file():
+            raise sa.UsageError(f"{path}: no such file; make one with "
+                                f"`python assignments.py starter --out {path}`")
     return files
 
 
-def grade(paths, only=None, seed=0, as_csv=False):
-    """Grade each file (or folder of files) on the chosen assignments; 0 when every one passes,
-    1 otherwise."""
+def grade(paths, only=None, seed=0, as_csv=False, timeout=TIMEOUT_S, jobs=1, gradebook=None,
+          gradescope=None, log=None, force=False):
+    """Grade each file (or folder of files) on the chosen assignments, each file in processes of
+    its own; 0 when every one passes, 1 otherwise."""
     chosen, paths = [ASSIGNMENTS[k] for k in (only or ASSIGNMENTS)], student_files(paths)
+    if gradescope and len(paths) != 1:
+        raise sa.UsageError(f"--gradescope grades one submission, got {len(paths)} files; "
+                            "name the one file")
+    for out in (gradebook, gradescope, log):
+        if out and Path(out).exists() and not force:
+            raise sa.UsageError(f"{out} exists; pass --force to replace it")
     writer = csv.DictWriter(sys.stdout, CSV_FIELDS) if as_csv else None
     if writer:
         writer.writeheader()
-    ok = True
-    for path in paths:
-        try:
-            module = load_student(path)
-            results = [grade_one(module, a, seed) for a in chosen]
-        except NotImportable as e:
-            ok = False
+    graded, printed_all, ok = [], [], True
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        keys = [a.key for a in chosen]
+        for path, (results, printed) in zip(paths, pool.map(
+                lambda p: grade_file(p, keys, seed, timeout), paths)):
+            ok &= all(r.status == "passed" for r in results)
+            graded.append((path, results))
+            if printed:
+                printed_all.append(f"==== {path}\n{printed}")
             if writer:
-                writer.writerows(csv_rows(path, [Result(a, status="import error", message=str(e))
-                                                 for a in chosen]))
+                writer.writerows(csv_rows(path, seed, results))
+                sys.stdout.flush()
+            elif results and all(r.status == "import error" for r in results):
+                print(results[0].message)
             else:
-                print(e)
-            continue
-        ok &= all(r.status == "passed" for r in results)
-        refused = [r for r in results if r.status == "refused"]
-        if writer:
-            writer.writerows(csv_rows(path, results))
-        elif refused:
-            print(f"{path}: refused: {refused[0].message}")
-        else:
-            print_table(path, results)
+                print_table(path, seed, results, 0 if log else printed.count("\n"))
+    if gradebook:
+        write_new(gradebook, gradebook_text(graded, seed, chosen), force)
+    if gradescope:
+        write_new(gradescope, gradescope_text(graded[0][1], seed), force)
+    if log:
+        write_new(log, "".join(printed_all), force)
     return 0 if ok else 1
 
 
@@ -1277,10 +1595,38 @@ def parse_args(argv):
                    help="the students' files (a starter filled in), or folders of them")
     c.add_argument("--only", type=assignment_keys, default=None, metavar="A1,A6",
                    help="grade these assignments only (default: all)")
-    c.add_argument("--seed", type=int, default=0, help="draws the checks' inputs (default 0)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="draws the checks' inputs (default 0, the public seed students grade "
+                        "with; instructors: pick a private one)")
     c.add_argument("--csv", action="store_true",
-                   help="CSV rows (file, assignment, status, points, ...) for a whole class")
+                   help="CSV rows on stdout, one per student and assignment (student, file, seed, "
+                        "assignment, status, points, ...)")
+    c.add_argument("--gradebook", metavar="FILE",
+                   help="also write a CSV with one row per student: each assignment's points "
+                        "and the total")
+    c.add_argument("--gradescope", metavar="FILE",
+                   help="also write Gradescope's results.json for the one file graded")
+    c.add_argument("--log", metavar="FILE",
+                   help="keep what the students' code printed while graded (default: dropped)")
+    c.add_argument("--timeout", type=positive_seconds, default=TIMEOUT_S, metavar="S",
+                   help=f"seconds each assignment may take per file (default {TIMEOUT_S:g}; "
+                        "a correct one takes well under 1)")
+    c.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="files graded side by side (default: the cores, at most 4)")
+    c.add_argument("--force", action="store_true",
+                   help="replace --gradebook, --gradescope and --log files that exist")
     return p.parse_args(argv)
+
+
+def positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"--timeout takes a positive number of seconds, got "
+                                         f"{text!r}")
+    return value
 
 
 def main(argv=None):
@@ -1296,7 +1642,10 @@ def main(argv=None):
                   + ("; grade it with `python assignments.py grade " + args.out + "`"
                      if blank else ""))
             return 0
-        return grade(args.files, args.only, args.seed, args.csv)
+        if args.jobs < 1:
+            raise sa.UsageError(f"--jobs must be at least 1, got {args.jobs}")
+        return grade(args.files, args.only, args.seed, args.csv, args.timeout, args.jobs,
+                     args.gradebook, args.gradescope, args.log, args.force)
     except (sa.UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
