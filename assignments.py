@@ -66,7 +66,7 @@ RTOL = 1e-5
 
 def close(got, want, rtol, atol=None):
     """|got - want| <= atol + rtol |want| everywhere; atol defaults to rtol times the largest
-    |want|, since float32 round-off scales with the values a piece works on, not with each output."""
+    |want|: float32 round-off scales with the values a piece works on, not with each output."""
     atol = rtol * want.abs().max().item() if atol is None and want.numel() else atol or 0.0
     return bool(((got - want).abs() <= atol + rtol * want.abs()).all())
 
@@ -321,6 +321,8 @@ def timing_rows(g):
          torch.stack([timing.start.weight[[4, 0, 100]], timing.total.weight[[30, 512, 45]]], 1)),
         ("clamped from 1: 0 s has a row of its own, clamp to 0..self.max_seconds",
          torch.stack([timing.start.weight[[3, 1, 100]], T], 1)),
+        ("clamped one short: the tables have max_seconds + 1 rows, 0..512 s, so clamp to "
+         "0..self.max_seconds", torch.stack([s, timing.total.weight[[30, 511, 45]]], 1)),
         ("one table for both tokens: seconds_total indexes self.total",
          torch.stack([s, timing.start.weight[[30, 512, 45]]], 1)),
         ("one table for both tokens: seconds_start indexes self.start",
@@ -472,6 +474,8 @@ def attention_suspects(m, x, context=None, mask=None):
              ("the heads are reshaped without the transpose: (B, S, C) -> (B, S, heads, C/heads), "
               "then transpose to (B, heads, S, C/heads), and back the same way",
               by_hand(transpose=(False, False))),
+             ("the heads are split without the transpose: (B, S, C) -> (B, S, heads, C/heads), "
+              "then transpose to (B, heads, S, C/heads)", by_hand(transpose=(False, True))),
              ("the heads are joined without the transpose: (B, heads, S, C/heads) -> transpose "
               "to (B, S, heads, C/heads), then reshape to (B, S, C)",
               by_hand(transpose=(True, False))),
@@ -560,11 +564,16 @@ def v_loss_setup(g, B=256, dropout=0.0, mask=None):
     context, null = randn(g, B, 3, 8), randn(g, 3, 8)
     unet = Recorder(lambda *a: out, null)
     mask = torch.ones(B, 3, dtype=torch.bool) if mask is None else mask
+    frames = torch.randint(1, 9, (B,), generator=g)
     generator = torch.Generator().manual_seed(int(torch.randint(2 ** 31, (1,), generator=g)))
     loss = sa.diffusion_loss(unet, z.clone(), context.clone(), mask.clone(), generator, dropout,
-                             None)
+                             frames.clone())
     expect(len(unet.calls) == 1, f"diffusion_loss called the U-Net {len(unet.calls)} times, "
                                  "expected once")
+    seen = unet.calls[0]["frames"]
+    expect(isinstance(seen, torch.Tensor) and torch.equal(seen, frames),
+           "diffusion_loss: pass content_frames on to the U-Net, unet(z_t, t, context, mask, "
+           "content_frames)")
     return loss, z, out, context, mask, unet.null_context.detach(), unet.calls[0]
 
 

@@ -25,7 +25,8 @@ Sections (run in this order; --only picks some):
   adherence   CLAP scores of generated audio against every prompt, a Fréchet distance to real
               sound-world clips, and acoustic descriptors beside those of real clips. The CLAP
               is this project's own small one, so its figures are not the paper's.
-  grading     assignments.py grading the instructor's key on every assignment, as a subprocess.
+  grading     assignments.py grading the instructor's key on every assignment, as a subprocess,
+              then a class's folder with a submission that hangs and one that exits.
 Every table names the machine (CPU model and torch threads, or GPU), the torch version and dtype.
 speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
 and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
@@ -70,6 +71,7 @@ H100_TARGET_S = 4.0          # 95 s, 100 steps, CFG 6, batch 1, bf16 (the paper:
 CLI_SECONDS = 30
 CLI_TARGET_S = 20.0                         # the README's command: at most 20 s on 2 CPU cores
 GRADING_TARGET_S = 60.0                     # assignments.py grading all of a key: 2 CPU cores
+CLASS_SIZE, CLASS_TARGET_S = 20, 180.0      # a folder of keys, one hang, one exit: 2 CPU cores
 TIME_LINE = re.compile(r"time: loading ([\d.]+) s \+ sampling and decoding ([\d.]+) s")
 
 # throughput
@@ -823,18 +825,31 @@ def bench_grading(setup):
         key = Path(tmp) / "key.py"
         subprocess.run([sys.executable, str(HERE / "assignments.py"), "solution", "--out",
                         str(key)], capture_output=True, text=True, cwd=HERE, check=True)
-        for _ in range(setup["repeats"]):
-            t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, str(HERE / "assignments.py"), "grade",
-                                   str(key)], capture_output=True, text=True, cwd=HERE)
-            wall = time.perf_counter() - t0
-            rows.append({"command": "assignments.py grade key.py", "wall s": wall,
-                         "exit": done.returncode, "target s (2 CPU cores)":
-                         f"<= {GRADING_TARGET_S:g}",
-                         "met": done.returncode == 0 and wall <= GRADING_TARGET_S})
+        text = key.read_text()
+        class_dir = Path(tmp) / "class"
+        class_dir.mkdir()
+        for i in range(CLASS_SIZE):
+            (class_dir / f"student_{i:02}.py").write_text(text)
+        (class_dir / "hangs.py").write_text(text.replace(
+            "    return 0.5 * (mean", "    while True:\n        pass\n    return 0.5 * (mean"))
+        (class_dir / "exits.py").write_text("import os\nos._exit(3)\n" + text)
+        runs = [("assignments.py grade key.py", [str(key)], GRADING_TARGET_S),
+                (f"a class: {CLASS_SIZE} keys, one that hangs, one that exits (default --jobs "
+                 "and --timeout)", [str(class_dir), "--csv"], CLASS_TARGET_S)]
+        for command, argv, target in runs:
+            for _ in range(setup["repeats"]):
+                t0 = time.perf_counter()
+                done = subprocess.run([sys.executable, str(HERE / "assignments.py"), "grade",
+                                       *argv], capture_output=True, text=True, cwd=HERE)
+                wall = time.perf_counter() - t0
+                ok = done.returncode == (0 if command.endswith("key.py") else 1)
+                rows.append({"command": command, "wall s": wall, "exit": done.returncode,
+                             "target s (2 CPU cores)": f"<= {target:g}",
+                             "met": ok and wall <= target})
     yield table("grading: every assignment", machine(torch.device("cpu"), torch.float32), rows,
                 "the instructor's key graded on all eight assignments, start-up included "
-                "(exit 0: every check passed)")
+                "(exit 0: every check passed), then a folder as a class hands it in (exit 1: "
+                "the hang and the exit fail, each in its own rows)")
 
 
 # -------------------------------------------------------------------------------------------------
