@@ -1143,17 +1143,24 @@ def reference_state():
 
 
 def restore(state):
-    """Put stable_audio back as reference_state found it."""
+    """Put stable_audio back as reference_state found it -> the names that had changed."""
     spaces, tables = state
+    changed = []
     for space, names in spaces:
+        prefix = "" if space is sa else f"{space.__name__}."
         for name in set(vars(space)) - set(names):
+            changed.append(prefix + name)
             delattr(space, name)
         for name, value in names.items():
             if vars(space).get(name) is not value:
+                changed.append(prefix + name)
                 setattr(space, name, value)
     for table, items in tables:
-        table.clear()
-        table.update(items)
+        if table != items:
+            changed.append(next(n for n, t in vars(sa).items() if t is table))
+            table.clear()
+            table.update(items)
+    return sorted(changed)
 
 
 def load_student(path):
@@ -1175,7 +1182,7 @@ def load_student(path):
                    str(e).splitlines()[0] if str(e) else "")
         raise NotImportable(f"{path} does not import: {type(e).__name__}: {message}") from None
     finally:
-        restore(state)
+        module.__undone__ = restore(state)       # what its top level changed in stable_audio
     return module
 
 
@@ -1387,7 +1394,7 @@ def worker(path, keys, seed, log):
         module = load_student(path)
     except NotImportable as e:
         return send(event="import error", message=str(e))
-    send(event="imported")
+    send(event="imported", undone=module.__undone__)
     for key in keys.split(","):
         send(event="start", key=key)
         r = grade_one(module, ASSIGNMENTS[key], int(seed))
@@ -1400,9 +1407,10 @@ def ended(code):
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
-def run_worker(path, todo, seed, timeout, log, results):
+def run_worker(path, todo, seed, timeout, log, results, undone):
     """One worker process on the assignments in `todo`, until it finishes them, stalls or dies;
-    each result goes into `results` and out of `todo`."""
+    each result goes into `results` and out of `todo`; what the file's import changed in
+    stable_audio (and grading undid) into `undone`."""
     with open(log, "ab") as printed:
         proc = subprocess.Popen(
             [sys.executable, "-c", WORKER.format(here=str(HERE)), str(path), ",".join(todo),
@@ -1435,6 +1443,8 @@ def run_worker(path, todo, seed, timeout, log, results):
                 return fail_all(results, todo, event["message"])
             if event["event"] == "started":
                 deadline = time.monotonic() + timeout
+            elif event["event"] == "imported":
+                undone[:] = event["undone"]
             elif event["event"] == "start":
                 current, began = event["key"], time.monotonic()
                 deadline = began + timeout
@@ -1458,20 +1468,21 @@ def fail_all(results, todo, message):
 
 
 def grade_file(path, keys, seed, timeout):
-    """Grade one file apart from every other: -> (its results, what its code printed)."""
-    results, todo = {}, list(keys)
+    """Grade one file apart from every other: -> (its results, what its code printed, what its
+    import changed in stable_audio)."""
+    results, todo, undone = {}, list(keys), []
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "printed.txt"
         while todo:                                 # a stall or a crash ends one assignment
-            run_worker(path, todo, seed, timeout, log, results)
+            run_worker(path, todo, seed, timeout, log, results, undone)
         printed = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
-    return [results[key] for key in keys], printed
+    return [results[key] for key in keys], printed, undone
 
 
 # -------------------------------------------------------------------------------------------------
 # Grades out: a table, CSV rows, a gradebook, Gradescope's results.json
 # -------------------------------------------------------------------------------------------------
-def print_table(path, seed, results, printed_lines):
+def print_table(path, seed, results, printed_lines, undone):
     print(f"{path} (seed {seed})")
     print(f"{'':3} {'':5} {'assignment':48} {'checks':>10} {'points':>8} {'time':>6}  "
           f"first failure")
@@ -1485,6 +1496,9 @@ def print_table(path, seed, results, printed_lines):
     if printed_lines:
         print(f"({path} printed {printed_lines} lines while graded, kept out of this table; "
               f"--log FILE keeps them)")
+    if undone:
+        print(f"({path} changed stable_audio's {', '.join(undone)} when imported; undone: every "
+              f"piece it does not write is graded as the reference's)")
 
 
 CSV_FIELDS = ["student", "file", "seed", "assignment", "status", "passed", "checks", "points",
@@ -1551,7 +1565,7 @@ def grade(paths, only=None, seed=0, as_csv=False, timeout=TIMEOUT_S, jobs=1, gra
     graded, printed_all, ok = [], [], True
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         keys = [a.key for a in chosen]
-        for path, (results, printed) in zip(paths, pool.map(
+        for path, (results, printed, undone) in zip(paths, pool.map(
                 lambda p: grade_file(p, keys, seed, timeout), paths)):
             ok &= all(r.status == "passed" for r in results)
             graded.append((path, results))
@@ -1563,7 +1577,7 @@ def grade(paths, only=None, seed=0, as_csv=False, timeout=TIMEOUT_S, jobs=1, gra
             elif results and all(r.status == "import error" for r in results):
                 print(results[0].message)
             else:
-                print_table(path, seed, results, 0 if log else printed.count("\n"))
+                print_table(path, seed, results, 0 if log else printed.count("\n"), undone)
     if gradebook:
         write_new(gradebook, gradebook_text(graded, seed, chosen), force)
     if gradescope:

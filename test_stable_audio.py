@@ -3595,6 +3595,18 @@ def test_a_class_is_graded_whatever_one_submission_does(key_text, tmp_path, caps
     assert "pass --force" in capsys.readouterr().err
 
 
+def test_what_a_files_import_does_to_the_model_is_undone_and_said(key_text, tmp_path, capsys):
+    reference = sa.ddim_step
+    (tmp_path / "patches.py").write_text(key_text + "\nimport stable_audio\nstable_audio.ddim_step"
+                                         " = lambda x, denoised, h: x\nstable_audio.SAMPLERS.clear()\n")
+    module = assignments.load_student(tmp_path / "patches.py")
+    assert module.__undone__ == ["SAMPLERS", "ddim_step"]
+    assert sa.ddim_step is reference and set(sa.SAMPLERS) == {"dpmpp-2m", "dpmpp-3m", "euler"}
+    assert assignments.main(["grade", str(tmp_path / "patches.py"), "--only", "A8"]) == 0
+    assert "changed stable_audio's SAMPLERS, ddim_step when imported; undone" in \
+        capsys.readouterr().out
+
+
 def test_grades_go_out_as_gradescope_results(key_text, tmp_path):
     results = tmp_path / "results.json"
     (tmp_path / "student.py").write_text(key_text.replace("return 0.5 * (mean", "return (mean"))
