@@ -555,7 +555,7 @@ def scan_folder(path):
 
 
 def crop_or_pad(audio, window, rng, sample_rate):
-    """§3.3: a random window of (C, N) and its timing: (C, window), seconds_start, seconds_total."""
+    """§3.2, §4.4: a random window (C, window) of (C, N) and its seconds_start, seconds_total."""
     # Also right for latents (C, L): pass the latent frame rate, sample_rate / hop, as sample_rate.
     n = audio.shape[-1]
     offset = int(rng.integers(0, n - window + 1)) if n > window else 0

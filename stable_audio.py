@@ -11,8 +11,10 @@ such latents, steered by text features from a CLAP text encoder and by two timin
     seconds_start, seconds_total -> 2 timing tokens --+--> context (B, S, 768), mask (B, S)
     noise (B, 64, L) --U-Net (v) + CFG + DPM-Solver++--> z --VAE.decode--> audio (B, 2, N)
 
-Shape alphabet: B batch, C channels, L latent frames, N audio samples, S tokens.
-`python stable_audio.py` prints a stage-by-stage shape trace of the `tiny` model.
+Shapes: B batch, C channels, L latent frames, N audio samples, S tokens, M the noise-level
+embedding's width; W, A, D CLAP's text, audio and joint widths (in the samplers D: the denoiser).
+Masks: `mask` (B, S) real context tokens; content_mask (B, L) frames inside the request;
+inpaint_mask (L,) the latent inpainting keeps. `python stable_audio.py`: a `tiny` shape trace.
 """
 import argparse
 import copy
@@ -32,14 +34,14 @@ FORMAT_1 = "stable-audio-reference/1"     # still read: see upgrade_format_1
 PAD, BOS, EOS, VOCAB = 256, 257, 258, 259   # byte tokenizer: 256 byte values, then 3 specials
 STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)   # §4.2: the reconstruction loss's windows
 DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
-CFG_SCALE, CFG_RESCALE = 6.0, 0.4   # guidance: the paper's scale (§4.4), the released rescale phi
+CFG_SCALE, CFG_RESCALE = 6.0, 0.4   # §3.4 guidance: the paper's scale, the released rescale phi
+SIGMA_MIN, SIGMA_MAX = 0.03, 80.0   # §3.4 schedule ends, the released UI's (the paper gives none)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -------------------------------------------------------------------------------------------------
 # Configs and sizes: one dataclass per component, its defaults the paper's full size (as in the
 # released stable_audio_1_0.json); `small` and `tiny` change widths, depths, the window, no more.
-# -------------------------------------------------------------------------------------------------
 @dataclass
 class VAEConfig:
     channels: int = 2                    # stereo
@@ -148,11 +150,9 @@ SIZES = {
 # §3.1 Snake (Ziyin et al. 2020, as in DAC): x + 1/alpha sin^2(alpha x), alpha learned per channel.
 # A periodic bump on top of the identity lets convolutions model oscillations, which is what audio
 # is made of; ReLU-type activations must build every period out of pieces.
-# -------------------------------------------------------------------------------------------------
 def snake(x, alpha, beta=None):
-    """x + 1/beta sin^2(alpha x); DAC's Snake has beta = alpha. x (B, C, N); alpha, beta (1, C, 1)
-    or broadcastable to x; beta None: alpha. Divides by beta + 1e-9 (a learned beta can reach 0).
-    -> x's shape."""
+    """x + 1/beta sin^2(alpha x), beta None: alpha (DAC's Snake). x (B, C, N); alpha, beta (1, C, 1)
+    or broadcastable; divides by beta + 1e-9 (a learned beta can reach 0). -> x's shape."""
     beta = alpha if beta is None else beta
     return x + (beta + 1e-9).reciprocal() * torch.sin(alpha * x).pow(2)
 
@@ -183,9 +183,8 @@ ACTIVATIONS = {"snake": Snake, "snake_beta": SnakeBeta, "elu": lambda channels: 
 # -------------------------------------------------------------------------------------------------
 # §3.1 VAE: the Descript Audio Codec encoder/decoder without its quantizer. Stereo 44.1 kHz -> 64
 # channels at 1/1024 of the length (strides 4, 4, 8, 8), a 32x smaller tensor. Full size: encoder
-# 89.6 M + decoder 43.9 M = 133 M parameters; its §4.2 losses (KL, multi-resolution STFT) follow.
+# 89.6 M + decoder 43.9 M = 133 M parameters. Its §4.2 losses (KL, multi-resolution STFT) follow.
 # The same code builds Stable Audio Open's OOBLECK (SnakeBeta, strides 2, 4, 4, 8, 8, no tanh).
-# -------------------------------------------------------------------------------------------------
 WNConv1d = lambda *args, **kwargs: weight_norm(nn.Conv1d(*args, **kwargs))
 WNConvTranspose1d = lambda *args, **kwargs: weight_norm(nn.ConvTranspose1d(*args, **kwargs))
 
@@ -211,10 +210,9 @@ def encoder_block(c_in, c_out, stride, act=Snake):
 
 def decoder_block(c_in, c_out, stride, act=Snake):
     """A transposed conv that upsamples by `stride`, then residual units (dilations 1, 3, 9)."""
-    return nn.Sequential(
-        act(c_in),
-        WNConvTranspose1d(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
-        *[ResidualUnit(c_out, dilation, act) for dilation in (1, 3, 9)])
+    return nn.Sequential(act(c_in), WNConvTranspose1d(c_in, c_out, 2 * stride, stride=stride,
+                                                      padding=math.ceil(stride / 2)),
+                         *[ResidualUnit(c_out, dilation, act) for dilation in (1, 3, 9)])
 
 
 class VAE(nn.Module):
@@ -332,9 +330,9 @@ def stereo_loss(x_hat, x, sample_rate):
 # layer (768 features per token at full size). Not the paper's (text encoder): RoBERTa there (77 BPE
 # tokens, frozen); ours reads UTF-8 bytes, so it needs no vocabulary file and trains here. `full`
 # keeps 77 tokens (context 79); `small`, `tiny` read 128 bytes (a BPE token is ~4 characters).
-# -------------------------------------------------------------------------------------------------
 def tokenize(prompts, length):
-    """UTF-8 bytes between BOS and EOS, cut to `length`, padded -> tokens (B, S), mask (B, S)."""
+    """UTF-8 bytes between BOS and EOS, cut to `length`, padded -> tokens (B, S), mask (B, S):
+    the context's token mask, True at real tokens (not PAD)."""
     tokens = torch.full((len(prompts), length), PAD, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids = [BOS, *p.encode("utf-8")[:length - 2], EOS]
@@ -355,10 +353,10 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(features, features)
 
     def forward(self, x, context=None, mask=None):
-        """x (B, S, C); context (B, S', C_ctx), S' context tokens, or None: self-attention, keys and
-        values from norm_context(x) as released. q = to_q(norm(x)); to_kv(norm_context(context))
-        splits on its last axis into k (first half), then v. Heads: C splits into `heads`
-        contiguous groups of C / heads, (B, S, heads, C / heads) -> (B, heads, S, C / heads);
+        """x (B, S, C): S tokens (the U-Net's L frames); context (B, S', C_ctx), S' tokens, or None:
+        self-attention, keys and values from norm_context(x) as released. q = to_q(norm(x));
+        to_kv(norm_context(context)) splits on its last axis into k (first half), then v. C splits
+        into `heads` contiguous groups, (B, S, heads, C / heads) -> (B, heads, S, C / heads);
         softmax(q k^T / sqrt(C / heads)) v over the keys where mask (B, S') bool is True (a real
         token; None: all); heads joined back to (B, S, C), then to_out. -> (B, S, C)"""
         B, S, C = x.shape                                            # (B, S, C)
@@ -451,7 +449,9 @@ class CLAP(nn.Module):
         return torch.log(self.mel @ spec + 1e-5)
 
     def embed_audio(self, audio):
-        """Unit-norm audio embedding: log-mel -> patches -> transformer -> mean. (B, D)"""
+        """Unit-norm audio embedding: log-mel -> patches -> transformer -> mean. (B, D)
+        Not the paper's (CLAP audio tower): HTSAT with feature fusion there (31 M); the diffusion
+        model reads only the text tower, so a small transformer that trains on a CPU serves."""
         h = self.patchify(self.log_mel(audio)).transpose(1, 2)     # (B, S, A)
         h = h + sinusoids(h.shape[1], h.shape[2]).to(h)
         for layer in self.audio_layers:
@@ -459,10 +459,9 @@ class CLAP(nn.Module):
         return F.normalize(self.audio_proj(self.audio_norm(h).mean(1)), dim=-1)
 
     def loss(self, text_emb, audio_emb):
-        """Symmetric InfoNCE: the i-th caption should pick the i-th clip and vice versa. text_emb,
-        audio_emb (B, D), unit rows; logits = min(exp(logit_scale), 100) T A^T (B, B); the mean of
-        the row-wise and column-wise cross-entropies -> a scalar (0-d tensor) with gradient to
-        logit_scale. Stable in float32 through F.cross_entropy (log_softmax), not exp then log."""
+        """Symmetric InfoNCE: caption i should pick clip i and vice versa. text_emb, audio_emb
+        (B, D), unit rows; logits = min(exp(logit_scale), 100) T A^T (B, B) -> the mean of the row-
+        and column-wise F.cross_entropy (stable in float32): 0-d, with gradient to logit_scale."""
         logits = self.logit_scale.exp().clamp(max=100) * text_emb @ audio_emb.T   # (B, B)
         labels = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
@@ -473,7 +472,6 @@ class CLAP(nn.Module):
 # seconds_total (the file's length) each index a learned per-second embedding, 0..512 s, and join
 # the text features as two extra cross-attention tokens (the paper: 77 + 2 = 79 x 768). Asking for
 # seconds_total = 30 in a 95 s window makes the model end the content at 30 s, then silence.
-# -------------------------------------------------------------------------------------------------
 class TimingEmbedding(nn.Module):
     def __init__(self, config: TimingConfig, features):
         super().__init__()
@@ -495,17 +493,17 @@ class TimingEmbedding(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------
-# §3.3 The U-Net (after Mousai / audio-diffusion-pytorch): 4 levels of 1024, 1024, 1024, 1280
-# channels, downsampling 1, 2, 2, 4, and a 1280 bottleneck; per level 2 residual conv blocks, then
-# transformer blocks (self-, cross-attention to text + timing, feed-forward; 1, 3, 3, 3 per level,
-# 3 in the bottleneck, 16 heads); FiLM brings t to each residual block. 906.7 M parameters at full
-# size, predicting v (§4.4). No positional encoding: timing tokens and zero padding mark the end.
-# -------------------------------------------------------------------------------------------------
+# §3.3 The U-Net (after Mousai / audio-diffusion-pytorch), 906.7 M parameters, predicting v (§4.4).
+# UNetConfig.widths, the released 256 x (4, 4, 4, 5, 5): to_in's 1024, then each level's output,
+# 1024, 1024, 1280, 1280, at downsampling 1, 2, 2, 4 (the paper's "1024, 1024, 1024, 1280" are the
+# levels' inputs), then a 1280 bottleneck. A level: 2 residual blocks (FiLM brings t), then 1, 3, 3,
+# 3 transformer blocks (self-, cross-attention to text + timing, feed-forward; 16 heads), 3 in the
+# bottleneck. No positional encoding: the timing tokens and zero padding mark the end.
 def content_mask(content_frames, L, device):
-    """Not the paper's (padding mask channel), `tiny` only: the released data pipeline's padding
-    mask, True for the first content_frames[b] latent frames, (B,) -> (B, L). With
-    UNetConfig.padding_mask, one more U-Net input (as Stable Audio Open feeds its inpainting mask):
-    CPU-sized models never learned from timing tokens alone which frames lie inside the request."""
+    """The content's frame mask (B,) -> (B, L), True for the first content_frames[b] latent frames
+    (the released data pipeline's padding mask). Not the paper's (padding mask channel), `tiny`
+    only: with UNetConfig.padding_mask, one more U-Net input (as Stable Audio Open feeds its
+    inpainting mask): CPU-sized models never learned from timing tokens alone where content ends."""
     return torch.arange(L, device=device) < content_frames.to(device)[:, None]
 
 
@@ -653,7 +651,7 @@ class UNet(nn.Module):
         self.downsampling = math.prod(config.factors)
         self.to_time = NoiseLevelEmbedding(M, config.time_frequencies)
         self.to_mapping = nn.Sequential(nn.Linear(M, M), nn.GELU(), nn.Linear(M, M), nn.GELU())
-        # §4.4: the learned "null" context that replaces text and timing for guidance.
+        # §3.4, §4.4: the learned "null" context that replaces text and timing for guidance.
         self.null_context = nn.Parameter(torch.randn(context_len, context_features))
         self.padding_mask = config.padding_mask
         self.to_in = ResnetBlock(io_channels + config.padding_mask, ch[0], M, groups=1)
@@ -668,7 +666,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(UpLevel(ch[i + 1], ch[i], config.factors[i], config.attentions[i],
                                         config, context_features) for i in reversed(levels))
         self.to_out = ResnetBlock(ch[0], io_channels, M, groups=1)
-        with torch.no_grad():      # the released wrapper halves every initial parameter
+        # Released: its wrapper (UNetCFG1DWrapper) halves every initial parameter; paper: silent.
+        with torch.no_grad():
             for p in self.parameters():
                 p.mul_(0.5)
 
@@ -688,7 +687,7 @@ class UNet(nn.Module):
             inside = content_mask(content_frames, x.shape[-1], x.device)   # (B, L)
             x = torch.cat([x, inside[:, None].to(x.dtype)], dim=1)   # (B, 64 + 1, L)
         x = self.to_in(x, mapping)                                   # (B, 1024, L)
-        outer, skips = x, []
+        outer, skips = x, []   # outer (released): a long skip past all levels, for full-rate detail
         for level in self.down:
             x = level(x, mapping, context, mask, skips)              # (B, 1280, L / 16) at end
         x = self.mid2(self.mid_transformer(self.mid1(x, mapping), context, mask), mapping)
@@ -749,7 +748,6 @@ def build_model(size="full"):
 # z_t = alpha z + sigma eps; the network predicts v = alpha eps - sigma z (mean squared error).
 # 10 % of samples see the null context, teaching the unconditional model guidance needs; the
 # schedule assumes unit-variance latents, as released (see latent_scale).
-# -------------------------------------------------------------------------------------------------
 def alpha_sigma(t):
     """(alpha, sigma) = (cos, sin)(pi t / 2): t a tensor, any shape -> two tensors of t's shape."""
     return torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
@@ -761,13 +759,12 @@ def randn(shape, generator, like):
 
 
 def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, content_frames=None):
-    """v-objective loss for clean latents z (B, 64, L), content_frames as in UNet.forward.
-    Not the paper's (noise levels in training): t ~ U[0, 1]; released: scrambled Sobol, 1 % at 1.
-    context (B, S', C), mask (B, S') bool, as StableAudio.condition gives. t (B,), eps (B, 64, L)
-    and the dropout all come from `generator` (randn), never the global RNG. Each sample's
-    conditioning is dropped with probability cond_dropout: its context becomes unet.null_context
-    (S', C), its mask all True; the caller's context and mask are not modified in place.
-    -> the float32 mean squared error of unet(z_t, t, context, mask, content_frames) against v."""
+    """v-objective loss for clean latents z (B, 64, L); context (B, S, C), mask (B, S) bool as
+    StableAudio.condition gives; content_frames as in UNet.forward. t (B,), eps (B, 64, L) and the
+    dropout all come from `generator` (randn), never the global RNG. With probability cond_dropout
+    a sample's context becomes unet.null_context (S, C), its mask all True (not in place).
+    -> the float32 mean squared error of unet(z_t, t, context, mask, content_frames) against v.
+    Not the paper's (noise levels in training): t ~ U[0, 1]; released: scrambled Sobol, 1 % at 1."""
     B = z.shape[0]
     t = torch.rand(B, generator=generator).to(z.device)
     eps = randn(z.shape, generator, z)
@@ -784,8 +781,7 @@ def diffusion_loss(unet, z, context, mask, generator, cond_dropout=0.1, content_
 # §3.4 Sampling. Samplers see a variance-exploding denoiser: x = x0 + sigma eps, D(x, sigma) ~ x0;
 # a v-model, (alpha, sigma) = (cos, sin), maps onto it: sigma_VE = sigma / alpha, x_VE = z / alpha.
 # Guidance (scale 6) mixes conditional and unconditional v in one batched forward.
-# -------------------------------------------------------------------------------------------------
-def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
+def get_sigmas(steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
     """`steps` noise levels spaced evenly in log sigma, then a final 0: a float64 tensor
     (steps + 1,), descending from sigma_max to sigma_min (both included), last 0."""
     sigmas = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps))
@@ -794,15 +790,14 @@ def get_sigmas(steps, sigma_min=0.03, sigma_max=80.0):
 
 def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCALE,
              content_frames=None):
-    """Classifier-free guidance: v = v_u + scale (v_c - v_u), then Lin et al.'s CFG rescale (phi:
-    `rescale`), pulling the per-frame std over channels toward v_c's lest large scales blow up:
-    v <- phi v std(v_c) / std(v) + (1 - phi) v, std over dim 1. context, mask; uncond, uncond_mask:
-    (B, S', C), (B, S') as StableAudio.condition gives. -> v_fn(z, t): z (B, 64, L), t (B,), one
-    noise level per row -> v (B, 64, L), from one U-Net call on 2B rows (conditional first); at
-    scale 1 the conditional prediction alone (one call on B rows).
-    Not the paper's (padding mask channel), `tiny` only: with `content_frames` (B,), the frames
-    after them take v_c alone: both branches see the mask and should agree on silence there; guiding
-    would multiply their disagreement (the paper's unconditional branch knows no timing)."""
+    """Classifier-free guidance v = v_u + scale (v_c - v_u), then Lin et al.'s CFG rescale (phi =
+    `rescale`), pulling each frame's std over channels (dim 1) toward v_c's lest large scales blow
+    up: v <- phi v std(v_c) / std(v) + (1 - phi) v. context, mask; uncond, uncond_mask: (B, S, C),
+    (B, S) as StableAudio.condition gives. -> v_fn(z, t): z (B, 64, L), t (B,), a noise level per
+    row -> v (B, 64, L), one U-Net call on 2B rows (conditional first); at scale 1 the conditional
+    one alone on B rows. Not the paper's (padding mask channel), `tiny` only: with `content_frames`
+    (B,), frames after them take v_c: both branches see the mask, should agree on silence there, and
+    guiding would multiply their disagreement (the paper's unconditional branch knows no timing)."""
     if scale == 1:
         return lambda z, t: unet(z, t, context, mask, content_frames)
     pair, pair_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])
@@ -822,10 +817,9 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCAL
 
 def v_to_denoiser(v_fn):
     """Wrap a v-model v_fn(z, t) as a VE denoiser(x, sigma) -> x0 = alpha_t z - sigma_t v (B, C, L),
-    for x (B, C, L), sigma a Python float: v_fn gets z = alpha_t x and t (B,), every row (2 / pi)
-    atan(sigma), on x's device; (alpha_t, sigma_t) = (cos, sin)(pi t / 2)."""
+    for x (B, C, L), sigma a Python float: v_fn gets z = alpha_t x, t (B,) on x's device, each row
+    (2 / pi) atan(sigma): (alpha_t, sigma_t) = (cos, sin)(pi t / 2), sigma_t / alpha_t = sigma."""
     def denoiser(x, sigma):
-        # The v-model's (alpha_t, sigma_t) = (cos, sin)(pi t / 2) with sigma_t / alpha_t = sigma.
         alpha_t, sigma_t = 1 / math.sqrt(1 + sigma ** 2), sigma / math.sqrt(1 + sigma ** 2)
         t = torch.full((x.shape[0],), 2 / math.pi * math.atan(sigma), device=x.device)
         z = alpha_t * x                                              # back to the VP latent
@@ -924,21 +918,33 @@ SAMPLERS = {"dpmpp-2m": sample_dpmpp_2m, "dpmpp-3m": sample_dpmpp_3m, "euler": s
 # -------------------------------------------------------------------------------------------------
 # §3.4 generate: prompts + requested seconds -> stereo audio. The latent always spans the whole
 # window; the timing tokens tell the model where to stop, and the silent tail is trimmed.
-# -------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate(model, prompts, seconds_total, seconds_start=0, steps=100, cfg_scale=CFG_SCALE,
              cfg_rescale=CFG_RESCALE, negative_prompt=None, seed=0, sampler="dpmpp-3m",
-             sigma_min=0.03, sigma_max=80.0, init_audio=None, init_strength=1.0, inpaint=None,
-             trim=True, decode_chunk=None, dtype=torch.float32, callback=None, laps=None,
-             latents=False):
-    """Audio (B, 2, N) for a list of prompts, N = min(seconds_total - seconds_start, window) *
-    sample_rate (trim=False: the window): as in §3.2, the clip starts `seconds_start` into a piece
-    `seconds_total` long (<= timing.max_seconds, 512 s). `cfg_rescale`: guided_v's phi (0: plain
-    guidance). init_audio (2 or B, 2, N) at the model's rate: start from it, not noise;
-    `init_strength` in (0, 1] picks how much of the schedule runs; `inpaint` = (start, end) seconds
-    regenerates that gap only. `laps` (dict): seconds of "text", "sampling", "decoding". `dtype`
-    bf16/fp16: autocast, or a U-Net cast to it runs as is. `decode_chunk`: default_decode_chunk.
-    latents=True: z (B, 64, L) as sampled (x latent_scale), not decoded."""
+             sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, init_audio=None, init_strength=1.0,
+             inpaint=None, trim=True, decode_chunk=None, dtype=torch.float32, callback=None,
+             laps=None, latents=False):
+    """Audio (B, 2, N), N = min(seconds_total - seconds_start, window) * sample_rate. Arguments:
+        model: a StableAudio, as build_model or load_checkpoint gives
+        prompts: a list of B strings
+        seconds_total: the whole piece's length in seconds (§3.2), at most timing.max_seconds, 512
+        seconds_start: where the clip begins within that piece, in seconds
+        steps: sampler steps, the paper's 100
+        cfg_scale: the guidance scale, the paper's 6
+        cfg_rescale: guided_v's phi, the released 0.4 (0: plain guidance)
+        negative_prompt: a prompt to guide away from, in place of the null context
+        seed: sample i of the batch starts from the noise of seed + i
+        sampler: a name in SAMPLERS
+        sigma_min, sigma_max: the schedule's ends (get_sigmas)
+        init_audio: (2, N) or (B, 2, N) at the model's rate: start from it, not from noise
+        init_strength: in (0, 1], how much of the schedule runs from init_audio (1: all of it)
+        inpaint: (start, end) in seconds: regenerate that gap of init_audio only
+        trim: cut to the content; False: the whole window
+        decode_chunk: latent frames per decoder pass (None: default_decode_chunk)
+        dtype: bf16/fp16: autocast, or a U-Net cast to it runs as is
+        callback: callback(i, steps) after each sampler step
+        laps: a dict that receives the seconds of "text", "sampling", "decoding"
+        latents: True: return z (B, 64, L) as sampled (x latent_scale), not decoded"""
     config, device = model.config, next(model.parameters()).device
     check_request(config, seconds_total, seconds_start, cfg_rescale, decode_chunk, init_audio,
                   init_strength, inpaint)
@@ -1022,7 +1028,7 @@ def unet_at_its_precision(model, device):
     return unet
 
 
-def init_sigmas(steps, strength, sigma_min=0.03, sigma_max=80.0):
+def init_sigmas(steps, strength, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX):
     """The tail of the `steps`-step schedule run from init audio: all of it at strength 1."""
     return get_sigmas(steps, sigma_min, sigma_max)[round((1 - strength) * steps):]
 
@@ -1041,7 +1047,7 @@ def from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint):
     audio = init_audio.to(x.device, torch.float32).expand(len(x), config.vae.channels, -1)
     z0 = model.vae.encode(F.pad(audio, (0, config.window - audio.shape[-1])))[0]
     z0 = z0 * config.latent_scale                                            # (B, 64, L)
-    keep = (torch.zeros(L) if inpaint is None else
+    keep = (torch.zeros(L) if inpaint is None else                    # keep-mask (L,)
             inpaint_mask(L, inpaint, config.sample_rate / model.vae.hop)).to(x.device)
     x = x + (z0 if init_strength < 1 else keep * z0)
     if inpaint is None:
@@ -1052,8 +1058,8 @@ def from_init_audio(model, x, denoiser, init_audio, init_strength, inpaint):
 
 
 def inpaint_mask(frames, gap, frame_rate, ramp=4):
-    """1 where the input is kept, 0 in the gap (start, end) in seconds, and a linear ramp over the
-    gap's first and last `ramp` frames so the seams blend instead of clicking. (L,)"""
+    """Inpainting's keep-mask (L,): 1 where the input latent is kept, 0 in the gap (start, end) s,
+    a linear ramp over the gap's first and last `ramp` frames so the seams blend, not click."""
     a, b = math.floor(gap[0] * frame_rate), min(frames, math.ceil(gap[1] * frame_rate))
     f = torch.arange(frames)
     depth = torch.minimum(f - a + 1, b - f).clamp(min=0)           # frames into the gap
@@ -1075,9 +1081,7 @@ def default_decode_chunk(device):
 
 
 # -------------------------------------------------------------------------------------------------
-# Checkpoints: a plain dict of tensors and Python values, loadable with weights_only=True, so a
-# checkpoint from a stranger cannot run code. Written to a temporary file, then renamed.
-# -------------------------------------------------------------------------------------------------
+# Checkpoints: plain tensors and values, loaded with weights_only=True: a stranger's runs no code.
 def save_checkpoint(path, model, **extra):
     """Atomically write {format, size, config, model, **extra} (ema, optimizer, step...); an "ema"
     entry may cover only what a stage trained: loading puts it over "model"."""
@@ -1200,7 +1204,6 @@ def check_weights(mine, weights, what):
 
 # -------------------------------------------------------------------------------------------------
 # Plumbing for the scripts: device, dtype, a stopwatch, finiteness checks, one-line argument errors.
-# -------------------------------------------------------------------------------------------------
 def pick_device(name="auto"):
     """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
@@ -1265,7 +1268,6 @@ class Parser(argparse.ArgumentParser):
 
 # -------------------------------------------------------------------------------------------------
 # python stable_audio.py: a shape trace of the tiny model, with parameter counts per component.
-# -------------------------------------------------------------------------------------------------
 count = lambda module: sum(p.numel() for p in module.parameters())
 
 
