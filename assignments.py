@@ -89,8 +89,34 @@ def compare(got, want, what, suspects=(), rtol=RTOL, atol=None):
             raise Wrong(f"{what}: {hint}")
     if not torch.isfinite(got).all():
         raise Wrong(f"{what} holds nan or inf")
-    raise Wrong(f"{what} is off by up to {(got - want).abs().max().item():.3g} "
-                f"(the expected values reach {want.abs().max().item():.3g})")
+    raise Wrong(f"{what} {signature(got, want, rtol)}")
+
+
+def signature(got, want, rtol):
+    """What a wrong answer's numbers say when no named mistake matches: the wrong sign, a constant
+    factor or offset everywhere, or right at some indices of an axis and wrong at others."""
+    scale = want.abs().max().item()
+    same = lambda a, b: close(a, b, rtol, rtol * scale)
+    if want.numel() > 1 and want.std() > rtol * scale:       # a constant says nothing of factors
+        factor = ((got * want).sum() / (want * want).sum()).item()
+        offset = (got - want).mean().item()
+        if same(got, -want):
+            return "has the expected values with the wrong sign"
+        if abs(factor - 1) > 1e-3 and same(got, factor * want):
+            return (f"is {factor:.4g} times the expected values everywhere: a factor is missing "
+                    f"or extra")
+        if abs(offset) > rtol * scale and same(got, want + offset):
+            return f"is the expected values plus {offset:.4g} everywhere: a term is missing or extra"
+    if want.numel() > 1:
+        for dim in range(want.ndim):
+            right = [same(g, w) for g, w in zip(got.unbind(dim), want.unbind(dim))]
+            if 0 < sum(right) < len(right):
+                wrong = [i for i, r in enumerate(right) if not r]
+                return (f"is right at indices {[i for i, r in enumerate(right) if r][:6]} of axis "
+                        f"{dim} (of {len(right)}) and wrong at {wrong[:6]}: look at what differs "
+                        f"between them")
+    return (f"is off by up to {(got - want).abs().max().item():.3g} (the expected values reach "
+            f"{scale:.3g})")
 
 
 def is_zero(value):

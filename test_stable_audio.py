@@ -3561,6 +3561,20 @@ def test_a_piece_that_returns_zeros_or_its_input_earns_nothing_from_properties(k
         assert assignments.grade_one(module, a4, 0).passed == 0, body
 
 
+def test_an_unnamed_wrong_answer_says_what_its_numbers_show():
+    want = torch.arange(1.0, 25.0, dtype=torch.float64).reshape(2, 3, 4) - 7.5
+    row = want.clone()
+    row[1] += torch.linspace(0.5, 2.0, 12, dtype=torch.float64).reshape(3, 4)
+    for got, words in ((-want, "with the wrong sign"), (want * 0.75, "is 0.75 times"),
+                       (want + 0.5, "plus 0.5 everywhere"),
+                       (row, "right at indices [0] of axis 0 (of 2) and wrong at [1]"),
+                       (want + torch.linspace(0, 1, 24, dtype=torch.float64).reshape(2, 3, 4),
+                        "is off by up to 1")):
+        with pytest.raises(assignments.Wrong, match=re.escape(words)):
+            assignments.compare(got, want, "x")
+    assignments.compare(want * (1 + 1e-7), want, "x")        # float32 round-off passes
+
+
 def test_every_catalogued_mistake_fails_its_assignment(key_text, tmp_path):
     """Plausible mistakes written without reading the checks (fixtures/grader_mistakes.py): every
     one fails its assignment; of those the grader was tuned on, at least two thirds are named
