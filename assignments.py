@@ -1480,6 +1480,8 @@ def run_worker(path, todo, seed, timeout, log, results, undone):
                                       event["message"], event["seconds"])
                 todo.remove(key)
                 current = None
+                if not todo:        # done: a process the file started may hold the pipe open
+                    return
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

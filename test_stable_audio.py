@@ -3612,6 +3612,7 @@ def test_a_class_is_graded_whatever_one_submission_does(key_text, tmp_path, caps
              "prints": key_text.replace("    beta = alpha if beta is None else beta\n",
                                         "    print('shape', x.shape)\n"
                                         "    beta = alpha if beta is None else beta\n"),
+             "forks": key_text + "\nimport os, time\nif os.fork() == 0:\n    time.sleep(600)\n",
              "stalls_on_import": "while True:\n    pass\n", "key": key_text}
     for name, text in files.items():
         assert text != key_text or name == "key", name
@@ -3632,7 +3633,7 @@ def test_a_class_is_graded_whatever_one_submission_does(key_text, tmp_path, caps
     for key in assignments.ASSIGNMENTS:
         status, message = unusual.pop(("stalls_on_import", key))
         assert status == "import error" and message.endswith("importing it timed out after 4 s")
-    assert unusual == {}                   # the patch, the prints and the rest: full marks
+    assert unusual == {}            # the patch, the prints, the fork and the rest: full marks
     book_rows = {r["student"]: r for r in csv.DictReader(io.StringIO(book.read_text()))}
     assert book_rows["key"]["total"] == book_rows["patches"]["total"] == "85.0"
     assert book_rows["hangs"]["A1"] == "0.0" and book_rows["hangs"]["total"] == "75.0"
