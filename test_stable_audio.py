@@ -1,5 +1,6 @@
 """Tests for stable_audio.py, in the module's order. Each compares with something independent:
 a closed form, an exact solution, or a property that must hold."""
+import argparse
 import copy
 import dataclasses
 import json
@@ -7,6 +8,7 @@ import math
 import os
 import re
 import struct
+import types
 import zlib
 from dataclasses import replace
 
@@ -16,6 +18,7 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
+from torch import nn
 
 import bench
 import sample
@@ -23,6 +26,7 @@ import released
 import sound_world
 import stable_audio as sa
 import train
+import training
 
 # A tiny model with a 3-second window keeps generate() tests fast on 2 CPU cores.
 SHORT = replace(sa.SIZES["tiny"], window=2 ** 17)
@@ -93,6 +97,15 @@ def test_kl_is_nonnegative_and_zero_for_a_standard_normal_posterior():
     # closed form for one channel: KL(N(1, 2^2) || N(0, 1)) = (1 + 4 - log 4 - 1) / 2
     kl = sa.kl_divergence(torch.ones(1, 1, 1), torch.full((1, 1, 1), 2.0))
     assert kl.item() == pytest.approx((4 - math.log(4)) / 2)
+
+
+def test_kl_sums_channels_and_averages_batch_and_frames():
+    # Several channels, batch rows and frames, none of size 1, so that a sum and a mean differ.
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.randn(3, 5, 7, generator=g), torch.rand(3, 5, 7, generator=g) + 0.2
+    each = torch.distributions.kl_divergence(torch.distributions.Normal(mean, std),
+                                             torch.distributions.Normal(0.0, 1.0))
+    assert sa.kl_divergence(mean, std).item() == pytest.approx(each.sum(1).mean().item(), rel=1e-5)
 
 
 def test_full_size_parameter_counts_match_the_paper():
@@ -1077,6 +1090,22 @@ def test_a_partial_released_state_dict_names_what_is_missing_and_left_over(sat):
         released.from_sat(sat["diffusion"]["config"], weights)
 
 
+def test_a_released_oobleck_config_takes_stable_audio_tools_defaults(sat):
+    # stable-audio-tools' OobleckDecoder defaults final_tanh to True, which this port does not
+    # implement: a config that leaves it out is refused, not read as the Stable Audio Open one.
+    config = json.loads(json.dumps(sat["oobleck"]["config"]["model"]))
+    del config["decoder"]["config"]["final_tanh"]
+    with pytest.raises(ValueError, match="final_tanh"):
+        released.sat_vae_config(config)
+
+
+def test_released_weights_load_from_a_plain_state_dict_ckpt(sat, tmp_path):
+    path = tmp_path / "plain.ckpt"                  # the weights themselves, not under state_dict
+    torch.save(floats(sat["oobleck"]["state_dict"]), path)
+    weights = released.read_sat_weights(str(path))
+    assert weights.keys() == sat["oobleck"]["state_dict"].keys()
+
+
 def test_released_weights_load_from_a_lightning_ckpt_and_refuse_a_dit(sat, tmp_path):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": floats(sat["oobleck"]["state_dict"])}, path)
@@ -1643,6 +1672,26 @@ def test_a_stages_first_logged_loss_is_the_papers_loss_on_its_first_batch(stage,
         assert float(logged[name]) == pytest.approx(value.item(), rel=1e-5), name
 
 
+def test_ema_moves_toward_the_weights_by_one_minus_its_decay():
+    """shadow <- decay shadow + (1 - decay) w, decay = min(beta, 1 - (1 + k)^-3/4) at step k; a
+    part the stage does not train keeps no shadow."""
+    model = nn.Module()
+    model.unet, model.vae = nn.Linear(3, 2), nn.Linear(2, 2)
+    ema = training.EMA(model, ("unet.",), beta=0.99)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.5)
+    for step in (0, 10, 10_000):
+        decay = min(0.99, 1 - (1 + step) ** -0.75)
+        ema.update(model, step)
+        for k, v in model.state_dict().items():
+            if k.startswith("unet."):
+                before[k] = decay * before[k] + (1 - decay) * v
+                torch.testing.assert_close(ema.shadow[k], before[k])
+    assert set(ema.shadow) == {"unet.weight", "unet.bias"}
+
+
 def log_losses(path, key):
     """The per-step values of one loss from a stage's log file."""
     values = []
@@ -1665,6 +1714,14 @@ def test_stft_loss_is_zero_for_a_perfect_reconstruction_and_grows_with_error():
     small = sa.stft_loss(x + 0.01 * torch.randn_like(x), x, SR)
     large = sa.stft_loss(x + 0.3 * torch.randn_like(x), x, SR)
     assert 0 < small < large
+
+
+def test_spectral_convergence_is_normalised_by_the_target():
+    # ||Y - X|| / ||X|| with X the target: for x_hat = 2x that is 1, for x_hat = x / 2 it is 1/2,
+    # and the log-magnitude term is log 2 both ways, so the two losses differ by exactly 1/2.
+    x = torch.randn(2, 8192, generator=torch.Generator().manual_seed(2))
+    gap = sa.stft_loss(2 * x, x, SR) - sa.stft_loss(x, 2 * x, SR)
+    assert gap.item() == pytest.approx(0.5, abs=1e-3)
 
 
 def test_stereo_loss_sees_a_left_right_swap_that_mid_and_side_alone_miss():
@@ -2133,6 +2190,15 @@ def test_training_on_a_messy_folder_skips_what_it_cannot_use(tmp_path, capsys):
     assert "skipped 3 of 10 files" in err
 
 
+def test_prompts_are_limited_in_utf8_bytes_not_characters():
+    # 40 characters of three bytes each: short in characters, long in the bytes the tokenizer reads.
+    meta = {"sound": "雨", "genre": "音" * 40, "mood": "静" * 40}
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        prompt = sound_world.build_prompt(meta, rng)
+        assert len(prompt.encode()) <= sound_world.MAX_PROMPT_BYTES and "雨" in prompt
+
+
 def test_long_prompts_are_shortened_by_dropping_fields_never_the_sound():
     meta = {"sound": "rain", "description": "x" * 60, "genre": "y" * 40, "mood": "z" * 40}
     rng = np.random.default_rng(0)
@@ -2455,6 +2521,16 @@ def test_start_and_seconds_write_total_minus_start_up_to_the_window(ckpt, tmp_pa
                                                                     seconds):
     assert run_sample(ckpt, tmp_path / "a.wav", *timing) == 0
     assert sf.info(tmp_path / "a.wav").frames == round(seconds * 32000)
+
+
+def test_init_audio_is_cut_to_the_content_after_start(tmp_path):
+    # --start 1 --seconds 2.5 asks for 1.5 s of content: a 2 s clip keeps its first 1.5 s.
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, 0.3 * np.sin(np.arange(2 * SR) / 20)[:, None].repeat(2, 1), SR)
+    args = argparse.Namespace(init_audio=str(clip), start=1.0, seconds=2.5, inpaint=None,
+                              init_strength=None)
+    config = types.SimpleNamespace(sample_rate=SR, window=4 * SR)
+    assert sample.read_init_audio(args, config).shape == (2, round(1.5 * SR))
 
 
 def test_start_without_seconds_takes_the_init_audios_length_after_it(ckpt, tmp_path, capsys):

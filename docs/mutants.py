@@ -1,7 +1,7 @@
 """Mutation testing of test_stable_audio.py: does the suite catch the bugs a person could write?
 
-Each mutant below is one plausible bug in stable_audio.py (released.py for the "from_sat"
-mutants), written as a change of one line (one
+Each mutant below is one plausible bug in stable_audio.py (or, by its section in FILES, in
+released.py, sound_world.py, sample.py or training.py), written as a change of one line (one
 two-line call, where the bug is a swap across its lines). For each, this script copies the
 repository to a temporary folder, makes the change there (the original text must occur exactly
 once) and runs pytest in the copy with `-x -q -p no:cacheprovider`: first the few tests named by
@@ -27,7 +27,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, TESTS = "stable_audio.py", "test_stable_audio.py"
-FILES = {"from_sat": "released.py"}    # a section's file, where it is not MODEL
+FILES = {"from_sat": "released.py", "released config": "released.py",  # a section's file,
+         "prompts": "sound_world.py", "sample.py": "sample.py",     # where it is not MODEL
+         "training": "training.py"}
 SKIP = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "out"}
 
 MUTANTS = [  # (section, bug, original text, replacement, -k expression for the first run)
@@ -172,6 +174,25 @@ MUTANTS = [  # (section, bug, original text, replacement, -k expression for the 
     ("from_sat", "decoder width read from the encoder's",
      'decoder_width=c["channels"] * mults[-1]', 'decoder_width=e["channels"] * mults[-1]',
      "released_autoencoders or oobleck_decoder"),
+    # 2026-12-07: bugs written by reading the code, not the tests, that once survived the suite.
+    ("VAE", "KL averaged over channels instead of summed",
+     ".sum(1).mean()", ".mean()", "kl"),
+    ("VAE", "spectral convergence normalised by the reconstruction, not the target",
+     "torch.linalg.norm(Y - X) / torch.linalg.norm(X)",
+     "torch.linalg.norm(Y - X) / torch.linalg.norm(Y)", "stft or spectral"),
+    ("released config", "an Oobleck decoder without final_tanh read as False",
+     'c.get("final_tanh", True)', 'c.get("final_tanh", False)', "oobleck"),
+    ("released config", "a .ckpt holding a plain state dict refused",
+     'weights.get("state_dict", weights) if isinstance(weights, dict)',
+     'weights.get("state_dict") if isinstance(weights, dict)', "state_dict or lightning"),
+    ("prompts", "prompt limit in characters, not UTF-8 bytes",
+     "if len(prompt.encode()) <= MAX_PROMPT_BYTES", "if len(prompt) <= MAX_PROMPT_BYTES",
+     "prompt"),
+    ("sample.py", "--init-audio cut to --seconds, ignoring --start",
+     "audio[..., :round((args.seconds - args.start) * config.sample_rate)]",
+     "audio[..., :round(args.seconds * config.sample_rate)]", "init_audio"),
+    ("training", "EMA follows the raw weights (lerp weight decay, not 1 - decay)",
+     "self.shadow[k].lerp_(v, 1 - decay)", "self.shadow[k].lerp_(v, decay)", "ema"),
 ]
 
 
