@@ -3608,6 +3608,12 @@ def test_a_piece_that_calls_the_reference_is_refused_in_its_own_row(key_text, tm
         rows = {a.key: assignments.grade_one(module, a, 0) for a in (a6, a8)}
         assert rows["A6"].status == "refused" and words in rows["A6"].message, rows["A6"].message
         assert rows["A8"].status == "passed"                # the file's other rows are graded
+    # A piece that calls the reference in one case only is refused, with none of its points.
+    sometimes = kept.replace("    if scale == 1:\n", "    if content_frames is not None:\n        return "
+                             "theirs(unet, context, mask, uncond, uncond_mask, scale, rescale, "
+                             "content_frames)\n    if scale == 1:\n", 1)
+    result = assignments.grade_one(student(tmp_path, sometimes), a6, 0)
+    assert (result.status, result.passed, result.points) == ("refused", 0, 0)
     # The refusal names the piece that calls the reference, not another piece of its assignment.
     module = student(tmp_path, "from stable_audio import dpm_derivatives as theirs\n"
                      + replace_function(key_text, "sample_dpmpp_2m",

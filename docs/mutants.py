@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, TESTS = "stable_audio.py", "test_stable_audio.py"
 FILES = {"from_sat": "released.py", "released config": "released.py",  # a section's file,
          "prompts": "sound_world.py", "sample.py": "sample.py",     # where it is not MODEL
-         "training": "training.py"}
+         "training": "training.py", "grader": "assignments.py"}
 SKIP = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "out"}
 
 MUTANTS = [  # (section, bug, original text, replacement, -k expression for the first run)
@@ -193,6 +193,21 @@ MUTANTS = [  # (section, bug, original text, replacement, -k expression for the 
      "audio[..., :round(args.seconds * config.sample_rate)]", "init_audio"),
     ("training", "EMA follows the raw weights (lerp weight decay, not 1 - decay)",
      "self.shadow[k].lerp_(v, 1 - decay)", "self.shadow[k].lerp_(v, decay)", "ema"),
+    # The grader: a grader that passes a wrong answer is the worst bug a course can meet.
+    ("grader", "tolerance a thousand times too loose",
+     "RTOL = 1e-5", "RTOL = 1e-2", "catalogued or typical_mistake"),
+    ("grader", "a property check earns points from a piece that returns its input",
+     "nontrivial(got, x, what=\"Attention.forward\")", "got", "zeros_or"),
+    ("grader", "a refused piece keeps the points of the checks it passed",
+     "result.status, result.passed, result.message = \"refused\", 0, refused",
+     "result.status, result.message = \"refused\", refused", "refused_in"),
+    ("grader", "SAMPLERS keeps the reference sampler while a student's is graded",
+     "                    table[key] = g\n", "", "swaps_pieces"),
+    ("grader", "what a student prints reaches the grade table",
+     "    os.dup2(printed, 1)\n", "", "whatever_one"),
+    ("grader", "a hard-coded seed: every seed draws the same inputs",
+     "check(torch.Generator().manual_seed(seed * 1000 + i))",
+     "check(torch.Generator().manual_seed(i))", "hard_coded"),
 ]
 
 
