@@ -46,6 +46,7 @@ from torch import nn
 
 import sound_world
 import stable_audio as sa
+import training
 
 HERE = Path(__file__).resolve().parent
 
@@ -106,7 +107,8 @@ def signature(got, want, rtol):
             return (f"is {factor:.4g} times the expected values everywhere: a factor is missing "
                     f"or extra")
         if abs(offset) > rtol * scale and same(got, want + offset):
-            return f"is the expected values plus {offset:.4g} everywhere: a term is missing or extra"
+            return (f"is the expected values plus {offset:.4g} everywhere: a term is missing or "
+                    f"extra")
     if want.numel() > 1:
         for dim in range(want.ndim):
             right = [same(g, w) for g, w in zip(got.unbind(dim), want.unbind(dim))]
@@ -1146,7 +1148,7 @@ def write_new(path, text, force):
     """Write a file, refusing to replace one without --force; temp file, then rename."""
     path = Path(path)
     if path.exists() and not force:
-        raise sa.UsageError(f"{path} exists; pass --force to replace it")
+        raise training.UsageError(f"{path} exists; pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -1194,7 +1196,7 @@ def load_student(path):
     `stable_audio.ddim_step = mine`) is undone, so every piece is graded on the reference's."""
     path = Path(path)
     if not path.is_file():
-        raise sa.UsageError(f"{path}: no such file; make one with "
+        raise training.UsageError(f"{path}: no such file; make one with "
                             f"`python assignments.py starter --out {path}`")
     spec = importlib.util.spec_from_file_location(f"student_{path.stem}", str(path))
     module = importlib.util.module_from_spec(spec)
@@ -1567,11 +1569,11 @@ def student_files(paths):
     for path in map(Path, paths):
         found = sorted(path.glob("*.py")) if path.is_dir() else [path]
         if not found:
-            raise sa.UsageError(f"{path} holds no .py file to grade")
+            raise training.UsageError(f"{path} holds no .py file to grade")
         files += found
     for path in files:
         if not path.is_file():
-            raise sa.UsageError(f"{path}: no such file; make one with "
+            raise training.UsageError(f"{path}: no such file; make one with "
                                 f"`python assignments.py starter --out {path}`")
     return files
 
@@ -1582,11 +1584,11 @@ def grade(paths, only=None, seed=0, as_csv=False, timeout=TIMEOUT_S, jobs=1, gra
     its own; 0 when every one passes, 1 otherwise."""
     chosen, paths = [ASSIGNMENTS[k] for k in (only or ASSIGNMENTS)], student_files(paths)
     if gradescope and len(paths) != 1:
-        raise sa.UsageError(f"--gradescope grades one submission, got {len(paths)} files; "
+        raise training.UsageError(f"--gradescope grades one submission, got {len(paths)} files; "
                             "name the one file")
     for out in (gradebook, gradescope, log):
         if out and Path(out).exists() and not force:
-            raise sa.UsageError(f"{out} exists; pass --force to replace it")
+            raise training.UsageError(f"{out} exists; pass --force to replace it")
     writer = csv.DictWriter(sys.stdout, CSV_FIELDS) if as_csv else None
     if writer:
         writer.writeheader()
@@ -1632,9 +1634,9 @@ def assignment_keys(text):
 
 
 def parse_args(argv):
-    p = sa.Parser(description="Course assignments on Stable Audio: write the paper's key pieces, "
-                              "graded against closed forms and properties.")
-    commands = p.add_subparsers(dest="command", required=True, parser_class=sa.Parser)
+    p = training.Parser(description="Course assignments on Stable Audio: write the paper's key "
+                        "pieces, graded against closed forms and properties.")
+    commands = p.add_subparsers(dest="command", required=True, parser_class=training.Parser)
     commands.add_parser("list", help="each assignment, its section, pieces, points and minutes")
     for name, what in (("starter", "the blank file to hand out"),
                        ("solution", "the instructor's key: the reference's bodies")):
@@ -1694,10 +1696,10 @@ def main(argv=None):
                      if blank else ""))
             return 0
         if args.jobs < 1:
-            raise sa.UsageError(f"--jobs must be at least 1, got {args.jobs}")
+            raise training.UsageError(f"--jobs must be at least 1, got {args.jobs}")
         return grade(args.files, args.only, args.seed, args.csv, args.timeout, args.jobs,
                      args.gradebook, args.gradescope, args.log, args.force)
-    except (sa.UsageError, OSError) as e:
+    except (training.UsageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 import sound_world
 import stable_audio as sa
+import training
 
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
@@ -855,7 +856,7 @@ def bench_grading(setup):
 # -------------------------------------------------------------------------------------------------
 # cpu-bf16: the U-Net forward in float32 and under bf16 autocast on this CPU. bf16 halves the bytes
 # moved and, on CPUs that multiply bf16 in hardware (AMX, AVX-512 BF16), the arithmetic time; on
-# others it is emulated and many times slower, so sa.pick_dtype keeps float32 there.
+# others it is emulated and many times slower, so training.pick_dtype keeps float32 there.
 # -------------------------------------------------------------------------------------------------
 CPU_BF16_FRAMES = 256                       # latent frames (5.9 s), batch 2: the CFG pair
 
@@ -886,7 +887,7 @@ def cpu_bf16_rows(sizes, repeats):
 def bench_cpu_bf16(setup):
     cpu = torch.device("cpu")
     sizes = ["tiny"] if setup["quick"] else SIZE_ORDER[:SIZE_ORDER.index(setup["size"]) + 1]
-    units = sa.cpu_has_bf16()
+    units = training.cpu_has_bf16()
     choice = ("bfloat16 when asked (--dtype bfloat16)" if units else
               "float32 even when asked for bfloat16")
     yield table("cpu-bf16: U-Net forward, float32 and bf16 autocast", machine(cpu, torch.float32),
@@ -1200,7 +1201,7 @@ def no_gpu_message():
 def gpu_check(args):
     """python bench.py --gpu-check: the table, the JSON, exit 0 if every check passed, else 1."""
     if not torch.cuda.is_available():
-        raise sa.UsageError(no_gpu_message())
+        raise training.UsageError(no_gpu_message())
     device = torch.device("cuda")
     rows = run_checks(device, GPUPlan())
     passed = sum(r["result"] == "pass" for r in rows)
@@ -1223,7 +1224,7 @@ BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "vae": bench_va
 
 
 def parse_args(argv):
-    p = sa.Parser(description="Benchmark the Stable Audio reference; prints markdown tables "
+    p = training.Parser(description="Benchmark the Stable Audio reference; prints markdown tables "
                               "and writes the figures to a JSON file.")
     add = p.add_argument
     add("--gpu-check", action="store_true", help="instead of the sections: a self-test of this "
@@ -1236,7 +1237,7 @@ def parse_args(argv):
         "the --ckpt's size if given, else full on cuda and tiny elsewhere)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
-    add("--dtype", choices=["auto", *sa.DTYPES], default="auto", help="the U-Net's precision "
+    add("--dtype", choices=["auto", *training.DTYPES], default="auto", help="the U-Net's precision "
         "(default auto: bfloat16 on cuda as in the paper, float32 elsewhere; bfloat16 also runs "
         "on CPUs with bf16 units, AMX or AVX-512 BF16)")
     add("--ckpt", help="checkpoint for timing, adherence and the cli run, and for speed when "
@@ -1269,22 +1270,22 @@ def check_args(args):
     only = SECTIONS if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
-        raise sa.UsageError(f"unknown section {unknown[0]!r} in --only; choose from "
+        raise training.UsageError(f"unknown section {unknown[0]!r} in --only; choose from "
                             f"{', '.join(SECTIONS)}")
     for flag in ("steps", "eval_steps", "repeats", "seeds"):
         if getattr(args, flag) < 1:
-            raise sa.UsageError(f"--{flag.replace('_', '-')} must be at least 1, "
+            raise training.UsageError(f"--{flag.replace('_', '-')} must be at least 1, "
                                 f"got {getattr(args, flag)}")
     if args.ckpt is not None and not Path(args.ckpt).is_file():
-        raise sa.UsageError(f"checkpoint {args.ckpt} not found; train one with train.py or leave "
-                            "out --ckpt")
+        raise training.UsageError(f"checkpoint {args.ckpt} not found; train one with train.py or "
+                                  "leave out --ckpt")
     folder = Path(args.out).resolve().parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass                                             # reported just below
     if not (folder.is_dir() and os.access(folder, os.W_OK)):
-        raise sa.UsageError(f"--out {args.out}: cannot write to folder {folder}; "
+        raise training.UsageError(f"--out {args.out}: cannot write to folder {folder}; "
                             "choose another --out")
     return [s for s in SECTIONS if s in only]
 
@@ -1295,13 +1296,13 @@ def prepare(args, sections):
     ckpt = Path(args.ckpt) if given else DEMO_CKPT
     ckpt_model = None
     try:
-        device = sa.pick_device(args.device)
+        device = training.pick_device(args.device)
         if ckpt.is_file() and (given or {"vae", "timing", "adherence"} & set(sections)):
             # A size asked for must match a checkpoint given; the default one is only a fallback.
             ckpt_model = sa.load_checkpoint(ckpt, size=args.size if given else None,
                                             device=device)[0]
     except (FileNotFoundError, ValueError) as e:
-        raise sa.UsageError(e) from None
+        raise training.UsageError(e) from None
     size = args.size or (ckpt_model.config.size if given else
                          "full" if device.type == "cuda" else "tiny")
     speed_model = None
@@ -1311,7 +1312,7 @@ def prepare(args, sections):
         else:
             with torch.device(device):
                 speed_model = sa.build_model(size).eval()
-    dtype = sa.pick_dtype(args.dtype, device)
+    dtype = training.pick_dtype(args.dtype, device)
     for model in {id(m): m for m in (ckpt_model, speed_model) if m is not None}.values():
         model.unet.to(dtype)               # half-precision weights, as sample.py --dtype uses
     return {"device": device, "dtype": dtype, "size": size,
@@ -1342,7 +1343,7 @@ def main(argv=None):
     """Run the benchmark; returns the exit code (2 for bad input, after one `error:` line)."""
     try:
         return run(parse_args(argv))
-    except sa.UsageError as e:
+    except training.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import assignments
 import sound_world
 import stable_audio as sa
+import training
 
 DEMO = "checkpoints/demo.pt"
 
@@ -525,8 +526,8 @@ def scale_factor(text):
 
 
 def parse_args(argv):
-    p = sa.Parser(description="Six exercises on Stable Audio's ideas, each a few minutes on a "
-                              "laptop CPU: " + "; ".join(f"{n} {t}" for n, (t, _, _) in
+    p = training.Parser(description="Six exercises on Stable Audio's ideas, each a few minutes on "
+                              "a laptop CPU: " + "; ".join(f"{n} {t}" for n, (t, _, _) in
                                                          EXERCISES.items()) + ".")
     p.add_argument("exercise", type=int, choices=sorted(EXERCISES),
                    help="which exercise to run, 1 to 6")
@@ -569,12 +570,12 @@ def main(argv=None):
         if student:
             pieces = assignments.written_pieces(student)
             if not pieces:
-                raise sa.UsageError(f"{args.student} has no piece written yet; fill in the "
+                raise training.UsageError(f"{args.student} has no piece written yet; fill in the "
                                     f"functions of `python assignments.py starter`")
             print(f"with your {', '.join(pieces)}; the rest is stable_audio's")
         with assignments.swapped_in(student, pieces) if student else contextlib.nullcontext():
             per_seed = [exercise(seed, args.scale) for seed in range(args.seeds)]
-    except (FileNotFoundError, ValueError, assignments.NotImportable) as e:  # sa.UsageError too
+    except (FileNotFoundError, ValueError, assignments.NotImportable) as e:  # UsageError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_figures(per_seed)

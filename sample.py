@@ -22,11 +22,12 @@ from tqdm import tqdm
 import released
 import sound_world
 import stable_audio as sa
+import training
 
 DEMO_CKPT = Path(__file__).resolve().parent / "checkpoints" / "demo.pt"
 FORMATS = (".wav", ".flac", ".ogg")          # soundfile picks the container from the extension
 SILENCE = 1e-4                               # a peak below -80 dBFS: nothing audible came out
-CLIError = sa.UsageError     # what main() reports as one `error:` line, with exit status 2
+CLIError = training.UsageError     # what main() reports as one `error:` line, with exit status 2
 # generate's arguments by the flags that set them: its checks, in the words the user typed.
 FLAGS = {"seconds_total": "--seconds", "seconds_start": "--start", "cfg_rescale": "--cfg-rescale",
          "decode_chunk": "--decode-chunk", "init_audio": "--init-audio",
@@ -34,8 +35,8 @@ FLAGS = {"seconds_total": "--seconds", "seconds_start": "--start", "cfg_rescale"
 
 
 def parse_args(argv):
-    p = sa.Parser(description="Text to stereo audio with a Stable Audio checkpoint: one batch, "
-                              "then one audio file and one spectrogram PNG per sample.")
+    p = training.Parser(description="Text to stereo audio with a Stable Audio checkpoint: one "
+                              "batch, then one audio file and one spectrogram PNG per sample.")
     add = p.add_argument
     add("prompt", nargs="?", default="", help='what it should sound like, e.g. "ambient rain"')
     add("--seconds", type=float, help="seconds_total (§3.2): the whole piece's length, at most "
@@ -77,8 +78,8 @@ def parse_args(argv):
         "and decode the posterior mean, writing the result and its spectrogram")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
         help="auto picks cuda, then mps, then cpu (default auto)")
-    add("--dtype", choices=sa.DTYPES, default="float32", help="the U-Net's precision (default "
-        "float32); bfloat16 runs on cuda and on CPUs with bf16 units (AMX, AVX-512 BF16), "
+    add("--dtype", choices=training.DTYPES, default="float32", help="the U-Net's precision "
+        "(default float32); bfloat16 runs on cuda and on CPUs with bf16 units (AMX, AVX-512 BF16), "
         "float16 on cuda; elsewhere they fall back to float32, with a note")
     add("--no-ema", action="store_true", help="use the raw weights, not the EMA ones (if saved)")
     add("--decode-chunk", type=int, default=None, help="latent frames the VAE decodes at a time, "
@@ -322,12 +323,12 @@ def run(args):
     """The whole command: check everything, load, generate one batch, write, report times."""
     check_args(args)
     try:
-        device = sa.pick_device(args.device)
+        device = training.pick_device(args.device)
     except ValueError as e:
         raise CLIError(e) from None
     if args.reconstruct is not None:
         return reconstruct(args, device)
-    dtype = sa.pick_dtype(args.dtype, device)
+    dtype = training.pick_dtype(args.dtype, device)
     seed = secrets.randbelow(2 ** 31) if args.seed is None else args.seed
     paths = output_paths(args.out, args.prompt, seed, args.n)
     prepare_outputs(paths, args.force)

@@ -16,7 +16,6 @@ embedding's width; W, A, D CLAP's text, audio and joint widths (in the samplers 
 Masks: `mask` (B, S) real context tokens; content_mask (B, L) frames inside the request;
 inpaint_mask (L,) the latent inpainting keeps. `python stable_audio.py`: a `tiny` shape trace.
 """
-import argparse
 import copy
 import math
 import os
@@ -36,7 +35,6 @@ STFT_SIZES = (2048, 1024, 512, 256, 128, 64, 32)   # §4.2: the reconstruction l
 DECODE_OVERLAP = 32        # latent frames shared by neighbouring decode chunks
 CFG_SCALE, CFG_RESCALE = 6.0, 0.4   # §3.4 guidance: the paper's scale, the released rescale phi
 SIGMA_MIN, SIGMA_MAX = 0.03, 80.0   # §3.4 schedule ends, the released UI's (the paper gives none)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -500,10 +498,13 @@ class TimingEmbedding(nn.Module):
 # 3 transformer blocks (self-, cross-attention to text + timing, feed-forward; 16 heads), 3 in the
 # bottleneck. No positional encoding: the timing tokens and zero padding mark the end.
 def content_mask(content_frames, L, device):
-    """The content's frame mask (B,) -> (B, L), True for the first content_frames[b] latent frames
+    """content_frames (B,) -> (B, L) bool, True at each row's first content_frames[b] latent frames
     (the released data pipeline's padding mask). Not the paper's (padding mask channel), `tiny`
-    only: with UNetConfig.padding_mask, one more U-Net input (as Stable Audio Open feeds its
-    inpainting mask): CPU-sized models never learned from timing tokens alone where content ends."""
+    only (UNetConfig.padding_mask), all of it here and in the two lines that call this: CPU-sized
+    models never learned from the timing tokens alone where content ends, so the mask is one more
+    U-Net input (as Stable Audio Open feeds its inpainting mask); and in guided_v frames past the
+    end take v_c: both branches see the mask and agree on silence there, and guidance would only
+    multiply their disagreement (the paper's unconditional branch knows no timing)."""
     return torch.arange(L, device=device) < content_frames.to(device)[:, None]
 
 
@@ -529,8 +530,7 @@ class GroupNorm(nn.GroupNorm):
         return self.spread(x) if x.is_cuda else super().forward(x)
 
     def spread(self, x):
-        B, C, L = x.shape
-        G = self.num_groups
+        (B, C, L), G = x.shape, self.num_groups
         var, mean = torch.var_mean(x.reshape(B, G, -1), dim=-1, keepdim=True, correction=0)
         a = torch.rsqrt(var + self.eps) * self.weight.view(G, C // G)    # (B, G, C / G)
         b = self.bias.view(G, C // G) - mean * a
@@ -584,8 +584,7 @@ class Transformer1d(nn.Module):
     """GroupNorm -> 1x1 conv -> transformer blocks over the L frames -> 1x1 conv."""
     def __init__(self, features, blocks, config: UNetConfig, context_features):
         super().__init__()
-        self.to_in = nn.Sequential(GroupNorm(32, features, eps=1e-6),
-                                   nn.Conv1d(features, features, 1))
+        self.to_in = nn.Sequential(GroupNorm(32, features, eps=1e-6), nn.Conv1d(features, features, 1))
         self.blocks = nn.ModuleList(TransformerBlock(features, config.heads, context_features,
                                                      config.ff_multiplier) for _ in range(blocks))
         self.to_out = nn.Conv1d(features, features, 1)
@@ -681,11 +680,11 @@ class UNet(nn.Module):
         """v-prediction: x (B, 64, L), t (B,), context (B, S, 768), mask (B, S) -> (B, 64, L), L a
         multiple of self.downsampling; content_frames (B,): padding_mask only (None: all)."""
         mapping = self.to_mapping(self.to_time(t))                   # (B, M)
-        if self.padding_mask:                                        # `tiny`: content_mask
-            if content_frames is None:
-                content_frames = torch.full((len(x),), x.shape[-1], device=x.device)
-            inside = content_mask(content_frames, x.shape[-1], x.device)   # (B, L)
-            x = torch.cat([x, inside[:, None].to(x.dtype)], dim=1)   # (B, 64 + 1, L)
+        if self.padding_mask:                         # Not the paper's, `tiny` only: content_mask
+            frames = content_frames if content_frames is not None else torch.full(
+                (len(x),), x.shape[-1])                              # None: every frame
+            inside = content_mask(frames, x.shape[-1], x.device)[:, None].to(x.dtype)  # (B, 1, L)
+            x = torch.cat([x, inside], dim=1)                        # (B, 64 + 1, L)
         x = self.to_in(x, mapping)                                   # (B, 1024, L)
         outer, skips = x, []   # outer (released): a long skip past all levels, for full-rate detail
         for level in self.down:
@@ -795,9 +794,7 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCAL
     up: v <- phi v std(v_c) / std(v) + (1 - phi) v. context, mask; uncond, uncond_mask: (B, S, C),
     (B, S) as StableAudio.condition gives. -> v_fn(z, t): z (B, 64, L), t (B,), a noise level per
     row -> v (B, 64, L), one U-Net call on 2B rows (conditional first); at scale 1 the conditional
-    one alone on B rows. Not the paper's (padding mask channel), `tiny` only: with `content_frames`
-    (B,), frames after them take v_c: both branches see the mask, should agree on silence there, and
-    guiding would multiply their disagreement (the paper's unconditional branch knows no timing)."""
+    one alone on B rows. content_frames (B,): `tiny` only, past them v_c alone (content_mask)."""
     if scale == 1:
         return lambda z, t: unet(z, t, context, mask, content_frames)
     pair, pair_mask = torch.cat([context, uncond]), torch.cat([mask, uncond_mask])
@@ -805,13 +802,12 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCAL
 
     def v_fn(z, t):
         v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), pair, pair_mask, pair_frames).chunk(2)
-        v = v_u + scale * (v_c - v_u)
-        v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))
-        v = rescale * v_rescaled + (1 - rescale) * v
+        v = v_u + scale * (v_c - v_u)                                # §3.4, the paper's guidance
+        v = rescale * v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True)) + (
+            1 - rescale) * v                                         # Lin et al.'s rescale
         if content_frames is None:
-            return v
-        inside = content_mask(content_frames, z.shape[-1], z.device)   # (B, L)
-        return torch.where(inside[:, None], v, v_c)                 # (B, 64, L)
+            return v                                                 # (B, 64, L)
+        return torch.where(content_mask(content_frames, z.shape[-1], z.device)[:, None], v, v_c)
     return v_fn
 
 
@@ -994,8 +990,7 @@ def check_request(config, seconds_total, seconds_start, cfg_rescale, decode_chun
         raise ValueError(f"seconds_start must be in [0, seconds_total = {seconds_total}), got "
                          f"{seconds_start}; it is where the clip begins within the piece")
     if not 0 <= cfg_rescale <= 1:
-        raise ValueError(f"cfg_rescale must be in [0, 1] (0 turns the rescale off), got "
-                         f"{cfg_rescale}")
+        raise ValueError(f"cfg_rescale must be in [0, 1] (0: no rescale), got {cfg_rescale}")
     if decode_chunk is not None and decode_chunk <= DECODE_OVERLAP:
         raise ValueError(f"decode_chunk must be more than {DECODE_OVERLAP} latent frames")
     if not 0 < init_strength <= 1:
@@ -1094,11 +1089,10 @@ def atomic_save(obj, path):
     tmp = f"{path}.tmp"
     try:
         torch.save(obj, tmp)
-    except BaseException:                        # a full disk or Ctrl-C: leave no half file
+        os.replace(tmp, path)
+    finally:                                     # a full disk or Ctrl-C: leave no half file
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
-    os.replace(tmp, path)
 
 
 def upgrade_format_1(ckpt):
@@ -1114,8 +1108,7 @@ def upgrade_format_1(ckpt):
 def load_checkpoint(path, size=None, ema=True, device="cpu"):
     """Rebuild the model a checkpoint describes -> (model, checkpoint dict), EMA weights if any."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found; train one with train.py or pass "
-                                f"an existing file")
+        raise FileNotFoundError(f"checkpoint {path} not found; train one with train.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1168,8 +1161,7 @@ def build_checked(config, parts, where, device="cpu", build=build_model):
         with torch.device("meta"):
             skeleton = build(config)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"{where}: its config cannot be built ({str(e).splitlines()[0]})"
-                         ) from None
+        raise ValueError(f"{where}: cannot build its config ({str(e).splitlines()[0]})") from None
     tables = sum(b.numel() * b.element_size() for b in skeleton.buffers())
     if tables > 2 ** 30:
         raise ValueError(f"{where}: its config asks for {tables / 2 ** 30:.0f} GiB of fixed "
@@ -1203,39 +1195,7 @@ def check_weights(mine, weights, what):
 
 
 # -------------------------------------------------------------------------------------------------
-# Plumbing for the scripts: device, dtype, a stopwatch, finiteness checks, one-line argument errors.
-def pick_device(name="auto"):
-    """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                 "cpu": True}
-    name = next(d for d, ok in available.items() if ok) if name == "auto" else name
-    if not available[name]:
-        gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
-        raise ValueError(f"--device {name} but no {gpu} is visible; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16():
-    """Whether the CPU multiplies bf16 in hardware (AMX, AVX-512 BF16, Arm BF16), as Linux's
-    /proc/cpuinfo lists; elsewhere bf16 is emulated, many times slower than float32."""
-    if not os.path.isfile("/proc/cpuinfo"):
-        return False
-    with open("/proc/cpuinfo") as f:
-        return bool({"amx_bf16", "avx512_bf16", "bf16"} & set(f.read().split()))
-
-
-def pick_dtype(name, device):
-    """"auto": bfloat16 on CUDA (the paper's), float32 elsewhere (the same numbers on any CPU).
-    bfloat16 runs on CPUs with bf16 units (cpu_has_bf16); other requests fall back to float32."""
-    name = ("bfloat16" if device.type == "cuda" else "float32") if name == "auto" else name
-    if name == "float32" or device.type == "cuda" or (
-            name == "bfloat16" and device.type == "cpu" and cpu_has_bf16()):
-        return DTYPES[name]
-    units = " or a CPU with bf16 units (AMX, AVX-512 BF16)" if name == "bfloat16" else ""
-    print(f"note: --dtype {name} needs cuda{units}; running in float32 on {device.type}")
-    return torch.float32
-
-
+# What generate reports: the seconds of each stage, and NaN/inf refused instead of written.
 class Stopwatch:
     """Seconds between laps into a dict (nothing when it is None); waits for the GPU first."""
     def __init__(self, device, laps):
@@ -1254,16 +1214,6 @@ def check_finite(x, what):
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"the generated {what} has NaN/inf values; run in float32 "
                                  f"(dtype=torch.float32 / --dtype float32) or check the checkpoint")
-
-
-class UsageError(ValueError):
-    """Bad input to a script: its main() prints it as one `error:` line and exits with 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse for the scripts: a bad flag is one line (UsageError), not a usage dump and exit."""
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
 
 
 # -------------------------------------------------------------------------------------------------

@@ -2492,7 +2492,7 @@ def test_a_constant_offset_is_removed_before_writing(tmp_path, capsys):
 
 @pytest.mark.parametrize("units", [False, True])
 def test_bfloat16_on_a_cpu_runs_only_with_bf16_units(units, ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sa, "cpu_has_bf16", lambda: units)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: units)
     assert run_sample(ckpt, tmp_path / "a.wav", "--device", "cpu", "--dtype", "bfloat16") == 0
     out = capsys.readouterr().out
     assert out.count("on cpu in bfloat16") == units and out.count("running in float32") != units
@@ -3008,18 +3008,18 @@ def test_cpu_bf16_units_are_read_from_the_cpu_flags(flags, expected, tmp_path, m
     redirect = lambda path: str(fake) if path == "/proc/cpuinfo" else path
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(redirect(path), *a, **k))
     monkeypatch.setattr(os.path, "isfile", lambda path: real_isfile(redirect(path)))
-    assert sa.cpu_has_bf16() is expected
+    assert training.cpu_has_bf16() is expected
 
 
 @pytest.mark.parametrize("units", [True, False])
 def test_bfloat16_on_a_cpu_only_where_it_has_bf16_units(units, monkeypatch, capsys):
-    monkeypatch.setattr(sa, "cpu_has_bf16", lambda: units)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: units)
     cpu = torch.device("cpu")
-    assert sa.pick_dtype("bfloat16", cpu) == (torch.bfloat16 if units else torch.float32)
+    assert training.pick_dtype("bfloat16", cpu) == (torch.bfloat16 if units else torch.float32)
     assert ("AMX" in capsys.readouterr().out) is not units
-    assert sa.pick_dtype("auto", cpu) == torch.float32            # the default stays float32
-    assert sa.pick_dtype("float16", cpu) == torch.float32
-    assert sa.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert training.pick_dtype("auto", cpu) == torch.float32            # the default stays float32
+    assert training.pick_dtype("float16", cpu) == torch.float32
+    assert training.pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
 
 
 def test_bench_cpu_bf16_reports_both_precisions(tmp_path):
@@ -4071,8 +4071,8 @@ def test_every_documented_command_runs_in_its_short_form(doc, sat, tmp_path, mon
     documented_repo(root, sat)
     monkeypatch.chdir(root)
     monkeypatch.syspath_prepend(str(root))
-    for name in ("stable_audio", "released", "sound_world", "train", "sample", "bench",
-                 "exercises", "assignments"):
+    for name in ("stable_audio", "released", "sound_world", "training", "train", "sample",
+                 "bench", "exercises", "assignments"):
         monkeypatch.delitem(sys.modules, name, raising=False)     # the copy's, when imported
     # One torch thread, here and in what the commands start: beside other processes on 2 cores,
     # two threads slowed training steps several times over (docs/exercises.md says so too).

@@ -58,7 +58,7 @@ VAE_CROP = 65536                        # samples of a VAE training clip, 1.5 s,
 # -------------------------------------------------------------------------------------------------
 def train_vae(args):
     model, state = training.prepare(args, "vae", model_config)
-    device, config = sa.pick_device(args.device), model.config
+    device, config = training.pick_device(args.device), model.config
     if args.init and not state:    # e.g. phase 2 on the demo's VAE: --init checkpoints/demo.pt
         training.load_part(model, "vae", args.init, "--init")
     model.to(device).train()
@@ -149,7 +149,7 @@ def train_discriminator(run, net, critic, opt_d, audio, micro):
 # -------------------------------------------------------------------------------------------------
 def train_clap(args):
     model, state = training.prepare(args, "clap", model_config)
-    device, config = sa.pick_device(args.device), model.config
+    device, config = training.pick_device(args.device), model.config
     if args.init and not state:    # e.g. the demo's CLAP, further on your own captions
         training.load_part(model, "clap", args.init, "--init")
     model.to(device).train()
@@ -191,7 +191,7 @@ def train_diffusion(args):
     model, state = training.prepare(args, "diffusion", model_config)
     if state is None:
         load_parts(model, args)
-    device, config = sa.pick_device(args.device), model.config
+    device, config = training.pick_device(args.device), model.config
     model.to(device).train()
     for frozen in (model.vae, model.clap):
         frozen.requires_grad_(False).eval()
@@ -426,7 +426,7 @@ def export_released(args):
 # order; a run that fails says why in one `error:` line and exits with status 2.
 # -------------------------------------------------------------------------------------------------
 def parse_args(argv):
-    p = sa.Parser(description="Train Stable Audio's three stages (paper §4).")
+    p = training.Parser(description="Train Stable Audio's three stages (paper §4).")
     p.add_argument("stage", choices=[*STAGES, "all", "export"], help="what to train; `all` runs "
                    "the three in order (vae, clap, diffusion), each for --steps; `export` writes "
                    "OUT/diffusion.pt's EMA weights alone to --to")
@@ -547,7 +547,7 @@ def parse_args(argv):
     check_watching(args)
     args.out = args.out or os.path.join("runs", args.size)
     if args.dtype is None:
-        args.dtype = "bfloat16" if sa.pick_device(args.device).type == "cuda" else "float32"
+        args.dtype = "bfloat16" if training.pick_device(args.device).type == "cuda" else "float32"
     return args
 
 

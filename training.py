@@ -13,6 +13,7 @@ A stage in train.py reads:
 
 Shape alphabet: B batch, C channels, L latent frames, N samples.
 """
+import argparse
 import csv
 import functools
 import hashlib
@@ -84,7 +85,7 @@ class Ranks:
             return cls()
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
-        device = sa.pick_device(device_name)
+        device = pick_device(device_name)
         if device.type == "mps":
             raise ValueError("torchrun with --device mps: there is no process group for MPS; "
                              "use cuda or cpu")
@@ -963,3 +964,52 @@ def copy_of(generator):
 def clip_and_step(optimizer, params, max_norm):
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
+
+
+# -------------------------------------------------------------------------------------------------
+# What every script shares (sample.py, bench.py and the rest import it from here): the device, the
+# precision, one-line argument errors.
+# -------------------------------------------------------------------------------------------------
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name="auto"):
+    """auto: cuda, then mps, then cpu. Naming a missing accelerator is an error."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    name = next(d for d, ok in available.items() if ok) if name == "auto" else name
+    if not available[name]:
+        gpu = {"cuda": "CUDA GPU", "mps": "Apple MPS device"}[name]
+        raise ValueError(f"--device {name} but no {gpu} is visible; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16():
+    """Whether the CPU multiplies bf16 in hardware (AMX, AVX-512 BF16, Arm BF16), as Linux's
+    /proc/cpuinfo lists; elsewhere bf16 is emulated, many times slower than float32."""
+    if not os.path.isfile("/proc/cpuinfo"):
+        return False
+    with open("/proc/cpuinfo") as f:
+        return bool({"amx_bf16", "avx512_bf16", "bf16"} & set(f.read().split()))
+
+
+def pick_dtype(name, device):
+    """"auto": bfloat16 on CUDA (the paper's), float32 elsewhere (the same numbers on any CPU).
+    bfloat16 runs on CPUs with bf16 units (cpu_has_bf16); other requests fall back to float32."""
+    name = ("bfloat16" if device.type == "cuda" else "float32") if name == "auto" else name
+    if name == "float32" or device.type == "cuda" or (
+            name == "bfloat16" and device.type == "cpu" and cpu_has_bf16()):
+        return DTYPES[name]
+    units = " or a CPU with bf16 units (AMX, AVX-512 BF16)" if name == "bfloat16" else ""
+    print(f"note: --dtype {name} needs cuda{units}; running in float32 on {device.type}")
+    return torch.float32
+
+
+class UsageError(ValueError):
+    """Bad input to a script: its main() prints it as one `error:` line and exits with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the scripts: a bad flag is one line (UsageError), not a usage dump and exit."""
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
