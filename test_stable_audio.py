@@ -3027,7 +3027,8 @@ def test_bench_cpu_bf16_reports_both_precisions(tmp_path):
     assert bench.main(["--quick", "--only", "cpu-bf16", "--out", str(out)]) == 0
     (t,) = json.loads(out.read_text())["sections"]["cpu-bf16"]
     (row,) = t["rows"]
-    assert row["size"] == "tiny" and row["float32 s"] > 0 and row["bf16 s"] > 0
+    assert row["size"] == "tiny" and row["float32 s"] > 0 and row["bf16 autocast s"] > 0
+    assert row["bf16 weights s"] > 0
     assert 1e-4 < row["relative difference"] < bench.BF16_TOLERANCE
     assert bench.cpu_model() in t["notes"][0]
 
