@@ -3885,7 +3885,7 @@ DOC_SKIPPED = {"pip install": "the CI's own setup, from the network",
 #     (vae, clap) --crop 4096
 # --latent-cache N: 2 windows
 # sample.py and bench.py: --steps 2; bench.py: --eval-steps 2 --seeds 1 --repeats 1, and each
-#     section once per document for the same other flags (bench_sections_left)
+#     section once per run of the suite for the same other flags (bench_sections_left)
 # --seconds, --start, --inpaint, and a Python block's seconds_total: a tenth; its steps: 2
 # exercises.py: --scale 0.01 and --seeds 1, without --check (its ranges hold at scale 1 only)
 # docs/mutants.py: --list, which checks that every mutant applies (running them takes hours)
@@ -3992,10 +3992,14 @@ def documented_repo(root, sat):
     write_safetensors(root / "model.safetensors", weights)
 
 
-def bench_sections_left(argv, done):
-    """A bench.py command's sections that have not run yet in this document with the same other
+BENCHED = set()      # (section, other flags) run so far, in any document
+
+
+def bench_sections_left(argv, done=BENCHED):
+    """A bench.py command's sections that have not run yet, in any document, with the same other
     flags: its flags are checked by bench.py's own parser, and each section runs once (this
-    check asks whether a command runs, not what it measures)."""
+    check asks whether a command runs, not what it measures; bench.py reads only the checkpoint
+    its flags name, so the documents' copies of the repository run it alike)."""
     args = bench.parse_args(argv[1:])
     sections = bench.check_args(args)
     key = tuple(sorted((k, str(v)) for k, v in vars(args).items() if k not in ("only", "out")))
@@ -4026,7 +4030,7 @@ def run_commands(doc, commands, root, monkeypatch):
     counts = sorted({int(a[i + 1]) for a in argvs if a[:2] == ["python", "train.py"]
                      for i, flag in enumerate(a[:-1]) if flag in STEP_FLAGS})
     ranks = {str(n): i + 1 for i, n in enumerate(counts)}
-    ran, skipped, benched = [], [], set()
+    ran, skipped = [], []
     for kind, command in commands:
         if kind == "python":
             exec(compile(short_python(command), doc, "exec"), {})
@@ -4049,7 +4053,7 @@ def run_commands(doc, commands, root, monkeypatch):
             ran.append(argv)
             continue
         if argv[0] == "bench.py":
-            left = bench_sections_left(argv, benched)
+            left = bench_sections_left(argv)
             if not left:
                 ran.append(argv)
                 continue
