@@ -51,7 +51,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
 import sound_world
@@ -102,9 +101,7 @@ ADHERENCE_SECONDS = 10
 VAE_SECONDS = 5
 REAL_CLIPS = 4                              # real sound-world clips per sound, the reference set
 REAL_SEED = 1000              # training draws 63-bit seeds, so clips from here on are unseen
-N_FFT, HOP = 2048, 1024                     # 46 ms frames at 44.1 kHz
 FLATNESS_BAND = 16                          # bins per band for flatness (344 Hz at 44.1 kHz)
-PEAK_NEIGHBOURS, PEAK_DB = 8, 10.0          # a tonal peak: 10 dB over the median of +-8 bins
 ENVELOPE_SECONDS = 0.01
 SPECTRUM_FLOOR_DB = -80.0                   # log spectra are floored 80 dB under their maximum
 CLAP_NOTE = ("CLAP figures use this project's own small CLAP (train.py clap), not OpenL3, PaSST "
@@ -587,8 +584,9 @@ def vae_rows(vae, sounds, clips, sample_rate, seconds):
                      "log-spectral distance dB": float(np.mean(
                          [log_spectral_distance(a, b) for a, b in zip(x_hat.numpy(), x.numpy())])),
                      # Notes the VAE cannot keep, no diffusion model on its latents can play.
-                     "tonality real": float(np.mean([tonality(a) for a in x.numpy()])),
-                     "tonality decoded": float(np.mean([tonality(a) for a in x_hat.numpy()]))})
+                     "tonality real": float(np.mean(list(map(sound_world.tonality, x.numpy())))),
+                     "tonality decoded": float(np.mean(list(map(sound_world.tonality,
+                                                                x_hat.numpy()))))})
     rows.append({"sound": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]
                                      if k != "sound"}})
     return rows
@@ -626,20 +624,6 @@ def bench_vae(setup):
 # The CLAP is this project's own small one, not OpenL3, PaSST or LAION-CLAP as in the paper: its
 # scores and distances rank checkpoints of this project and cannot be compared with the paper's.
 # -------------------------------------------------------------------------------------------------
-def stft_power(audio, n_fft=N_FFT, hop=HOP):
-    """Power spectra of Hann-windowed frames, summed over channels. (frames, n_fft / 2 + 1)"""
-    x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
-    x = np.pad(x, ((0, 0), (0, max(0, n_fft - x.shape[1]))))
-    frames = sliding_window_view(x, n_fft, axis=1)[:, ::hop] * np.hanning(n_fft)
-    return np.square(np.abs(np.fft.rfft(frames))).sum(0)
-
-
-def audible_frames(power):
-    """Frames within SILENCE_DB of the loudest: silence has no spectral shape to measure."""
-    energy = power.sum(1)
-    return power[energy >= energy.max() * 10 ** (SILENCE_DB / 10)]
-
-
 def spectral_flatness(audio, band=FLATNESS_BAND):
     """Geometric over arithmetic mean of the frame-averaged power spectrum, within bands of
     `band` bins, weighted by band power: ~1 for noise (band-limited or tilted too), ~0 for tones.
@@ -647,21 +631,10 @@ def spectral_flatness(audio, band=FLATNESS_BAND):
     Averaging power over frames first removes the periodogram's own scatter (one frame of white
     noise has flatness e^-gamma = 0.56). Bands keep coloured noise flat: rain is noise from 0.8 to
     12 kHz, whose flatness over the whole spectrum would be low."""
-    power = audible_frames(stft_power(audio)).mean(0)[1:]                # drop DC
+    power = sound_world.audible_frames(sound_world.stft_power(audio)).mean(0)[1:]   # drop DC
     power = power[:len(power) // band * band].reshape(-1, band) + 1e-30
     flatness = np.exp(np.log(power).mean(1)) / power.mean(1)
     return float((flatness * power.sum(1)).sum() / power.sum())
-
-
-def tonality(audio):
-    """Share of each frame's power in spectral peaks (bins PEAK_DB over the median of their
-    +-PEAK_NEIGHBOURS bins), averaged over frames: ~1 for notes, ~0 for noise."""
-    power = audible_frames(stft_power(audio))                            # (frames, bins)
-    k = PEAK_NEIGHBOURS
-    padded = np.pad(power, ((0, 0), (k, k)), mode="edge")
-    local = np.median(sliding_window_view(padded, 2 * k + 1, axis=1), axis=-1)
-    peaks = power > local * 10 ** (PEAK_DB / 10)
-    return float(((power * peaks).sum(1) / power.sum(1)).mean())
 
 
 def percussiveness(audio, sample_rate):
@@ -674,7 +647,7 @@ def percussiveness(audio, sample_rate):
 def log_spectrum_db(audio):
     """Frame-averaged power spectrum in dB, normalised to total power 1 (shape, not loudness),
     floored SPECTRUM_FLOOR_DB under its maximum."""
-    power = audible_frames(stft_power(audio)).mean(0)[1:]
+    power = sound_world.audible_frames(sound_world.stft_power(audio)).mean(0)[1:]
     db = 10 * np.log10(power / power.sum() + 1e-30)
     return np.maximum(db, db.max() + SPECTRUM_FLOOR_DB)
 
@@ -743,7 +716,7 @@ def real_set(sounds, first, count, sample_rate, seconds):
 
 def descriptor_rows(sounds, generated, real, sample_rate):
     """Flatness, tonality and percussiveness per sound: generated beside real clips."""
-    measures = {"flatness": spectral_flatness, "tonality": tonality,
+    measures = {"flatness": spectral_flatness, "tonality": sound_world.tonality,
                 "percussive dB": lambda a: percussiveness(a, sample_rate)}
     rows = []
     for i, sound in enumerate(sounds):

@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
 
 import stable_audio as sa
 
@@ -148,6 +149,40 @@ def write_clip(path, audio, sample_rate):
     write_audio(path, clip, sample_rate)
     write_spectrogram_png(Path(path).with_suffix(".png"), clip)
     return float(np.abs(audio).max()), scaled
+
+
+# -------------------------------------------------------------------------------------------------
+# Notes or noise: the share of a clip's power in spectral peaks, for bench.py's descriptors and
+# train.py check's look at an autoencoder (a note the VAE turns into noise, no U-Net can play).
+# -------------------------------------------------------------------------------------------------
+N_FFT, HOP = 2048, 1024                     # 46 ms frames at 44.1 kHz
+AUDIBLE_DB = -40.0                          # frames this far under the loudest count as silence
+PEAK_NEIGHBOURS, PEAK_DB = 8, 10.0          # a tonal peak: 10 dB over the median of +-8 bins
+
+
+def stft_power(audio, n_fft=N_FFT, hop=HOP):
+    """Power spectra of Hann-windowed frames, summed over channels. (frames, n_fft / 2 + 1)"""
+    x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
+    x = np.pad(x, ((0, 0), (0, max(0, n_fft - x.shape[1]))))
+    frames = sliding_window_view(x, n_fft, axis=1)[:, ::hop] * np.hanning(n_fft)
+    return np.square(np.abs(np.fft.rfft(frames))).sum(0)
+
+
+def audible_frames(power):
+    """Frames within AUDIBLE_DB of the loudest: silence has no spectral shape to measure."""
+    energy = power.sum(1)
+    return power[energy >= energy.max() * 10 ** (AUDIBLE_DB / 10)]
+
+
+def tonality(audio):
+    """Share of each frame's power in spectral peaks (bins PEAK_DB over the median of their
+    +-PEAK_NEIGHBOURS bins), averaged over frames: ~1 for notes, ~0 for noise."""
+    power = audible_frames(stft_power(audio))                            # (frames, bins)
+    k = PEAK_NEIGHBOURS
+    padded = np.pad(power, ((0, 0), (k, k)), mode="edge")
+    local = np.median(sliding_window_view(padded, 2 * k + 1, axis=1), axis=-1)
+    peaks = power > local * 10 ** (PEAK_DB / 10)
+    return float(((power * peaks).sum(1) / power.sum(1)).mean())
 
 
 # -------------------------------------------------------------------------------------------------

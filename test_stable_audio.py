@@ -1344,6 +1344,14 @@ def test_read_audio_raises_value_error_for_unreadable_and_empty_files(tmp_path):
             sound_world.read_audio(path, SR)
 
 
+# --- notes or noise ------------------------------------------------------------------------------
+def test_tonality_is_near_1_for_a_sine_and_near_0_for_noise():
+    noise = np.random.default_rng(0).standard_normal((2, 2 * SR))
+    sine = np.sin(2 * np.pi * 1000 * np.arange(2 * SR) / SR)
+    assert sound_world.tonality(sine) > 0.95
+    assert sound_world.tonality(noise) < 0.05
+
+
 # --- the sound world ------------------------------------------------------------------------------
 def test_sound_world_is_deterministic_by_seed():
     a, meta_a = sound_world.make_clip(7, SR, 3.0)
@@ -2760,13 +2768,6 @@ def test_spectral_flatness_is_near_1_for_white_noise_and_near_0_for_a_sine():
     assert bench.spectral_flatness(sine) < 0.05
 
 
-def test_tonality_is_near_1_for_a_sine_and_near_0_for_noise():
-    noise = np.random.default_rng(0).standard_normal((2, 2 * BENCH_SR))
-    sine = np.sin(2 * np.pi * 1000 * np.arange(2 * BENCH_SR) / BENCH_SR)
-    assert bench.tonality(sine) > 0.95
-    assert bench.tonality(noise) < 0.05
-
-
 def test_clicks_are_more_percussive_than_steady_noise():
     clicks = np.zeros((2, 2 * BENCH_SR))
     clicks[:, ::BENCH_SR // 4] = 1.0                               # 4 clicks a second
@@ -2778,7 +2779,7 @@ def test_descriptors_hear_rain_as_noise_piano_as_tonal_and_drums_as_percussive()
     rain, piano, drums = (bench.real_clip(s, 0, BENCH_SR, 3.0).numpy()
                           for s in ("rain", "piano", "drums"))
     assert bench.spectral_flatness(rain) > 0.9 > 0.3 > bench.spectral_flatness(piano)
-    assert bench.tonality(piano) > 0.9 > 0.1 > bench.tonality(rain)
+    assert sound_world.tonality(piano) > 0.9 > 0.1 > sound_world.tonality(rain)
     assert bench.percussiveness(drums, BENCH_SR) > bench.percussiveness(rain, BENCH_SR) + 5
 
 
