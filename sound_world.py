@@ -33,6 +33,7 @@ import stable_audio as sa
 RESAMPLE_ZEROS = 32        # sinc zero crossings on each side of the resampling filter
 RESAMPLE_ROLLOFF = 0.94    # cutoff as a fraction of the lower Nyquist: room for the transition band
 KAISER_BETA = 8.0          # stopband ~ -80 dB
+FULL_SCALE = 0.999         # a sample this loud (of 1) was likely clipped; 16-bit's top: 0.99997
 
 
 def resample(audio, sr_in, sr_out):
@@ -77,6 +78,20 @@ def read_audio(path, sample_rate):
     if len(data) == 0:
         raise ValueError(f"audio file {path} is empty (0 frames)")
     return resample(to_stereo(torch.from_numpy(data.T.copy())), sr, sample_rate)
+
+
+def levels(path):
+    """A file's levels as read, before any conversion: peak (dBFS), the share of its samples at
+    full scale (clipped), and its largest DC offset as a share of that channel's RMS."""
+    try:
+        x, _ = sf.read(str(path), dtype="float64", always_2d=True)           # (N, C)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise ValueError(f"not readable audio ({err})") from err
+    peak = float(np.abs(x).max(initial=0))
+    rms = np.sqrt(np.mean(np.square(x), 0))
+    return {"peak_db": 20 * math.log10(peak) if peak else -math.inf,
+            "clipped": float(np.mean(np.abs(x) >= FULL_SCALE)),
+            "dc": float(np.max(np.abs(x.mean(0)) / np.maximum(rms, 1e-12)))}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -562,15 +577,20 @@ def inspect_file(path):
     raise ValueError(f"no caption: add {txt.name} (the prompt) or {meta.name} (metadata fields)")
 
 
-def scan_folder(path):
-    """Usable audio files under `path` with their captions: (items, [(path, reason), …] skipped)."""
+def audio_files(path):
+    """The audio files under folder `path`, by their extensions, in path order."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise ValueError(f"{root} is a file; give a folder of audio files with captions")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
-    files = [p for p in files if p.is_file()]
+    return [p for p in sorted(root.rglob("*")) if p.suffix.lower() in AUDIO_EXTENSIONS
+            and p.is_file()]
+
+
+def scan_folder(path):
+    """Usable audio files under `path` with their captions: (items, [(path, reason), …] skipped)."""
+    root, files = Path(path), audio_files(path)
     items, skipped = [], []
     for p in files:
         try:
