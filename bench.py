@@ -27,6 +27,9 @@ Sections (run in this order; --only picks some):
               is this project's own small one, so its figures are not the paper's.
   grading     assignments.py grading the instructor's key on every assignment, as a subprocess,
               then a class's folder with a submission that hangs and one that exits.
+  check       `python train.py check --data DIR` as a subprocess, on a folder of sound-world
+              clips at the tiny size's window and defaults, --latent-scale auto (--quick: 2 s
+              clips in 1.9 s windows, batch 2): wall time, exit status and verdict.
 Every table names the machine (CPU model and torch threads, or GPU), the torch version and dtype.
 speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
 and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
@@ -59,7 +62,7 @@ import stable_audio as sa
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
 SECTIONS = ("speed", "throughput", "cpu-bf16", "vae", "timing", "samplers", "adherence",
-            "grading")
+            "grading", "check")
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
 
 # speed
@@ -71,6 +74,8 @@ CLI_SECONDS = 30
 CLI_TARGET_S = 20.0                         # the README's command: at most 20 s on 2 CPU cores
 GRADING_TARGET_S = 60.0                     # assignments.py grading all of a key: 2 CPU cores
 CLASS_SIZE, CLASS_TARGET_S = 20, 180.0      # a folder of keys, one hang, one exit: 2 CPU cores
+CHECK_TARGET_S = 300.0                      # train.py check: minutes, not hours, on 2 CPU cores
+CHECK_CLIPS, CHECK_CLIP_SECONDS = 8, 95     # its folder: sound-world clips of 1 to 95 s
 TIME_LINE = re.compile(r"time: loading ([\d.]+) s \+ sampling and decoding ([\d.]+) s")
 
 # throughput
@@ -826,6 +831,40 @@ def bench_grading(setup):
 
 
 # -------------------------------------------------------------------------------------------------
+# check: train.py check as someone runs it before training on their folder (a subprocess, start-up
+# included): the files, the bundled demo's VAE on them, the latents and the 50-step trial run.
+# -------------------------------------------------------------------------------------------------
+def bench_check(setup):
+    # --latent-scale auto, as the check advises for the demo's VAE, whose latents are small
+    quick = ["--window-seconds", "1", "--batch-size", "2", "--crop", "16384"] * setup["quick"]
+    flags = ["--latent-scale", "auto", *quick]
+    clips, seconds = (6, 2) if setup["quick"] else (CHECK_CLIPS, CHECK_CLIP_SECONDS)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = sound_world.make_toy_folder(Path(tmp) / "clips", 44100, n=clips,
+                                             max_seconds=seconds)
+        for _ in range(setup["repeats"]):
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, str(HERE / "train.py"), "check", "--data",
+                                   str(folder), *flags], capture_output=True, text=True, cwd=HERE)
+            wall = time.perf_counter() - t0
+            lines = done.stdout.splitlines()
+            verdict = next((line for line in lines if line.startswith("verdict:")),
+                           (done.stderr.strip().splitlines() or ["no verdict"])[-1])
+            rows.append({"command": " ".join(["train.py check --data DIR", *flags]),
+                         "wall s": wall, "exit": done.returncode,
+                         "verdict": " / ".join([verdict] + [line.removeprefix("problem: ")[:60]
+                                                           for line in lines
+                                                           if line.startswith("problem:")]),
+                         "target s (2 CPU cores)": f"<= {CHECK_TARGET_S:g}",
+                         "met": done.returncode in (0, 1) and wall <= CHECK_TARGET_S})
+    yield table("check: a folder before training", machine(torch.device("cpu"), torch.float32),
+                rows, f"{clips} sound-world clips of 1 to {seconds} s with captions; size tiny, "
+                "the bundled demo's VAE and CLAP (exit 1: it found something to fix, named in "
+                "the verdict)")
+
+
+# -------------------------------------------------------------------------------------------------
 # cpu-bf16: the U-Net forward in float32 and under bf16 autocast on this CPU. bf16 halves the bytes
 # moved and, on CPUs that multiply bf16 in hardware (AMX, AVX-512 BF16), the arithmetic time; on
 # others it is emulated and many times slower, so sa.pick_dtype keeps float32 there.
@@ -1192,7 +1231,7 @@ def gpu_check(args):
 # -------------------------------------------------------------------------------------------------
 BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "vae": bench_vae,
            "timing": bench_timing, "samplers": bench_samplers, "adherence": bench_adherence,
-           "grading": bench_grading, "cpu-bf16": bench_cpu_bf16}
+           "grading": bench_grading, "cpu-bf16": bench_cpu_bf16, "check": bench_check}
 
 
 def parse_args(argv):

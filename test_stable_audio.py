@@ -4052,6 +4052,7 @@ DOC_SKIPPED = {"pip install": "the CI's own setup, from the network",
 # sample.py and bench.py: --steps 2; bench.py: --eval-steps 2 --seeds 1 --repeats 1, and each
 #     section once per document for the same other flags (bench_sections_left)
 # --seconds, --start, --inpaint, and a Python block's seconds_total: a tenth; its steps: 2
+# bench.py --only check: --quick (the check at the size's window and 50 trial steps takes minutes)
 # exercises.py: --scale 0.01 and --seeds 1, without --check (its ranges hold at scale 1 only)
 # docs/mutants.py: --list, which checks that every mutant applies (running them takes hours)
 # assignments.py grade: exit 1 is a grade too (a starter fails every assignment), not a failure
@@ -4119,6 +4120,9 @@ def short_form(argv, ranks):
     if script == "bench.py":
         for flag, value in (("--eval-steps", "2"), ("--seeds", "1"), ("--repeats", "1")):
             argv = set_flag(argv, flag, value)
+        only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else []
+        if "check" in only and "--quick" not in argv:
+            argv = [*argv, "--quick"]
     for flag, n in (("--seconds", 1), ("--start", 1), ("--inpaint", 2)):
         argv = tenth(argv, flag, n)
     if script == "docs/mutants.py":

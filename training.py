@@ -999,7 +999,7 @@ CLIPPED_SHARE = 1e-3       # of a file's samples at full scale: clipped
 DC_SHARE = 0.1             # a channel's mean over its RMS: a DC offset
 PADDED = 0.5               # a typical window with more padding than this is too long
 SAME_CAPTION = 0.5         # one caption on this share of the files (and on 3 or more)
-VAE_WORSE = 1.25           # the folder's reconstruction loss over the sound world's
+VAE_WORSE = 1.5            # the folder's reconstruction loss over the sound world's
 # STFT loss on sound-world clips above which a VAE is untrained: a fresh tiny one scores about 7,
 # the bundled demo's 3.5.
 VAE_UNTRAINED = 5.0
@@ -1019,6 +1019,12 @@ SKIPS = {"not readable": ("are not readable audio", "convert them to wav or flac
          "is empty": ("have an empty .txt caption", "write each file's prompt into its .txt"),
          "JSON": ("have bad .json metadata", METADATA_FIX),
          "must be an object": ("have bad .json metadata", METADATA_FIX)}
+
+
+def demo_path():
+    """The bundled demo's checkpoint, as a path from here if it lies below, else in full."""
+    near = os.path.relpath(DEMO)
+    return DEMO if near.startswith("..") else near
 
 
 class Findings:
@@ -1062,7 +1068,7 @@ def share(n, of):
 
 def check_files(args, config, found):
     """The folder's files: which training would skip and why, and of those it would use, the
-    levels, rates and channels, captions and lengths against the window. -> the usable items."""
+    levels, rates and channels, captions and lengths against the window."""
     files = sound_world.audio_files(args.data)
     items, skipped = [], {}
     for path in files:
@@ -1089,7 +1095,6 @@ def check_files(args, config, found):
     check_formats(items, config, found)
     check_captions(items, found)
     check_lengths(args, items, config, found)
-    return items
 
 
 # What a file's levels can say is wrong with it: (what such files are, why it matters, the fix).
@@ -1205,26 +1210,31 @@ def check_lengths(args, items, config, found):
 
 def check_held_out(args, config, found):
     """The held-out share (sound_world.split_data): what a run is watched on."""
-    _, held, note = quietly(sound_world.split_data, args.data, args.val, config.window,
+    train, held, note = quietly(sound_world.split_data, args.data, args.val, config.window,
                                 config.sample_rate, args.seed)
     found.row("held out", note)
     if held.trained_on:
         found.problem("too few files to hold any out: a run's held-out figures would come from "
                       "its training files", "give more files, or --val DIR with files of its own")
-    return held
+    return train, held
 
 
 @torch.no_grad()
-def check_vae(args, config, held, device, found):
-    """The VAE on held-out clips of the folder beside held-out sound-world clips: the §4.2
-    reconstruction loss and the tonality it keeps (a note it turns into noise, no U-Net can
-    play)."""
+def check_vae(args, config, train, held, device, found):
+    """The VAE on clips of the folder beside held-out sound-world clips: the §4.2 reconstruction
+    loss and the tonality it keeps (a note it turns into noise, no U-Net can play). The folder's
+    clips come from as many files as the sound world's, held-out ones first: one file's figure
+    says more about its sound than about the VAE."""
     model = sa.build_model(config)
     load_part(model, "vae", args.vae, "--vae")
     model.to(device).eval()
+    n = EVAL_ITEMS["vae"]
+    items = held.items + train.items[::max(1, len(train.items) // n)]
+    mine = sound_world.FolderData(args.data, config.window, config.sample_rate,
+                                  items=items[:max(n, len(held.items))], in_turn=True)
     toy = sound_world.split_data("toy", None, config.window, config.sample_rate)[1]
     figures = {}
-    for name, data in (("your folder", held), ("the sound world", toy)):
+    for name, data in (("your folder", mine), ("the sound world", toy)):
         x, x_hat, _, _ = HeldOutVAE(args, data, args.crop, device).reconstruct(model)
         audible = x.abs().amax((1, 2)) > 10 ** (SILENT_DBFS / 20)
         if not audible.any():
@@ -1233,7 +1243,9 @@ def check_vae(args, config, held, device, found):
         x, x_hat = x[audible].float().cpu(), x_hat[audible].float().cpu()
         tones = [np.mean([sound_world.tonality(a) for a in y.numpy()]) for y in (x, x_hat)]
         figures[name] = (sa.stereo_loss(x_hat, x, model.config.sample_rate).item(), *tones)
-    found.section(f"autoencoder {args.vae}: held-out clips of {args.crop} samples")
+    found.section(f"autoencoder {args.vae}: {n} clips of {args.crop} samples, from "
+                  f"{min(len(mine.items), n)} files here ({len(held.items)} held out) and from the "
+                  f"sound world")
     for name, figure in figures.items():
         found.row(name, "every clip silent" if figure is None else
                   f"STFT loss {figure[0]:.3g}; tonality {figure[1]:.2f} -> {figure[2]:.2f}")
@@ -1247,8 +1259,7 @@ def check_vae(args, config, held, device, found):
         found.problem(f"the autoencoder reconstructs nothing well (STFT loss {mine[0]:.3g} "
                       f"here, {world[0]:.3g} on the sound world): it is untrained, and a "
                       f"U-Net on its latents learns noise", f"train it first: train.py vae "
-                      f"--data {args.data} (or --init {os.path.relpath(DEMO)} to start from "
-                      f"the demo's)")
+                      f"--data {args.data} (or --init {demo_path()} to start from the demo's)")
     elif mine[0] > VAE_WORSE * world[0]:
         found.problem(f"the autoencoder reconstructs your clips worse than the sound world "
                       f"(STFT loss {mine[0]:.3g} against {world[0]:.3g})", fine_tune)
@@ -1327,11 +1338,11 @@ def check(args, model_config, train_diffusion):
     if args.size != "tiny" and not (args.vae and args.clap):
         raise TrainingError(f"the bundled demo's VAE and CLAP are of size tiny; pass --vae CKPT "
                             f"and --clap CKPT of size {args.size}")
-    demo = os.path.relpath(DEMO)
+    demo = demo_path()
     args = argparse.Namespace(**{**vars(args), "vae": args.vae or demo, "clap": args.clap or demo})
     found = Findings()
     check_files(args, config, found)
-    held = check_held_out(args, config, found)
-    check_vae(args, config, held, device, found)
+    train, held = check_held_out(args, config, found)
+    check_vae(args, config, train, held, device, found)
     check_trial(args, model_config, train_diffusion, device, found)
     return found.verdict()
