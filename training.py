@@ -1075,7 +1075,8 @@ def check_files(args, config, found):
         try:
             items.append(sound_world.inspect_file(path))
         except ValueError as err:
-            kind = next(v for k, v in SKIPS.items() if k in str(err))
+            kind = next((v for k, v in SKIPS.items() if k in str(err)),
+                        (f"another fault ({err})", "fix or remove them"))
             skipped.setdefault(kind, []).append(path.name)
     if not items:
         kinds = sorted(skipped.items(), key=lambda kv: -len(kv[1]))
@@ -1230,11 +1231,11 @@ def check_vae(args, config, train, held, device, found):
     model.to(device).eval()
     n = EVAL_ITEMS["vae"]
     items = held.items + train.items[::max(1, len(train.items) // n)]
-    mine = sound_world.FolderData(args.data, config.window, config.sample_rate,
-                                  items=items[:max(n, len(held.items))], in_turn=True)
+    folder = sound_world.FolderData(args.data, config.window, config.sample_rate,
+                                    items=items[:max(n, len(held.items))], in_turn=True)
     toy = sound_world.split_data("toy", None, config.window, config.sample_rate)[1]
     figures = {}
-    for name, data in (("your folder", mine), ("the sound world", toy)):
+    for name, data in (("your folder", folder), ("the sound world", toy)):
         x, x_hat, _, _ = HeldOutVAE(args, data, args.crop, device).reconstruct(model)
         audible = x.abs().amax((1, 2)) > 10 ** (SILENT_DBFS / 20)
         if not audible.any():
@@ -1244,8 +1245,8 @@ def check_vae(args, config, train, held, device, found):
         tones = [np.mean([sound_world.tonality(a) for a in y.numpy()]) for y in (x, x_hat)]
         figures[name] = (sa.stereo_loss(x_hat, x, model.config.sample_rate).item(), *tones)
     found.section(f"autoencoder {args.vae}: {n} clips of {args.crop} samples, from "
-                  f"{min(len(mine.items), n)} files here ({len(held.items)} held out) and from the "
-                  f"sound world")
+                  f"{min(len(folder.items), n)} files here ({len(held.items)} held out) and "
+                  f"from the sound world")
     for name, figure in figures.items():
         found.row(name, "every clip silent" if figure is None else
                   f"STFT loss {figure[0]:.3g}; tonality {figure[1]:.2f} -> {figure[2]:.2f}")
