@@ -27,6 +27,9 @@ Sections (run in this order; --only picks some):
               is this project's own small one, so its figures are not the paper's.
   grading     assignments.py grading the instructor's key on every assignment, as a subprocess,
               then a class's folder with a submission that hangs and one that exits.
+  check       `python train.py check --data DIR` as a subprocess, on a folder of sound-world
+              clips at the tiny size's window and defaults, --latent-scale auto (--quick: 2 s
+              clips in 1.9 s windows, batch 2): wall time, exit status and verdict.
 Every table names the machine (CPU model and torch threads, or GPU), the torch version and dtype.
 speed and throughput use random weights of --size unless --ckpt is given; vae, timing, adherence
 and the cli run need a checkpoint (default checkpoints/demo.pt) and are skipped when it is missing.
@@ -51,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 from tqdm import tqdm
 
 import sound_world
@@ -61,7 +63,7 @@ import training
 HERE = Path(__file__).resolve().parent
 DEMO_CKPT = HERE / "checkpoints" / "demo.pt"
 SECTIONS = ("speed", "throughput", "cpu-bf16", "vae", "timing", "samplers", "adherence",
-            "grading")
+            "grading", "check")
 SIZE_ORDER = ("tiny", "small", "full")      # throughput measures every size up to --size
 
 # speed
@@ -73,6 +75,8 @@ CLI_SECONDS = 30
 CLI_TARGET_S = 20.0                         # the README's command: at most 20 s on 2 CPU cores
 GRADING_TARGET_S = 60.0                     # assignments.py grading all of a key: 2 CPU cores
 CLASS_SIZE, CLASS_TARGET_S = 20, 180.0      # a folder of keys, one hang, one exit: 2 CPU cores
+CHECK_TARGET_S = 300.0                      # train.py check: minutes, not hours, on 2 CPU cores
+CHECK_CLIPS, CHECK_CLIP_SECONDS = 8, 95     # its folder: sound-world clips of 1 to 95 s
 TIME_LINE = re.compile(r"time: loading ([\d.]+) s \+ sampling and decoding ([\d.]+) s")
 
 # throughput
@@ -103,9 +107,7 @@ ADHERENCE_SECONDS = 10
 VAE_SECONDS = 5
 REAL_CLIPS = 4                              # real sound-world clips per sound, the reference set
 REAL_SEED = 1000              # training draws 63-bit seeds, so clips from here on are unseen
-N_FFT, HOP = 2048, 1024                     # 46 ms frames at 44.1 kHz
 FLATNESS_BAND = 16                          # bins per band for flatness (344 Hz at 44.1 kHz)
-PEAK_NEIGHBOURS, PEAK_DB = 8, 10.0          # a tonal peak: 10 dB over the median of +-8 bins
 ENVELOPE_SECONDS = 0.01
 SPECTRUM_FLOOR_DB = -80.0                   # log spectra are floored 80 dB under their maximum
 CLAP_NOTE = ("CLAP figures use this project's own small CLAP (train.py clap), not OpenL3, PaSST "
@@ -588,8 +590,9 @@ def vae_rows(vae, sounds, clips, sample_rate, seconds):
                      "log-spectral distance dB": float(np.mean(
                          [log_spectral_distance(a, b) for a, b in zip(x_hat.numpy(), x.numpy())])),
                      # Notes the VAE cannot keep, no diffusion model on its latents can play.
-                     "tonality real": float(np.mean([tonality(a) for a in x.numpy()])),
-                     "tonality decoded": float(np.mean([tonality(a) for a in x_hat.numpy()]))})
+                     "tonality real": float(np.mean(list(map(sound_world.tonality, x.numpy())))),
+                     "tonality decoded": float(np.mean(list(map(sound_world.tonality,
+                                                                x_hat.numpy()))))})
     rows.append({"sound": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]
                                      if k != "sound"}})
     return rows
@@ -627,20 +630,6 @@ def bench_vae(setup):
 # The CLAP is this project's own small one, not OpenL3, PaSST or LAION-CLAP as in the paper: its
 # scores and distances rank checkpoints of this project and cannot be compared with the paper's.
 # -------------------------------------------------------------------------------------------------
-def stft_power(audio, n_fft=N_FFT, hop=HOP):
-    """Power spectra of Hann-windowed frames, summed over channels. (frames, n_fft / 2 + 1)"""
-    x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
-    x = np.pad(x, ((0, 0), (0, max(0, n_fft - x.shape[1]))))
-    frames = sliding_window_view(x, n_fft, axis=1)[:, ::hop] * np.hanning(n_fft)
-    return np.square(np.abs(np.fft.rfft(frames))).sum(0)
-
-
-def audible_frames(power):
-    """Frames within SILENCE_DB of the loudest: silence has no spectral shape to measure."""
-    energy = power.sum(1)
-    return power[energy >= energy.max() * 10 ** (SILENCE_DB / 10)]
-
-
 def spectral_flatness(audio, band=FLATNESS_BAND):
     """Geometric over arithmetic mean of the frame-averaged power spectrum, within bands of
     `band` bins, weighted by band power: ~1 for noise (band-limited or tilted too), ~0 for tones.
@@ -648,21 +637,10 @@ def spectral_flatness(audio, band=FLATNESS_BAND):
     Averaging power over frames first removes the periodogram's own scatter (one frame of white
     noise has flatness e^-gamma = 0.56). Bands keep coloured noise flat: rain is noise from 0.8 to
     12 kHz, whose flatness over the whole spectrum would be low."""
-    power = audible_frames(stft_power(audio)).mean(0)[1:]                # drop DC
+    power = sound_world.audible_frames(sound_world.stft_power(audio)).mean(0)[1:]   # drop DC
     power = power[:len(power) // band * band].reshape(-1, band) + 1e-30
     flatness = np.exp(np.log(power).mean(1)) / power.mean(1)
     return float((flatness * power.sum(1)).sum() / power.sum())
-
-
-def tonality(audio):
-    """Share of each frame's power in spectral peaks (bins PEAK_DB over the median of their
-    +-PEAK_NEIGHBOURS bins), averaged over frames: ~1 for notes, ~0 for noise."""
-    power = audible_frames(stft_power(audio))                            # (frames, bins)
-    k = PEAK_NEIGHBOURS
-    padded = np.pad(power, ((0, 0), (k, k)), mode="edge")
-    local = np.median(sliding_window_view(padded, 2 * k + 1, axis=1), axis=-1)
-    peaks = power > local * 10 ** (PEAK_DB / 10)
-    return float(((power * peaks).sum(1) / power.sum(1)).mean())
 
 
 def percussiveness(audio, sample_rate):
@@ -675,7 +653,7 @@ def percussiveness(audio, sample_rate):
 def log_spectrum_db(audio):
     """Frame-averaged power spectrum in dB, normalised to total power 1 (shape, not loudness),
     floored SPECTRUM_FLOOR_DB under its maximum."""
-    power = audible_frames(stft_power(audio)).mean(0)[1:]
+    power = sound_world.audible_frames(sound_world.stft_power(audio)).mean(0)[1:]
     db = 10 * np.log10(power / power.sum() + 1e-30)
     return np.maximum(db, db.max() + SPECTRUM_FLOOR_DB)
 
@@ -744,7 +722,7 @@ def real_set(sounds, first, count, sample_rate, seconds):
 
 def descriptor_rows(sounds, generated, real, sample_rate):
     """Flatness, tonality and percussiveness per sound: generated beside real clips."""
-    measures = {"flatness": spectral_flatness, "tonality": tonality,
+    measures = {"flatness": spectral_flatness, "tonality": sound_world.tonality,
                 "percussive dB": lambda a: percussiveness(a, sample_rate)}
     rows = []
     for i, sound in enumerate(sounds):
@@ -851,6 +829,40 @@ def bench_grading(setup):
                 "the instructor's key graded on all eight assignments, start-up included "
                 "(exit 0: every check passed), then a folder as a class hands it in (exit 1: "
                 "the hang and the exit fail, each in its own rows)")
+
+
+# -------------------------------------------------------------------------------------------------
+# check: train.py check as someone runs it before training on their folder (a subprocess, start-up
+# included): the files, the bundled demo's VAE on them, the latents and the 50-step trial run.
+# -------------------------------------------------------------------------------------------------
+def bench_check(setup):
+    # --latent-scale auto, as the check advises for the demo's VAE, whose latents are small
+    quick = ["--window-seconds", "1", "--batch-size", "2", "--crop", "16384"] * setup["quick"]
+    flags = ["--latent-scale", "auto", *quick]
+    clips, seconds = (6, 2) if setup["quick"] else (CHECK_CLIPS, CHECK_CLIP_SECONDS)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = sound_world.make_toy_folder(Path(tmp) / "clips", 44100, n=clips,
+                                             max_seconds=seconds)
+        for _ in range(setup["repeats"]):
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, str(HERE / "train.py"), "check", "--data",
+                                   str(folder), *flags], capture_output=True, text=True, cwd=HERE)
+            wall = time.perf_counter() - t0
+            lines = done.stdout.splitlines()
+            verdict = next((line for line in lines if line.startswith("verdict:")),
+                           (done.stderr.strip().splitlines() or ["no verdict"])[-1])
+            rows.append({"command": " ".join(["train.py check --data DIR", *flags]),
+                         "wall s": wall, "exit": done.returncode,
+                         "verdict": " / ".join([verdict] + [line.removeprefix("problem: ")[:60]
+                                                           for line in lines
+                                                           if line.startswith("problem:")]),
+                         "target s (2 CPU cores)": f"<= {CHECK_TARGET_S:g}",
+                         "met": done.returncode in (0, 1) and wall <= CHECK_TARGET_S})
+    yield table("check: a folder before training", machine(torch.device("cpu"), torch.float32),
+                rows, f"{clips} sound-world clips of 1 to {seconds} s with captions; size tiny, "
+                "the bundled demo's VAE and CLAP (exit 1: it found something to fix, named in "
+                "the verdict)")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1224,7 +1236,7 @@ def gpu_check(args):
 # -------------------------------------------------------------------------------------------------
 BENCHES = {"speed": bench_speed, "throughput": bench_throughput, "vae": bench_vae,
            "timing": bench_timing, "samplers": bench_samplers, "adherence": bench_adherence,
-           "grading": bench_grading, "cpu-bf16": bench_cpu_bf16}
+           "grading": bench_grading, "cpu-bf16": bench_cpu_bf16, "check": bench_check}
 
 
 def parse_args(argv):

@@ -21,6 +21,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
 
 import stable_audio as sa
 
@@ -32,6 +33,7 @@ import stable_audio as sa
 RESAMPLE_ZEROS = 32        # sinc zero crossings on each side of the resampling filter
 RESAMPLE_ROLLOFF = 0.94    # cutoff as a fraction of the lower Nyquist: room for the transition band
 KAISER_BETA = 8.0          # stopband ~ -80 dB
+FULL_SCALE = 0.999         # a sample this loud (of 1) was likely clipped; 16-bit's top: 0.99997
 
 
 def resample(audio, sr_in, sr_out):
@@ -76,6 +78,20 @@ def read_audio(path, sample_rate):
     if len(data) == 0:
         raise ValueError(f"audio file {path} is empty (0 frames)")
     return resample(to_stereo(torch.from_numpy(data.T.copy())), sr, sample_rate)
+
+
+def levels(path):
+    """A file's levels as read, before any conversion: peak (dBFS), the share of its samples at
+    full scale (clipped), and its largest DC offset as a share of that channel's RMS."""
+    try:
+        x, _ = sf.read(str(path), dtype="float64", always_2d=True)           # (N, C)
+    except (sf.SoundFileError, RuntimeError) as err:
+        raise ValueError(f"not readable audio ({err})") from err
+    peak = float(np.abs(x).max(initial=0))
+    rms = np.sqrt(np.mean(np.square(x), 0))
+    return {"peak_db": 20 * math.log10(peak) if peak else -math.inf,
+            "clipped": float(np.mean(np.abs(x) >= FULL_SCALE)),
+            "dc": float(np.max(np.abs(x.mean(0)) / np.maximum(rms, 1e-12)))}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -148,6 +164,40 @@ def write_clip(path, audio, sample_rate):
     write_audio(path, clip, sample_rate)
     write_spectrogram_png(Path(path).with_suffix(".png"), clip)
     return float(np.abs(audio).max()), scaled
+
+
+# -------------------------------------------------------------------------------------------------
+# Notes or noise: the share of a clip's power in spectral peaks, for bench.py's descriptors and
+# train.py check's look at an autoencoder (a note the VAE turns into noise, no U-Net can play).
+# -------------------------------------------------------------------------------------------------
+N_FFT, HOP = 2048, 1024                     # 46 ms frames at 44.1 kHz
+AUDIBLE_DB = -40.0                          # frames this far under the loudest count as silence
+PEAK_NEIGHBOURS, PEAK_DB = 8, 10.0          # a tonal peak: 10 dB over the median of +-8 bins
+
+
+def stft_power(audio, n_fft=N_FFT, hop=HOP):
+    """Power spectra of Hann-windowed frames, summed over channels. (frames, n_fft / 2 + 1)"""
+    x = np.asarray(audio, dtype=np.float64).reshape(-1, np.shape(audio)[-1])      # (C, N)
+    x = np.pad(x, ((0, 0), (0, max(0, n_fft - x.shape[1]))))
+    frames = sliding_window_view(x, n_fft, axis=1)[:, ::hop] * np.hanning(n_fft)
+    return np.square(np.abs(np.fft.rfft(frames))).sum(0)
+
+
+def audible_frames(power):
+    """Frames within AUDIBLE_DB of the loudest: silence has no spectral shape to measure."""
+    energy = power.sum(1)
+    return power[energy >= energy.max() * 10 ** (AUDIBLE_DB / 10)]
+
+
+def tonality(audio):
+    """Share of each frame's power in spectral peaks (bins PEAK_DB over the median of their
+    +-PEAK_NEIGHBOURS bins), averaged over frames: ~1 for notes, ~0 for noise."""
+    power = audible_frames(stft_power(audio))                            # (frames, bins)
+    k = PEAK_NEIGHBOURS
+    padded = np.pad(power, ((0, 0), (k, k)), mode="edge")
+    local = np.median(sliding_window_view(padded, 2 * k + 1, axis=1), axis=-1)
+    peaks = power > local * 10 ** (PEAK_DB / 10)
+    return float(((power * peaks).sum(1) / power.sum(1)).mean())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -527,15 +577,20 @@ def inspect_file(path):
     raise ValueError(f"no caption: add {txt.name} (the prompt) or {meta.name} (metadata fields)")
 
 
-def scan_folder(path):
-    """Usable audio files under `path` with their captions: (items, [(path, reason), …] skipped)."""
+def audio_files(path):
+    """The audio files under folder `path`, by their extensions, in path order."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise ValueError(f"{root} is a file; give a folder of audio files with captions")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
-    files = [p for p in files if p.is_file()]
+    return [p for p in sorted(root.rglob("*")) if p.suffix.lower() in AUDIO_EXTENSIONS
+            and p.is_file()]
+
+
+def scan_folder(path):
+    """Usable audio files under `path` with their captions: (items, [(path, reason), …] skipped)."""
+    root, files = Path(path), audio_files(path)
     items, skipped = [], []
     for p in files:
         try:

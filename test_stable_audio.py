@@ -1344,6 +1344,14 @@ def test_read_audio_raises_value_error_for_unreadable_and_empty_files(tmp_path):
             sound_world.read_audio(path, SR)
 
 
+# --- notes or noise ------------------------------------------------------------------------------
+def test_tonality_is_near_1_for_a_sine_and_near_0_for_noise():
+    noise = np.random.default_rng(0).standard_normal((2, 2 * SR))
+    sine = np.sin(2 * np.pi * 1000 * np.arange(2 * SR) / SR)
+    assert sound_world.tonality(sine) > 0.95
+    assert sound_world.tonality(noise) < 0.05
+
+
 # --- the sound world ------------------------------------------------------------------------------
 def test_sound_world_is_deterministic_by_seed():
     a, meta_a = sound_world.make_clip(7, SR, 3.0)
@@ -2367,6 +2375,171 @@ def test_bad_watching_flags_are_one_error_line_and_lose_nothing_in_out(tmp_path,
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+# --- before training on your own audio: train.py check --------------------------------------------
+# Folders made to fail one way each. Their findings come from the files alone, so those tests stub
+# out the autoencoder and the trial run (check_model_parts); one clean folder runs the whole check.
+import contextlib  # noqa: E402 (this section's own)
+import io          # noqa: E402
+
+CHECK = ["--window-seconds", 0.5, "--batch-size", 2, "--crop", 16384]
+
+
+def check_folder(root, files, rate=SR, caption="{}, a sound of its own"):
+    """Write {name: audio (N, C)} into `root`, each captioned caption.format(name)."""
+    root.mkdir()
+    for name, audio in files.items():
+        sf.write(root / f"{name}.wav", audio, rate)
+        (root / f"{name}.txt").write_text(caption.format(name), encoding="utf-8")
+    return root
+
+
+def tone_noise(seconds, rate=SR, channels=2, seed=0):
+    """A 330 Hz tone in a little noise, at -12 dBFS: nothing wrong with it."""
+    n = int(seconds * rate)
+    x = np.sin(2 * np.pi * 330 * np.arange(n) / rate)[:, None].repeat(channels, 1)
+    return 0.25 * x + 0.01 * np.random.default_rng(seed).standard_normal((n, channels))
+
+
+def run_check(capsys, *argv):
+    """train.py check's exit status and its problem and fix lines, in pairs."""
+    capsys.readouterr()
+    code = run_train("check", *argv)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    problems = [(a, b) for a, b in zip(lines, lines[1:]) if a.startswith("problem:")]
+    assert all(b.startswith("  fix: ") for _, b in problems), out
+    return code, problems, out, err
+
+
+@pytest.fixture
+def check_model_parts(monkeypatch):
+    """The check without its autoencoder and trial run: the folder's own findings alone."""
+    monkeypatch.setattr(training, "check_vae", lambda *a: None)
+    monkeypatch.setattr(training, "check_trial", lambda *a: None)
+
+
+@pytest.mark.parametrize("case, problem, fix", [
+    ("silent", "files read are silent", "remove them, or export them again"),
+    ("clipped", "files read are clipped", "export them again at a lower gain"),
+    ("dc", "files read have a DC offset", "high-pass filter"),
+    ("short", "of a typical window is padding", "--window-seconds 1 "),
+    ("one caption", "files share one caption", "give each file a caption"),
+    ("long caption", "longer than the 126 bytes", "shorten them"),
+    ("mono 16 kHz", "lower rate than the model's 44100 Hz (down to 16000 Hz)", "train on 44100 Hz"),
+    ("mono 16 kHz", "files are mono", "train on stereo sources"),
+    ("unreadable", "2 of 5 audio files are not readable audio", "convert them to wav or flac"),
+])
+def test_check_names_each_problem_of_a_folder_and_its_fix(case, problem, fix, tmp_path, capsys,
+                                                            check_model_parts):
+    rng = np.random.default_rng(1)
+    good = {f"tone{i}": tone_noise(2, seed=i) for i in range(3)}
+    folders = {
+        "silent": lambda: {f"quiet{i}": np.zeros((2 * SR, 2)) for i in range(3)},
+        "clipped": lambda: {f"loud{i}": np.clip(4 * rng.standard_normal((2 * SR, 2)), -1, 1)
+                            for i in range(3)},
+        "dc": lambda: {f"offset{i}": tone_noise(2, seed=i) + 0.2 for i in range(3)},
+        "short": lambda: {f"blip{i}": tone_noise(1, seed=i) for i in range(3)},
+        "one caption": lambda: good, "long caption": lambda: good,
+        "mono 16 kHz": lambda: {f"phone{i}": tone_noise(2, 16000, 1, i) for i in range(3)},
+        "unreadable": lambda: good}
+    captions = {"one caption": "music", "long caption": "{} " + "é" * 64}     # 2 bytes each
+    folder = check_folder(tmp_path / "data", folders[case](), 16000 if "16" in case else SR,
+                          *[captions[case]] if case in captions else [])
+    if case == "unreadable":
+        for name in ("broken", "garbage"):
+            (folder / f"{name}.wav").write_bytes(os.urandom(500))
+            (folder / f"{name}.txt").write_text("lost")
+    window = [] if case == "short" else CHECK
+    code, problems, out, err = run_check(capsys, "--data", folder, *window)
+    assert code == 1 and len(problems) == (2 if case == "mono 16 kHz" else 1), out
+    (what, how), = [(a, b) for a, b in problems if problem in a]
+    assert fix in how, how
+
+
+def test_check_of_a_folder_with_nothing_usable_is_one_error_line_naming_the_fix(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        sf.write(folder / f"take{i}.wav", tone_noise(1, seed=i), SR)    # no captions at all
+    code, _, out, err = run_check(capsys, "--data", folder)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "3 of 3 audio files have no caption" in err and "song.txt" in err
+    for bad in (["--data", tmp_path / "nowhere"], []):
+        code, _, out, err = run_check(capsys, *bad)
+        assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]       # wrote nothing
+
+
+@pytest.fixture(scope="module")
+def clean_check(tmp_path_factory):
+    """The whole check (the bundled demo's VAE and CLAP, a 20-step trial) on sound-world clips,
+    on one torch thread: its exit status and what it printed. --latent-scale auto, as the check
+    advises for the demo's VAE at scale 1 (it was trained at 4.5: its latents are small)."""
+    root = tmp_path_factory.mktemp("check")
+    sound_world.make_toy_folder(root / "data", SR, n=6, max_seconds=2, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            code = run_train("check", "--data", root / "data", *CHECK, "--latent-scale", "auto",
+                             "--steps", 20, "--lr", 2e-3)
+    finally:
+        torch.set_num_threads(threads)
+    return code, out.getvalue(), sorted(p.name for p in root.rglob("*"))
+
+
+def test_check_of_clean_sound_world_clips_raises_no_alarm_and_writes_nothing(clean_check):
+    code, out, files = clean_check
+    assert code == 0 and "verdict: no problem found" in out and "problem:" not in out, out
+    for section in ("folder", "autoencoder", "latents of 2 windows", "trial: 20 steps"):
+        assert f"\n{section}" in out
+    assert len(files) == 13                              # the folder: 6 clips, 6 captions
+
+
+def test_the_check_finds_an_untrained_autoencoder(tmp_path, capsys, monkeypatch):
+    """A VAE fresh from its initialisation reconstructs nothing: train it first."""
+    torch.manual_seed(0)
+    sa.save_checkpoint(tmp_path / "vae.pt", sa.build_model(sa.SIZES["tiny"]), stage="vae", step=0)
+    monkeypatch.setattr(training, "check_trial", lambda *a: None)
+    folder = sound_world.make_toy_folder(tmp_path / "data", SR, n=3, max_seconds=2, seed=0)
+    code, problems, out, _ = run_check(capsys, "--data", folder, *CHECK, "--vae",
+                                       tmp_path / "vae.pt")
+    (what, fix), = problems
+    assert code == 1 and "it is untrained" in what and f"train.py vae --data {folder}" in fix
+
+
+def test_the_check_finds_latents_far_from_unit_variance_and_gives_the_scale():
+    """z = mean + std * eps with mean ~ N(0, 0.2^2), std 0.1: its std is sqrt(0.05)."""
+    g = torch.Generator().manual_seed(0)
+    cached = {"mean": 0.2 * torch.randn(3, 64, 50, generator=g),
+              "std": torch.full((3, 64, 50), 0.1)}
+    found = training.Findings()
+    with contextlib.redirect_stdout(io.StringIO()):
+        training.check_latents(cached, 1.0, found)
+    (what, fix), = found.problems
+    want = 1 / math.sqrt(0.2 ** 2 + 0.1 ** 2)
+    scale = float(fix.split("here ")[1].rstrip(")"))
+    assert "std is 0.22" in what and "--latent-scale auto" in fix
+    assert scale == pytest.approx(want, rel=0.02)
+    found = training.Findings()
+    with contextlib.redirect_stdout(io.StringIO()):
+        training.check_latents(cached, scale, found)     # at that scale: nothing to fix
+    assert found.problems == []
+
+
+def test_the_checks_trial_run_finds_a_pipeline_that_does_not_learn(clean_check, tmp_path,
+                                                                   capsys, monkeypatch):
+    """The clean trial's loss fell (no alarm above); at a learning rate of 0 it cannot."""
+    monkeypatch.setattr(training, "check_vae", lambda *a: None)
+    folder = sound_world.make_toy_folder(tmp_path / "data", SR, n=3, max_seconds=2, seed=0)
+    code, problems, out, _ = run_check(capsys, "--data", folder, *CHECK, "--steps", 2,
+                                       "--lr", 1e-30, "--latent-scale", "auto")
+    (what, fix), = problems
+    assert code == 1 and "did not learn one batch in 2 steps" in what and "1.00x" in what
+    assert "--overfit" in fix
+
+
 # ================================================================================== sample.py
 # A 4-second window keeps generation fast; 32 kHz shows the rate comes from the checkpoint.
 CFG = dataclasses.replace(sa.SIZES["tiny"], window=2 ** 17, sample_rate=32000)
@@ -2760,13 +2933,6 @@ def test_spectral_flatness_is_near_1_for_white_noise_and_near_0_for_a_sine():
     assert bench.spectral_flatness(sine) < 0.05
 
 
-def test_tonality_is_near_1_for_a_sine_and_near_0_for_noise():
-    noise = np.random.default_rng(0).standard_normal((2, 2 * BENCH_SR))
-    sine = np.sin(2 * np.pi * 1000 * np.arange(2 * BENCH_SR) / BENCH_SR)
-    assert bench.tonality(sine) > 0.95
-    assert bench.tonality(noise) < 0.05
-
-
 def test_clicks_are_more_percussive_than_steady_noise():
     clicks = np.zeros((2, 2 * BENCH_SR))
     clicks[:, ::BENCH_SR // 4] = 1.0                               # 4 clicks a second
@@ -2778,7 +2944,7 @@ def test_descriptors_hear_rain_as_noise_piano_as_tonal_and_drums_as_percussive()
     rain, piano, drums = (bench.real_clip(s, 0, BENCH_SR, 3.0).numpy()
                           for s in ("rain", "piano", "drums"))
     assert bench.spectral_flatness(rain) > 0.9 > 0.3 > bench.spectral_flatness(piano)
-    assert bench.tonality(piano) > 0.9 > 0.1 > bench.tonality(rain)
+    assert sound_world.tonality(piano) > 0.9 > 0.1 > sound_world.tonality(rain)
     assert bench.percussiveness(drums, BENCH_SR) > bench.percussiveness(rain, BENCH_SR) + 5
 
 
@@ -3887,6 +4053,7 @@ DOC_SKIPPED = {"pip install": "the CI's own setup, from the network",
 # sample.py and bench.py: --steps 2; bench.py: --eval-steps 2 --seeds 1 --repeats 1, and each
 #     section once per run of the suite for the same other flags (bench_sections_left)
 # --seconds, --start, --inpaint, and a Python block's seconds_total: a tenth; its steps: 2
+# bench.py --only check: --quick (the check at the size's window and 50 trial steps takes minutes)
 # exercises.py: --scale 0.01 and --seeds 1, without --check (its ranges hold at scale 1 only)
 # docs/mutants.py: --list, which checks that every mutant applies (running them takes hours)
 # assignments.py grade: exit 1 is a grade too (a starter fails every assignment), not a failure
@@ -3954,6 +4121,9 @@ def short_form(argv, ranks):
     if script == "bench.py":
         for flag, value in (("--eval-steps", "2"), ("--seeds", "1"), ("--repeats", "1")):
             argv = set_flag(argv, flag, value)
+        only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else []
+        if "check" in only and "--quick" not in argv:
+            argv = [*argv, "--quick"]
     for flag, n in (("--seconds", 1), ("--start", 1), ("--inpaint", 2)):
         argv = tenth(argv, flag, n)
     if script == "docs/mutants.py":

@@ -427,13 +427,16 @@ def export_released(args):
 # -------------------------------------------------------------------------------------------------
 def parse_args(argv):
     p = training.Parser(description="Train Stable Audio's three stages (paper §4).")
-    p.add_argument("stage", choices=[*STAGES, "all", "export"], help="what to train; `all` runs "
-                   "the three in order (vae, clap, diffusion), each for --steps; `export` writes "
-                   "OUT/diffusion.pt's EMA weights alone to --to")
+    p.add_argument("stage", choices=[*STAGES, "all", "export", "check"], help="what to train; "
+                   "`all` runs the three in order (vae, clap, diffusion), each for --steps; "
+                   "`export` writes OUT/diffusion.pt's EMA weights alone to --to; `check` looks "
+                   "at --data before training: files, captions, lengths, the --vae on them, the "
+                   "latents and a trial run (exit status 1 if something needs fixing)")
     p.add_argument("--size", default="tiny", choices=sa.SIZES, help="model size (default tiny)")
     p.add_argument("--data", default=None, help="`toy` for the built-in sound world, or a "
                    "folder of audio files with same-name .txt captions or .json metadata")
-    p.add_argument("--steps", type=int, default=1000, help="train until this step (default 1000)")
+    p.add_argument("--steps", type=int, default=None, help="train until this step (default "
+                   f"1000; check: the trial run's, default {training.CHECK_STEPS})")
     p.add_argument("--out", default=None, help="output folder (default runs/SIZE)")
     p.add_argument("--to", default=None, help="export: the checkpoint to write, e.g. "
                    "checkpoints/demo.pt")
@@ -541,6 +544,10 @@ def parse_args(argv):
     if args.init and (args.stage == "export" or args.resume):
         p.error("--init starts a fresh vae or diffusion run (or a clap one); it cannot go with "
                 "export or --resume")
+    if args.steps is None:
+        args.steps = training.CHECK_STEPS if args.stage == "check" else 1000
+    if args.stage == "check" and args.data in (None, "toy"):
+        p.error("check needs --data DIR, the folder of audio to look at")
     for name in ("steps", "save_every", "grad_accum"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -593,6 +600,11 @@ def main(argv=None):
         if args.stage == "export":
             export(args)
             return 0
+        if args.stage == "check":                   # before training on a folder: training.py
+            batch, lr = DEFAULTS["diffusion"][args.size]
+            return training.check(replace_args(args, batch_size=args.batch_size or batch,
+                                               lr=args.lr or lr, crop=args.crop or VAE_CROP),
+                                  model_config, train_diffusion)
         args.ranks = ranks = training.Ranks.start(args.device)   # under torchrun: its group
         for stage in ([*STAGES] if args.stage == "all" else [args.stage]):
             run_stage(args, stage)

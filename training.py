@@ -17,14 +17,16 @@ import argparse
 import csv
 import functools
 import hashlib
+import io
 import math
 import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from dataclasses import fields, replace
 from datetime import timedelta
 
@@ -543,10 +545,15 @@ class HeldOutVAE:
     def clips(self, n, window):
         return self.held.batch(n, 0, window)["audio"].to(self.device)        # (n, 2, window)
 
-    def evaluate(self, model):
+    def reconstruct(self, model):
+        """The held-out clips (B, 2, N), their reconstructions from the posterior mean, and
+        the posterior's mean and std (B, 64, L)."""
         x = self.clips(EVAL_ITEMS["vae"], self.crop)
         mean, std = model.vae.encode(x)
-        x_hat = model.vae.decode(mean)[..., :x.shape[-1]]
+        return x, model.vae.decode(mean)[..., :x.shape[-1]], mean, std
+
+    def evaluate(self, model):
+        x, x_hat, mean, std = self.reconstruct(model)
         return {"val_spectral": sa.stereo_loss(x_hat, x, model.config.sample_rate).item(),
                 "val_kl": sa.kl_divergence(mean, std).item()}
 
@@ -608,13 +615,7 @@ class HeldOutDiffusion:
 
     def evaluate(self, model):
         batch, z = self.batch(), self.latents(model.vae) * model.config.latent_scale
-        timing = batch["seconds_start"], batch["seconds_total"]
-        context, mask = model.condition(batch["prompts"], *timing)
-        frames = model.content_frames(*timing).to(self.device)
-        generator = torch.Generator().manual_seed(0)
-        losses = [v_loss_at(model.unet, z, torch.full((len(z),), t, device=self.device),
-                            sa.randn(z.shape, generator, z), context, mask, frames)
-                  for t in EVAL_T]
+        losses = v_losses(model, z, batch, EVAL_T, self.device)
         return {"val_loss": sum(losses) / len(losses)}
 
     def demo(self, model, step):
@@ -623,6 +624,17 @@ class HeldOutDiffusion:
                             steps=self.args.demo_steps, seed=0)
         return write_demos(self.args, step, audio, [f"{i}_{sound_world.slug(p)}" for i, p in
                                                     enumerate(prompts)], model.config.sample_rate)
+
+
+def v_losses(model, z, batch, ts, device):
+    """The v-loss of latents z (B, 64, L) with their batch's captions and timing, at each noise
+    level of ts, with noise from a generator of its own, seeded 0: the same figure every time."""
+    timing = batch["seconds_start"], batch["seconds_total"]
+    context, mask = model.condition(batch["prompts"], *timing)
+    frames = model.content_frames(*timing).to(device)
+    generator = torch.Generator().manual_seed(0)
+    return [v_loss_at(model.unet, z, torch.full((len(z),), t, device=device),
+                      sa.randn(z.shape, generator, z), context, mask, frames) for t in ts]
 
 
 def v_loss_at(unet, z, t, eps, context, mask, content_frames):
@@ -804,6 +816,9 @@ class Overfit:
     def batch(self, batch_size, step, window=None):
         return self.data.batch(batch_size, 0, window)
 
+    def item(self, index, window):                  # the latent cache encodes the first items
+        return self.data.item(index, window)
+
 
 def make_data(args, config):
     """(data to train on, held-out data for evaluation and demos), saying what is held out."""
@@ -946,7 +961,13 @@ def latent_scale(data, model, device, args):
     else:
         with torch.no_grad():
             mean, std = encode_clips(model.vae, data.batch(args.batch_size, 0)["audio"], device)
-    return round(float((mean.float().var() + std.float().pow(2).mean()).rsqrt()), 4)
+    return round(1 / float(latent_std(mean, std)), 4)
+
+
+def latent_std(mean, std, dim=()):
+    """The std of z = mean + std * eps from the posteriors (B, 64, L): the root of var(mean) +
+    E[std^2], over everything, or per channel with dim=(0, 2)."""
+    return (mean.float().var(dim) + std.float().pow(2).mean(dim)).sqrt()
 
 
 # -------------------------------------------------------------------------------------------------
@@ -964,6 +985,368 @@ def copy_of(generator):
 def clip_and_step(optimizer, params, max_norm):
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
+
+
+# -------------------------------------------------------------------------------------------------
+# Before training on your own audio (train.py check): what makes a model of a folder produce
+# noise is usually ordinary and found in minutes: an autoencoder not trained for the material,
+# windows that are mostly padding, latents far from the unit variance the noise schedule assumes
+# (§4.4), captions missing or all alike, rates and channels. Each finding names its fix.
+# -------------------------------------------------------------------------------------------------
+CHECK_READ = 64            # files whose levels are read, spread evenly over a larger folder
+SILENT_DBFS = -60.0        # a file whose peak is below this is silent
+CLIPPED_SHARE = 1e-3       # of a file's samples at full scale: clipped
+DC_SHARE = 0.1             # a channel's mean over its RMS: a DC offset
+PADDED = 0.5               # a typical window with more padding than this is too long
+SAME_CAPTION = 0.5         # one caption on this share of the files (and on 3 or more)
+VAE_WORSE = 1.5            # the folder's reconstruction loss over the sound world's
+# STFT loss on sound-world clips above which a VAE is untrained: a fresh tiny one scores about 7,
+# the bundled demo's 3.5.
+VAE_UNTRAINED = 5.0
+TONAL = 0.2                # clips this tonal have notes to lose
+TONES_KEPT = 0.5           # tonality kept on the folder, as a share of that kept on the sound world
+LATENT_STD = (0.5, 2.0)    # the scaled latents' std outside this: rescale them
+CHECK_STEPS = 50           # the trial run's steps, on one batch
+CHECK_T = (0.125, 0.375, 0.625, 0.875)    # noise levels of the trial's fixed-noise v-loss
+TRIAL_FALL = 1.25          # the trial's v-loss must fall by this factor (1.00 if nothing learns)
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "demo.pt")
+# Why inspect_file skips a file, by the words of its reason: what the files have, and the fix.
+METADATA_FIX = 'make each .json an object of fields, e.g. {"genre": "techno", "bpm": 128}'
+SKIPS = {"not readable": ("are not readable audio", "convert them to wav or flac, or remove them"),
+         "no audio frames": ("have no audio frames", "remove them"),
+         "no caption": ("have no caption", "add a caption beside each: song.wav + song.txt (the "
+                        "prompt) or song.json (fields such as genre, bpm; §4.5)"),
+         "is empty": ("have an empty .txt caption", "write each file's prompt into its .txt"),
+         "JSON": ("have bad .json metadata", METADATA_FIX),
+         "must be an object": ("have bad .json metadata", METADATA_FIX)}
+
+
+def demo_path():
+    """The bundled demo's checkpoint, as a path from here if it lies below, else in full."""
+    near = os.path.relpath(DEMO)
+    return DEMO if near.startswith("..") else near
+
+
+class Findings:
+    """What the check found: rows of its table as it goes, and problems, each with its fix."""
+    def __init__(self):
+        self.problems = []
+
+    def section(self, title):
+        print(f"\n{title}")
+
+    def row(self, name, value):
+        print(f"  {name:<36} {value}")
+
+    def problem(self, what, fix):
+        self.problems.append((what, fix))
+
+    def verdict(self):
+        """The verdict lines -> the exit status: 1 if anything needs fixing, else 0."""
+        if not self.problems:
+            print("\nverdict: no problem found")
+            return 0
+        print(f"\nverdict: {len(self.problems)} problem{'s' * (len(self.problems) > 1)}")
+        for what, fix in self.problems:
+            print(f"problem: {what}\n  fix: {fix}")
+        return 1
+
+
+def quietly(fn, *args):
+    """fn(*args) without its prints (the loaders' notes, a training run's bar and log lines)."""
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        return fn(*args)
+
+
+def percent(x):
+    return f"{100 * x:.0f} %"
+
+
+def share(n, of):
+    return f"{n} of {of}" if n < of else f"all {of}"
+
+
+def check_files(args, config, found):
+    """The folder's files: which training would skip and why, and of those it would use, the
+    levels, rates and channels, captions and lengths against the window."""
+    files = sound_world.audio_files(args.data)
+    items, skipped = [], {}
+    for path in files:
+        try:
+            items.append(sound_world.inspect_file(path))
+        except ValueError as err:
+            kind = next((v for k, v in SKIPS.items() if k in str(err)),
+                        (f"another fault ({err})", "fix or remove them"))
+            skipped.setdefault(kind, []).append(path.name)
+    if not items:
+        kinds = sorted(skipped.items(), key=lambda kv: -len(kv[1]))
+        raise TrainingError(
+            f"nothing to train on in {args.data}: " + (", ".join(
+                f"{len(names)} of {len(files)} audio files {kind}" for (kind, _), names
+                in kinds) + f"; {kinds[0][0][1]}" if files else "no audio files (wav, flac, "
+                "ogg, aiff, mp3, …); give a folder of audio files with captions"))
+    found.section(f"folder {args.data}: {len(files)} audio files, {len(items)} used, "
+                  f"{len(files) - len(items)} skipped")
+    for (kind, fix), names in skipped.items():
+        found.row(f"skipped: {kind}", f"{len(names)} ({', '.join(names[:3])}"
+                  f"{', …' if len(names) > 3 else ''})")
+        found.problem(f"{share(len(names), len(files))} audio files {kind}; training skips "
+                      f"them", fix)
+    check_levels(items, found)
+    check_formats(items, config, found)
+    check_captions(items, found)
+    check_lengths(args, items, config, found)
+
+
+# What a file's levels can say is wrong with it: (what such files are, why it matters, the fix).
+LEVEL_PROBLEMS = {
+    "silent": ("are silent", f"their peak is under {SILENT_DBFS:g} dBFS: the model learns their "
+               f"captions as silence", "remove them, or export them again at their real level"),
+    "clipped": ("are clipped", f"over {100 * CLIPPED_SHARE:g} % of their samples are at full "
+                f"scale: the model learns the distortion", "export them again at a lower gain "
+                "(peaks near -1 dBFS), or leave them out"),
+    "DC offset": ("have a DC offset", f"a channel's mean is over {100 * DC_SHARE:g} % of its "
+                  f"RMS: the VAE's A-weighted loss is blind to 0 Hz, so the offset only wastes "
+                  f"headroom and clicks where a crop starts", "remove it before training: a "
+                  "high-pass filter at about 20 Hz"),
+    "unreadable": ("do not read", "their headers read but their audio does not: training stops "
+                   "on them", "convert them to wav or flac, or remove them")}
+
+
+def level_problem(path):
+    """What is wrong with a file's levels, a key of LEVEL_PROBLEMS, or None."""
+    try:
+        level = sound_world.levels(path)
+    except ValueError:
+        return "unreadable"
+    if level["peak_db"] < SILENT_DBFS:
+        return "silent"
+    if level["clipped"] > CLIPPED_SHARE:
+        return "clipped"
+    return "DC offset" if level["dc"] > DC_SHARE else None
+
+
+def check_levels(items, found):
+    """Silent, clipped and DC-offset files among (up to CHECK_READ of) the used ones."""
+    read = items[::math.ceil(len(items) / CHECK_READ)]
+    problems = [level_problem(item["path"]) for item in read]
+    found.row("levels read", f"{share(len(read), len(items))} used files")
+    for kind, (are, why, fix) in LEVEL_PROBLEMS.items():
+        bad = [item["path"] for item, problem in zip(read, problems) if problem == kind]
+        found.row(kind, len(bad))
+        if bad:
+            found.problem(f"{share(len(bad), len(read))} files read {are} ({bad[0]}, …): {why}",
+                          fix)
+
+
+def check_formats(items, config, found):
+    """Sample rates and channel counts, and what they become (§4.4: 44.1 kHz stereo)."""
+    sr = config.sample_rate
+    formats = {}
+    for item in items:
+        formats.setdefault((item["sample_rate"], item["channels"]), []).append(item)
+    for (rate, channels), group in sorted(formats.items()):
+        found.row(f"{rate} Hz, {channels} channel{'s' * (channels > 1)}",
+                  f"{len(group)} -> {sr} Hz stereo" + (" (resampled)" if rate != sr else ""))
+    low = [i for i in items if i["sample_rate"] < sr]
+    if low:
+        rate = min(i["sample_rate"] for i in low)
+        found.problem(f"{share(len(low), len(items))} files are at a lower rate than the "
+                      f"model's {sr} Hz (down to {rate} Hz): resampled, they hold nothing above "
+                      f"{rate / 2000:g} kHz, and neither will the model's audio",
+                      f"train on {sr} Hz (or higher) sources if you have them; otherwise expect "
+                      f"no highs above {rate / 2000:g} kHz")
+    mono = [i for i in items if i["channels"] == 1]
+    if mono:
+        found.problem(f"{share(len(mono), len(items))} files are mono: each is copied to both "
+                      f"channels, so the model learns no stereo image from them",
+                      "train on stereo sources if you want stereo; a mono model needs nothing")
+
+
+def check_captions(items, found):
+    """Captions: how many, whether one caption covers most files, whether any is too long for
+    the text encoder (it reads UTF-8 bytes, MAX_PROMPT_BYTES of them)."""
+    captions = [i["caption"] for i in items if "caption" in i]
+    found.row("captions (.txt), metadata (.json)", f"{len(captions)}, {len(items) - len(captions)}")
+    if captions:
+        top, count = max(((c, captions.count(c)) for c in set(captions)), key=lambda x: x[1])
+        found.row("distinct captions", len(set(captions)))
+        if count >= 3 and count >= SAME_CAPTION * len(items):
+            found.problem(f"{share(count, len(items))} files share one caption ({top[:40]!r}): "
+                          f"the text cannot tell them apart, so guidance has nothing to follow",
+                          "give each file a caption that says what differs (sound, "
+                          "instruments, genre, mood, tempo), or .json fields (§4.5)")
+    limit = sound_world.MAX_PROMPT_BYTES
+    long = [c for c in captions if len(c.encode()) > limit]
+    found.row(f"captions over {limit} bytes (UTF-8)", len(long))
+    if long:
+        found.problem(f"{share(len(long), len(captions))} captions are longer than the {limit} "
+                      f"bytes (UTF-8) the text encoder reads: the rest is cut off",
+                      "shorten them to the words that matter, or use .json fields, which are "
+                      "dropped one by one to fit")
+
+
+def check_lengths(args, items, config, found):
+    """File lengths against the window (§3.2): a short file is padded to the window with
+    silence, which the model learns to make; and against CLAP's 10 s crops."""
+    sr = config.sample_rate
+    seconds = np.array([i["seconds"] for i in items])
+    window = config.window / sr
+    typical = float(np.median(seconds))
+    padding = max(0.0, 1 - typical / window)
+    found.row("length: median (10 %-90 %)", f"{typical:.3g} s ({np.quantile(seconds, 0.1):.3g}-"
+              f"{np.quantile(seconds, 0.9):.3g} s)")
+    found.row("window", f"{window:.3g} s" + (" (--window-seconds)" if args.window_seconds else
+                                                 f" (size {config.size})"))
+    found.row("padding in a typical window", percent(padding))
+    found.row("files longer than the window", f"{int((seconds > window).sum())} (cropped)")
+    if padding > PADDED:
+        fit = math.ceil(np.quantile(seconds, 0.9) * 2) / 2
+        crop = (f", and --crop {round(fit * sr)} for clap (default 10 s)" if fit < 10 else "")
+        found.problem(f"the typical file lasts {typical:.3g} s and the window {window:.3g} s: "
+                      f"{percent(padding)} of a typical window is padding, so the model learns "
+                      f"mostly silence", f"--window-seconds {fit:g} (it holds 90 % of your "
+                      f"files whole){crop}")
+
+
+def check_held_out(args, config, found):
+    """The held-out share (sound_world.split_data): what a run is watched on."""
+    train, held, note = quietly(sound_world.split_data, args.data, args.val, config.window,
+                                config.sample_rate, args.seed)
+    found.row("held out", note)
+    if held.trained_on:
+        found.problem("too few files to hold any out: a run's held-out figures would come from "
+                      "its training files", "give more files, or --val DIR with files of its own")
+    return train, held
+
+
+@torch.no_grad()
+def check_vae(args, config, train, held, device, found):
+    """The VAE on clips of the folder beside held-out sound-world clips: the §4.2 reconstruction
+    loss and the tonality it keeps (a note it turns into noise, no U-Net can play). The folder's
+    clips come from as many files as the sound world's, held-out ones first: one file's figure
+    says more about its sound than about the VAE."""
+    model = sa.build_model(config)
+    load_part(model, "vae", args.vae, "--vae")
+    model.to(device).eval()
+    n = EVAL_ITEMS["vae"]
+    items = held.items + train.items[::max(1, len(train.items) // n)]
+    folder = sound_world.FolderData(args.data, config.window, config.sample_rate,
+                                    items=items[:max(n, len(held.items))], in_turn=True)
+    toy = sound_world.split_data("toy", None, config.window, config.sample_rate)[1]
+    figures = {}
+    for name, data in (("your folder", folder), ("the sound world", toy)):
+        x, x_hat, _, _ = HeldOutVAE(args, data, args.crop, device).reconstruct(model)
+        audible = x.abs().amax((1, 2)) > 10 ** (SILENT_DBFS / 20)
+        if not audible.any():
+            figures[name] = None
+            continue
+        x, x_hat = x[audible].float().cpu(), x_hat[audible].float().cpu()
+        tones = [np.mean([sound_world.tonality(a) for a in y.numpy()]) for y in (x, x_hat)]
+        figures[name] = (sa.stereo_loss(x_hat, x, model.config.sample_rate).item(), *tones)
+    found.section(f"autoencoder {args.vae}: {n} clips of {args.crop} samples, from "
+                  f"{min(len(folder.items), n)} files here ({len(held.items)} held out) and "
+                  f"from the sound world")
+    for name, figure in figures.items():
+        found.row(name, "every clip silent" if figure is None else
+                  f"STFT loss {figure[0]:.3g}; tonality {figure[1]:.2f} -> {figure[2]:.2f}")
+    mine, world = figures["your folder"], figures["the sound world"]
+    if mine is None:
+        return
+    fine_tune = (f"fine-tune it on this folder first: train.py vae --data {args.data} --init "
+                 f"{args.vae} (--freeze-encoder to train the decoder alone), then "
+                 f"train.py diffusion --vae OUT/vae.pt")
+    if min(mine[0], world[0]) > VAE_UNTRAINED:
+        found.problem(f"the autoencoder reconstructs nothing well (STFT loss {mine[0]:.3g} "
+                      f"here, {world[0]:.3g} on the sound world): it is untrained, and a "
+                      f"U-Net on its latents learns noise", f"train it first: train.py vae "
+                      f"--data {args.data} (or --init {demo_path()} to start from the demo's)")
+    elif mine[0] > VAE_WORSE * world[0]:
+        found.problem(f"the autoencoder reconstructs your clips worse than the sound world "
+                      f"(STFT loss {mine[0]:.3g} against {world[0]:.3g})", fine_tune)
+    elif min(mine[1], world[1]) > TONAL and mine[2] / mine[1] < TONES_KEPT * world[2] / world[1]:
+        found.problem(f"the autoencoder turns your notes into noise (tonality {mine[1]:.2f} -> "
+                      f"{mine[2]:.2f}; on the sound world {world[1]:.2f} -> {world[2]:.2f})",
+                      fine_tune)
+
+
+def check_latents(cached, scale, found):
+    """The latents' spread, overall and per channel, at the run's latent scale, and the scale
+    that makes them of unit variance (--latent-scale auto)."""
+    std = float(latent_std(cached["mean"], cached["std"]))
+    channels = latent_std(cached["mean"], cached["std"], (0, 2))
+    found.section(f"latents of {len(cached['mean'])} windows (z = mean + std * eps)")
+    found.row("std of z, overall", f"{std:.3g}")
+    found.row("std per channel: min, median, max", ", ".join(
+        f"{v:.3g}" for v in (channels.min(), channels.median(), channels.max())))
+    found.row("latent scale of the run, scaled std", f"{scale:g}, {std * scale:.3g}")
+    found.row("--latent-scale for unit variance", f"{1 / std:.4g}")
+    if not LATENT_STD[0] <= std * scale <= LATENT_STD[1]:
+        found.problem(f"the latents' std is {std * scale:.3g} at latent scale {scale:g}; the "
+                      f"noise schedule assumes about 1, so " + (
+                          "noise drowns their detail at most noise levels" if std * scale < 1
+                          else "the first steps of sampling barely denoise"),
+                      f"--latent-scale auto for the diffusion stage (here {1 / std:.4g})")
+
+
+def check_trial(args, model_config, train_diffusion, device, found):
+    """A short trial of the diffusion stage itself (train_diffusion, --overfit, in a folder
+    deleted after): its v-loss on the batch at fixed noise levels before and after. A pipeline
+    that cannot learn one batch in a few steps will not learn a folder in hours."""
+    with tempfile.TemporaryDirectory() as out:
+        trial = argparse.Namespace(**{
+            **vars(args), "stage": "diffusion", "out": out, "overfit": True,
+            "latent_cache": args.batch_size, "eval_every": 0, "demo_every": 0,
+            "save_every": args.steps, "init": None, "resume": False,
+            "lr_from_checkpoint": False, "ranks": Ranks()})
+        try:
+            quietly(train_diffusion, trial)
+        except Stop as e:                      # a non-finite loss: it is a finding
+            found.section("trial")
+            found.problem(f"the trial run stopped: {e}", "lower --lr, and see the latents above")
+            return
+        trained, _ = sa.load_checkpoint(os.path.join(out, "diffusion.pt"), ema=False)
+        cached = torch.load(os.path.join(out, "latents.pt"), weights_only=True)
+    torch.manual_seed(args.seed)                       # the trial's initial weights (prepare)
+    fresh = sa.build_model(model_config(trial))
+    fresh.load_state_dict({k: v for k, v in trained.state_dict().items()
+                           if not k.startswith(STAGE_PARTS["diffusion"])}, strict=False)
+    check_latents(cached, trained.config.latent_scale, found)
+    z = cached["mean"].to(device) * trained.config.latent_scale
+    with torch.no_grad():
+        before, after = (v_losses(m.to(device).eval(), z, cached, CHECK_T, device)
+                         for m in (fresh, trained))
+    fall = sum(before) / max(sum(after), 1e-12)
+    found.section(f"trial: {args.steps} steps of the diffusion stage on one batch of "
+                  f"{len(z)} windows (--lr {args.lr:g})")
+    found.row("noise level t", "  ".join(f"{t:>6.3f}" for t in CHECK_T))
+    for name, losses in (("v-loss before", before), ("v-loss after", after)):
+        found.row(name, "  ".join(f"{v:>6.3f}" for v in losses))
+    found.row("mean v-loss fell by", f"{fall:.2f}x (at least {TRIAL_FALL:g}x expected)")
+    if fall < TRIAL_FALL:
+        found.problem(f"the diffusion stage did not learn one batch in {args.steps} steps (its "
+                      f"v-loss fell {fall:.2f}x, not {TRIAL_FALL:g}x): something in the "
+                      f"pipeline keeps it from learning", "fix the findings above first; then "
+                      "train.py diffusion --overfit with more --steps, or another --lr, and "
+                      "watch its loss")
+
+
+def check(args, model_config, train_diffusion):
+    """train.py check: the folder, the autoencoder on it, its latents and a short trial of the
+    diffusion stage, as a table and then one line per problem with its fix; writes nothing.
+    -> the exit status: 0 when nothing needs fixing, 1 when something does."""
+    config, device = model_config(args), pick_device(args.device)
+    if args.size != "tiny" and not (args.vae and args.clap):
+        raise TrainingError(f"the bundled demo's VAE and CLAP are of size tiny; pass --vae CKPT "
+                            f"and --clap CKPT of size {args.size}")
+    demo = demo_path()
+    args = argparse.Namespace(**{**vars(args), "vae": args.vae or demo, "clap": args.clap or demo})
+    found = Findings()
+    check_files(args, config, found)
+    train, held = check_held_out(args, config, found)
+    check_vae(args, config, train, held, device, found)
+    check_trial(args, model_config, train_diffusion, device, found)
+    return found.verdict()
 
 
 # -------------------------------------------------------------------------------------------------
