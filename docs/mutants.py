@@ -1,13 +1,14 @@
 """Mutation testing of test_stable_audio.py: does the suite catch the bugs a person could write?
 
 Each mutant below is one plausible bug in stable_audio.py (or, by its section in FILES, in
-released.py, sound_world.py, sample.py or training.py), written as a change of one line (one
-two-line call, where the bug is a swap across its lines). For each, this script copies the
-repository to a temporary folder, makes the change there (the original text must occur exactly
-once) and runs pytest in the copy with `-x -q -p no:cacheprovider`: first the few tests named by
-the mutant's -k expression, then, if they all pass, the whole suite. A mutant is killed by the
-first failing test; it survives only if the whole suite passes. Not run by CI: a survivor costs a
-full suite run (7 min or more on 2 cores). docs/mutation-testing.md has the method and results.
+released.py, sound_world.py, sample.py, train.py, training.py or assignments.py), written as a
+change of one line (one two-line call, where the bug is a swap across its lines). For each,
+this script copies the repository to a temporary folder, makes the change there (the original
+text must occur exactly once) and runs pytest in the copy with `-x -q -p no:cacheprovider`: first
+the few tests named by the mutant's -k expression (or by -k EXPR), then, if they all pass, the
+whole suite. A mutant is killed by the first failing test; it survives only if the whole suite
+passes. Not run by CI: a survivor costs a full suite run (7 min or more on 2 cores).
+docs/mutation-testing.md has the method and results.
 
     python docs/mutants.py                      # every mutant; a table and the survival rate
     python docs/mutants.py --only 10 11         # some of them, by number
