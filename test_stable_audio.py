@@ -427,6 +427,14 @@ def test_train_flags_choose_the_timing_path(flags, padding_mask):
     sa.build_model(replace(config, window=2 ** 17))            # a consistent config builds
 
 
+@pytest.mark.parametrize("seconds", [0.5, 1.5])
+def test_window_seconds_is_rounded_up_to_a_whole_number_of_strides(seconds):
+    config = train.model_config(train.parse_args(["diffusion", "--window-seconds", str(seconds)]))
+    stride = math.prod(config.vae.strides) * math.prod(config.unet.factors)
+    assert config.window % stride == 0
+    assert config.window >= seconds * config.sample_rate > config.window - stride
+
+
 def test_sdpa_attention_equals_a_plain_softmax_reference():
     torch.manual_seed(1)
     attn = sa.Attention(32, heads=4, context_features=24)
@@ -1097,6 +1105,10 @@ def test_a_released_oobleck_config_takes_stable_audio_tools_defaults(sat):
     del config["decoder"]["config"]["final_tanh"]
     with pytest.raises(ValueError, match="final_tanh"):
         released.sat_vae_config(config)
+    # Its OobleckEncoder defaults in_channels to 2: a config that leaves it out is stereo.
+    config["decoder"]["config"]["final_tanh"] = False
+    del config["encoder"]["config"]["in_channels"]
+    assert released.sat_vae_config(config).channels == 2
 
 
 def test_released_weights_load_from_a_plain_state_dict_ckpt(sat, tmp_path):
@@ -1104,6 +1116,16 @@ def test_released_weights_load_from_a_plain_state_dict_ckpt(sat, tmp_path):
     torch.save(floats(sat["oobleck"]["state_dict"]), path)
     weights = released.read_sat_weights(str(path))
     assert weights.keys() == sat["oobleck"]["state_dict"].keys()
+
+
+def test_a_released_ckpt_that_would_run_code_is_refused_without_running_it(tmp_path, capsys):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"state_dict": {"w": torch.zeros(2), "x": Evil()}}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        released.read_sat_weights(str(tmp_path / "evil.ckpt"))
+    assert "pwned" not in capsys.readouterr().out
 
 
 def test_released_weights_load_from_a_lightning_ckpt_and_refuse_a_dit(sat, tmp_path):
@@ -1157,8 +1179,9 @@ def test_a_truncated_or_garbled_safetensors_file_is_one_line_naming_it(sat, tmp_
     (tmp_path / "cut.safetensors").write_bytes(whole[:len(whole) // 2])
     (tmp_path / "header.safetensors").write_bytes(whole[:100])
     (tmp_path / "noise.safetensors").write_bytes(os.urandom(4096))
+    (tmp_path / "short.safetensors").write_bytes(whole[:-1])     # the last tensor a byte short
     for name, message in (("cut", "damaged or truncated"), ("header", "not a complete"),
-                          ("noise", "not a complete")):
+                          ("noise", "not a complete"), ("short", "damaged or truncated")):
         with pytest.raises(ValueError, match=message) as error:
             released.read_sat_weights(str(tmp_path / f"{name}.safetensors"))
         assert f"{name}.safetensors" in str(error.value)
@@ -1550,6 +1573,8 @@ def test_batches_depend_only_on_seed_and_step_so_resuming_repeats_them():
     first = sound_world.ToyData(SR, SR, seed=3).batch(4, step=1)      # items 4..7
     again = sound_world.ToyData(SR, SR, seed=3).batch(2, step=3)      # items 6..7, a fresh object
     assert torch.equal(first["audio"][2:], again["audio"])
+    item = sound_world.ToyData(SR, SR, seed=3).item(4, SR)            # step 1's first, alone
+    assert torch.equal(first["audio"][0], item[0]) and first["prompts"][0] == item[1]
     assert first["prompts"][2:] == again["prompts"]
     other = sound_world.ToyData(SR, SR, seed=4).batch(4, step=1)
     assert not torch.equal(first["audio"], other["audio"])
@@ -1680,6 +1705,12 @@ def test_a_stages_first_logged_loss_is_the_papers_loss_on_its_first_batch(stage,
         assert float(logged[name]) == pytest.approx(value.item(), rel=1e-5), name
 
 
+def test_the_vae_losses_are_weighted_as_section_4_2_says():
+    """§4.2: 1 for the spectral losses, 0.1 adversarial, 5.0 feature matching, 1e-4 for the KL
+    (the released config's KL weight, 1e-6, is not the paper's)."""
+    assert train.LOSS_WEIGHTS == {"spectral": 1.0, "adversarial": 0.1, "feature": 5.0, "kl": 1e-4}
+
+
 def test_ema_moves_toward_the_weights_by_one_minus_its_decay():
     """shadow <- decay shadow + (1 - decay) w, decay = min(beta, 1 - (1 + k)^-3/4) at step k; a
     part the stage does not train keeps no shadow."""
@@ -1755,6 +1786,10 @@ def test_discriminator_hinge_loss_is_two_for_a_discriminator_that_outputs_zero()
             scale.post.bias.zero_()
     x = torch.randn(2, 2, 8192)
     assert train.discriminator_loss(disc, x, x).item() == pytest.approx(2.0)
+    with torch.no_grad():                 # every logit 3: real ones past the margin, fake ones not
+        for scale in disc.scales:
+            scale.post.bias.fill_(3.0)
+    assert train.discriminator_loss(disc, x, x).item() == pytest.approx(0.0 + 4.0)
     logits, features = disc.scales[0](x)
     assert len(disc.scales) == 5 and len(features) == 5 and logits.dim() == 4
 
@@ -1794,6 +1829,17 @@ def parts(tmp_path):
 
 
 DIFFUSION = ["--window-seconds", 0.5, "--batch-size", 2, "--save-every", 1]
+
+
+def test_auto_latent_scale_counts_the_posterior_noise_of_z():
+    """z = mean + std eps: 1 / its std, measured here over many draws of eps, is the scale."""
+    g = torch.Generator().manual_seed(0)
+    cache = object.__new__(training.LatentCache)            # a cache of two clips' posteriors
+    cache.cached = {"mean": 0.3 * torch.randn(2, 8, 50, generator=g) + 0.2,
+                    "std": 0.2 + 0.4 * torch.rand(2, 8, 50, generator=g)}
+    z = cache.cached["mean"] + cache.cached["std"] * torch.randn(500, 2, 8, 50, generator=g)
+    scale = training.latent_scale(cache, None, "cpu", None)
+    assert scale == pytest.approx(1 / z.std().item(), rel=0.01)
 
 
 def test_latent_scale_scales_the_training_latents_and_auto_gives_them_unit_variance(parts, capsys):
@@ -1855,6 +1901,21 @@ def test_diffusion_stage_overfits_one_batch(parts):
     assert ckpt["step"] == 40
     before, after = fixed_loss(fresh.eval(), batch), fixed_loss(trained.eval(), batch)
     assert after < 0.85 * before, (before, after)     # same (t, eps) draws for both
+
+
+def test_the_diffusion_stage_trains_the_unet_and_the_timing_tables_and_freezes_the_rest(parts):
+    """§4.4: the U-Net and the timing embeddings learn; the VAE and CLAP stay as trained."""
+    assert run_train("diffusion", "--steps", 1, "--out", parts, *DIFFUSION,
+                     "--eval-every", 0) == 0
+    trained, _ = sa.load_checkpoint(parts / "diffusion.pt", ema=False)
+    torch.manual_seed(0)                                     # train.py's initialisation
+    fresh = sa.build_model(trained.config).state_dict()
+    frozen, _ = sa.load_checkpoint(parts / "vae.pt", ema=False)
+    for part, learns in (("unet.", True), ("timing.", True), ("vae.", False), ("clap.", False)):
+        before = fresh if learns else frozen.state_dict()
+        moved = any(not torch.equal(v, before[k]) for k, v in trained.state_dict().items()
+                    if k.startswith(part))
+        assert moved == learns, part
 
 
 def test_resume_and_workers_give_the_same_weights_as_an_uninterrupted_run(parts, tmp_path):
@@ -2043,6 +2104,17 @@ def test_latent_cache_holds_the_vae_posterior_of_the_datas_own_items(parts, caps
     assert len(torch.load(parts / "latents.pt", weights_only=True)["prompts"]) == 2   # rebuilt
 
 
+def test_the_latent_cache_is_made_anew_for_another_seed(tmp_path):
+    torch.manual_seed(0)
+    model = sa.build_model(replace(sa.SIZES["tiny"], window=32768)).eval()
+    for seed in (0, 1):                                  # the same folder, VAE, window and n
+        args = types.SimpleNamespace(seed=seed, ranks=training.Ranks(), out=str(tmp_path),
+                                     data="toy", overfit=False, workers=0)
+        data = sound_world.ToyData(model.config.window, SR, seed=seed)
+        cache = training.LatentCache(model, data, 2, "cpu", args)
+        assert cache.cached["prompts"] == [data.item(j, model.config.window)[1] for j in range(2)]
+
+
 def test_export_writes_the_ema_weights_alone_and_sample_py_loads_them(parts, tmp_path, capsys):
     assert run_train("diffusion", "--steps", 2, "--out", parts, *DIFFUSION) == 0
     demo = tmp_path / "ckpts" / "demo.pt"
@@ -2149,6 +2221,12 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     assert run_train(*args, "--steps", 4, "--resume") == 2
     assert "not finite" in capsys.readouterr().err
     assert (tmp_path / "clap.pt").read_bytes() == before
+
+
+def test_the_last_step_is_saved_whatever_save_every(tmp_path):
+    assert run_train("clap", "--steps", 3, "--save-every", 2, "--out", tmp_path, "--crop", 4096,
+                     "--batch-size", 2, "--eval-every", 0) == 0
+    assert torch.load(tmp_path / "clap.pt", weights_only=True)["step"] == 3
 
 
 def test_ctrl_c_saves_and_exits_and_resume_continues(tmp_path, monkeypatch, capsys):
@@ -2638,6 +2716,26 @@ def test_never_overwrites_without_force(ckpt, tmp_path, capsys):
     assert path.read_bytes() != before
 
 
+def test_an_existing_spectrogram_alone_is_not_overwritten_without_force(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"mine")                 # a.wav itself does not exist
+    with pytest.raises(sample.CLIError, match="a.png exists"):
+        sample.prepare_outputs([tmp_path / "a.wav"], force=False)
+    sample.prepare_outputs([tmp_path / "a.wav"], force=True)
+    assert (tmp_path / "a.png").read_bytes() == b"mine"       # checked, not yet written
+
+
+def test_the_negative_prompt_reaches_generate(ckpt, tmp_path, monkeypatch):
+    seen = []
+
+    def generate(model, prompts, **kwargs):
+        seen.append(kwargs["negative_prompt"])
+        return torch.zeros(len(prompts), 2, 100)
+    monkeypatch.setattr(sa, "generate", generate)
+    assert run_sample(ckpt, tmp_path / "a.wav", "--negative", "thunder") == 0
+    assert run_sample(ckpt, tmp_path / "b.wav") == 0
+    assert seen == ["thunder", None]
+
+
 def test_uses_ema_weights_when_saved_and_warns_on_silence(tmp_path, capsys):
     torch.manual_seed(0)
     model = sa.build_model(CFG)
@@ -2661,6 +2759,16 @@ def test_a_constant_offset_is_removed_before_writing(tmp_path, capsys):
     assert run_sample(tmp_path / "dc.pt", tmp_path / "dc.wav") == 0
     assert np.abs(sf.read(tmp_path / "dc.wav")[0]).max() == 0
     assert "near-silent" in capsys.readouterr().err
+
+
+def test_each_channels_own_offset_is_removed_before_writing(tmp_path):
+    t = np.arange(8000) / 8000                          # whole cycles: each sine's mean is 0
+    audio = np.stack([0.3 * np.sin(2 * np.pi * 50 * t) + 0.2,
+                      0.3 * np.sin(2 * np.pi * 70 * t) - 0.1])
+    sound_world.write_clip(tmp_path / "a.wav", audio, 8000)
+    written = sf.read(tmp_path / "a.wav")[0]            # (N, 2)
+    assert np.abs(written.mean(0)).max() < 1e-3
+    assert np.abs(written - (audio - audio.mean(1, keepdims=True)).T).max() < 1e-3
 
 
 @pytest.mark.parametrize("units", [False, True])
@@ -3213,6 +3321,22 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 RANK_SCRIPT = ("import sys\nimport test_stable_audio\n"
                "sys.exit(test_stable_audio.rank_main(sys.argv[1:]))\n")
 CLIPS = ["--window-seconds", 0.5, "--save-every", 1, "--device", "cpu"]
+
+
+def test_a_steps_micro_batches_are_its_own_consecutive_batches():
+    """R ranks x K micro-batches: step k's are batches k·R·K … (k + 1)·R·K - 1, each once."""
+    for world, accum in ((1, 1), (2, 1), (1, 3), (2, 3), (4, 2)):
+        for step in (0, 5):
+            got = sorted(training.micro_index(step, m, rank, world, accum)
+                         for rank in range(world) for m in range(accum))
+            assert got == list(range(step * world * accum, (step + 1) * world * accum))
+
+
+def test_a_steps_logged_losses_are_the_means_over_its_micro_batches():
+    run = types.SimpleNamespace(losses={}, args=types.SimpleNamespace(grad_accum=2))
+    for loss in (1.0, 4.0):
+        training.Run.record(run, {"loss": torch.tensor(loss)})
+    assert run.losses == {"loss": 2.5}
 DIFFUSION_LOSS = sa.diffusion_loss
 
 
@@ -3667,6 +3791,9 @@ BUGS = [
      "oldest history entry"),
     ("A8", "I0 = -math.expm1(-h)", "I0 = math.expm1(-h)", "I0's sign is flipped"),
     ("A8", "return d1_0 + h_1 * f, 2 * f", "return 2 * f, d1_0 + h_1 * f", "swapped"),
+    ("A3", "lambda s: s.long()", "lambda s: s.round().long()", "seconds are rounded"),
+    ("A5", "< cond_dropout).to(z.device)", "< 2 * cond_dropout).to(z.device)",
+     "of contexts at cond_dropout 0.25"),
 ]
 
 
@@ -3739,6 +3866,29 @@ def test_each_typical_mistake_fails_its_assignment_with_a_message_naming_it(key_
     # The other assignments are graded on the reference's pieces, so the mistake stays in its own.
     other = next(a for k, a in assignments.ASSIGNMENTS.items() if k != key)
     assert assignments.grade_one(module, other, 0).status == "passed"
+
+
+def test_a_piece_earns_the_share_of_the_points_of_the_checks_it_passes(key_text, tmp_path):
+    a3 = assignments.ASSIGNMENTS["A3"]          # 10 points over 4 checks: 2.5 points a check
+    module = student(tmp_path, key_text.replace("lambda s: s.long()", "lambda s: s.round().long()"))
+    result = assignments.grade_one(module, a3, 0)     # rounding fails timing_rows alone
+    assert (result.status, result.passed, result.points) == ("failed", 3, 7.5)
+
+
+def test_a_check_the_piece_crashes_in_is_failed_and_says_why(key_text, tmp_path):
+    start = key_text.index("def snake(")
+    body = key_text.index('"""', key_text.index('"""', start) + 3) + 3
+    module = student(tmp_path, key_text[:body] + "\n    raise RuntimeError('boom')"
+                     + key_text[body:])
+    result = assignments.grade_one(module, assignments.ASSIGNMENTS["A1"], 0)
+    assert (result.status, result.passed) == ("failed", 2)      # the KL's two checks alone
+    assert result.message == "snake_formula: RuntimeError: boom"
+
+
+def test_k_diffusions_3m_weight_fails_both_the_steps_and_the_order_check(key_text, tmp_path):
+    module = student(tmp_path, key_text.replace("I2 / (1 + h) * d2", "I2 / 2 * d2"))
+    result = assignments.grade_one(module, assignments.ASSIGNMENTS["A8"], 0)
+    assert result.passed == 3 and "k-diffusion" in result.message    # of 5: both checks fail
 
 
 def test_an_answer_hard_coded_for_one_seed_fails_at_another(key_text, tmp_path):

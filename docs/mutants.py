@@ -1,18 +1,20 @@
 """Mutation testing of test_stable_audio.py: does the suite catch the bugs a person could write?
 
 Each mutant below is one plausible bug in stable_audio.py (or, by its section in FILES, in
-released.py, sound_world.py, sample.py or training.py), written as a change of one line (one
-two-line call, where the bug is a swap across its lines). For each, this script copies the
-repository to a temporary folder, makes the change there (the original text must occur exactly
-once) and runs pytest in the copy with `-x -q -p no:cacheprovider`: first the few tests named by
-the mutant's -k expression, then, if they all pass, the whole suite. A mutant is killed by the
-first failing test; it survives only if the whole suite passes. Not run by CI: a survivor costs a
-full suite run (7 min or more on 2 cores). docs/mutation-testing.md has the method and results.
+released.py, sound_world.py, sample.py, train.py, training.py or assignments.py), written as a
+change of one line (one two-line call, where the bug is a swap across its lines). For each,
+this script copies the repository to a temporary folder, makes the change there (the original
+text must occur exactly once) and runs pytest in the copy with `-x -q -p no:cacheprovider`: first
+the few tests named by the mutant's -k expression (or by -k EXPR), then, if they all pass, the
+whole suite. A mutant is killed by the first failing test; it survives only if the whole suite
+passes. Not run by CI: a survivor costs a full suite run (7 min or more on 2 cores).
+docs/mutation-testing.md has the method and results.
 
     python docs/mutants.py                      # every mutant; a table and the survival rate
     python docs/mutants.py --only 10 11         # some of them, by number
     python docs/mutants.py --tests old_tests.py # the same mutants against another test file
     python docs/mutants.py --quick              # each mutant's -k subset only: a first look
+    python docs/mutants.py --only 70 -k "safetensors or released" --quick   # another subset
     python docs/mutants.py --list               # check that every mutant applies; run nothing
 """
 import argparse
@@ -28,7 +30,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, TESTS = "stable_audio.py", "test_stable_audio.py"
 FILES = {"from_sat": "released.py", "released config": "released.py",  # a section's file,
-         "prompts": "sound_world.py", "sample.py": "sample.py",     # where it is not MODEL
+         "released": "released.py", "prompts": "sound_world.py",    # where it is not MODEL
+         "sound world": "sound_world.py", "sample.py": "sample.py", "train.py": "train.py",
          "training": "training.py", "grader": "assignments.py"}
 SKIP = {".git", ".venv", "__pycache__", ".pytest_cache", "runs", "out"}
 
@@ -208,6 +211,150 @@ MUTANTS = [  # (section, bug, original text, replacement, -k expression for the 
     ("grader", "a hard-coded seed: every seed draws the same inputs",
      "check(torch.Generator().manual_seed(seed * 1000 + i))",
      "check(torch.Generator().manual_seed(i))", "hard_coded"),
+    # 2026-12-07: the modules around the model, each bug written by reading the module's code,
+    # before looking at its tests.
+    ("released", "DAC: the decoder's rates checked against the strides unreversed",
+     'if tuple(c["rates"]) != strides[::-1]:', 'if tuple(c["rates"]) != strides:',
+     "released_autoencoders"),
+    ("released", "Oobleck: in_channels defaults to mono",
+     'channels=e.get("in_channels", 2), latent_dim=d["latent_dim"],\n'
+     '                            encoder_width=e["channels"]',
+     'channels=e.get("in_channels", 1), latent_dim=d["latent_dim"],\n'
+     '                            encoder_width=e["channels"]',
+     "oobleck_config_takes or released_autoencoders"),
+    ("released", "the text length keeps one of the two timing tokens' places",
+     'text_len=u["context_embedding_max_length"] - 2',
+     'text_len=u["context_embedding_max_length"] - 1',
+     "released_unet or padded_context or strangers_released"),
+    ("released", "the U-Net's time features as many as its channels, not half",
+     "time_frequencies=c // 2", "time_frequencies=c", "released_unet"),
+    ("released", "safetensors: the tensors' bounds checked against the file less 8 bytes, not "
+     "less the header too", "data -= 8 + n", "data -= 8", "truncated_or_garbled"),
+    ("released", "safetensors: a tensor read from 8 bytes too early",
+     "f.seek(8 + n + begin)", "f.seek(n + begin)", "safetensors"),
+    ("released", "a released .ckpt unpickled with weights_only=False",
+     'torch.load(path, map_location="cpu", weights_only=True)',
+     'torch.load(path, map_location="cpu", weights_only=False)',
+     "would_run_code or lightning_ckpt or plain_state_dict"),
+    ("released", "vae_only on a whole model's weights finds the prefix only if every key has it",
+     'prefix = "pretransform.model." if any(', 'prefix = "pretransform.model." if all(',
+     "lightning or vae_only"),
+    ("sound world", "seconds_total rounded down",
+     "math.floor(offset / sample_rate), math.ceil(n / sample_rate)",
+     "math.floor(offset / sample_rate), math.floor(n / sample_rate)",
+     "long_clip or short_clip or cropping_latents"),
+    ("sound world", "the resampler's cutoff at the higher Nyquist (aliasing when downsampling)",
+     "RESAMPLE_ROLLOFF * min(sr_in, sr_out)", "RESAMPLE_ROLLOFF * max(sr_in, sr_out)",
+     "resample"),
+    ("sound world", "batch k starts at item k, not k * B: consecutive steps share items",
+     "range(self.first + step * batch_size, self.first + (step + 1) * batch_size)",
+     "range(self.first + step, self.first + step + batch_size)", "batches_depend or toy_batches"),
+    ("sound world", "an item drawn from its index alone, whatever the seed",
+     "rng = np.random.default_rng([self.seed, index])", "rng = np.random.default_rng(index)",
+     "batches_depend or deterministic"),
+    ("sound world", "the held-out files stay in the training data",
+     'items = [item for item in items if item["path"] not in out]', "items = list(items)",
+     "held_out or never_trains"),
+    ("sound world", "a file's held-out share hashed from its whole path, not its path "
+     "in the folder",
+     "name = Path(path).relative_to(root).as_posix()", "name = Path(path).as_posix()",
+     "held_out_files"),
+    ("sound world", "the DC offset removed over both channels together",
+     "audio = audio - audio.mean(-1, keepdims=True)", "audio = audio - audio.mean()",
+     "constant_offset or own_offset"),
+    ("sound world", "the pan's sides swapped: 'left' in the caption, louder on the right",
+     "np.stack([np.cos(theta) * (x + side), np.sin(theta) * (x - side)])",
+     "np.stack([np.sin(theta) * (x + side), np.cos(theta) * (x - side)])", "position_and_width"),
+    ("sample.py", "an existing spectrogram PNG overwritten without --force",
+     'for p in (a, a.with_suffix(".png")) if p.exists()', "for p in (a,) if p.exists()",
+     "never_overwrites or not_overwritten"),
+    ("sample.py", "--out FILE with --n > 1 numbers the files by index, not by seed",
+     'path.with_name(f"{path.stem}_{seed + i}{path.suffix}")',
+     'path.with_name(f"{path.stem}_{i}{path.suffix}")', "output_paths or batch_files"),
+    ("sample.py", "--seconds defaults to the init audio's length, ignoring --start",
+     "args.seconds = args.start + seconds if args.seconds is None else args.seconds",
+     "args.seconds = seconds if args.seconds is None else args.seconds",
+     "start_without_seconds or init_audio"),
+    ("sample.py", "--init-strength defaults swapped (1 for a variation, 0.6 for inpainting)",
+     "args.init_strength = 1.0 if args.inpaint is not None else 0.6",
+     "args.init_strength = 0.6 if args.inpaint is not None else 1.0", "init_audio_sets or inpaint"),
+    ("sample.py", "--no-ema inverted",
+     "ema=not args.no_ema, device=device", "ema=args.no_ema, device=device", "uses_ema"),
+    ("sample.py", "--reconstruct writes the VAE's padded length, not the file's",
+     "vae.decode(z, chunk=chunk)[0, :, :audio.shape[-1]]", "vae.decode(z, chunk=chunk)[0]",
+     "reconstruct_round_trips"),
+    ("sample.py", "--reconstruct overwrites an existing file without --force",
+     "prepare_outputs(out, args.force)", "prepare_outputs(out, True)",
+     "reconstruct_round_trips or never_overwrites"),
+    ("sample.py", "--negative never reaches generate",
+     "negative_prompt=args.negative,", "negative_prompt=None,", "negative"),
+    ("train.py", "the KL weighted 1e-6 (the released config's), not the paper's 1e-4",
+     '"kl": 1e-4}', '"kl": 1e-6}', "first_logged_loss or section_4_2"),
+    ("train.py", "the hinge pushes reconstructed patches above -1 instead of below",
+     "F.relu(1 + f).mean()", "F.relu(1 - f).mean()", "hinge"),
+    ("train.py", "phase 2 freezes the raw encoder, not the EMA one the U-Net's latents came from",
+     'v for k, v in state["ema"].items()', 'v for k, v in state["model"].items()',
+     "freeze_encoder"),
+    ("train.py", "the U-Net trains on latents without the latent scale",
+     "        return z * model.config.latent_scale", "        return z", "latent_scale_scales"),
+    ("train.py", "--no-timing keeps tiny's padding mask",
+     "and not (args.paper_timing or args.no_timing)))", "and not args.paper_timing))",
+     "train_flags_choose"),
+    ("train.py", "--window-seconds rounded to the nearest multiple, not up",
+     "math.ceil(args.window_seconds * config.sample_rate / stride) * stride",
+     "round(args.window_seconds * config.sample_rate / stride) * stride",
+     "window_seconds_is_rounded or latent_cache_holds"),
+    ("train.py", "export writes the raw weights, not the EMA ones",
+     "model, ckpt = sa.load_checkpoint(source, ema=True)",
+     "model, ckpt = sa.load_checkpoint(source, ema=False)", "export_writes"),
+    ("train.py", "the timing tables left out of the optimizer",
+     "params = [*model.unet.parameters(), *model.timing.parameters()]",
+     "params = [*model.unet.parameters()]", "trains_the_unet_and_the_timing"),
+    ("training", "the EMA's warm-up never starts: decay max(beta, ...)",
+     "decay = min(self.beta, 1 - (1 + step) ** -0.75)",
+     "decay = max(self.beta, 1 - (1 + step) ** -0.75)", "ema_moves"),
+    ("training", "micro-batches of neighbouring ranks read the same batch",
+     "return (step * world + rank) * accum + m", "return step * world * accum + rank + m",
+     "micro_batches_are or two_ranks_at_batch_b"),
+    ("training", "--resume takes the default rate, not the checkpoint's",
+     'group["lr"] = group["lr"] if args.lr_from_checkpoint else args.lr',
+     'group["lr"] = args.lr', "lr_on_resume"),
+    ("training", "a step's logged loss summed over its --grad-accum micro-batches",
+     "v.item() / self.args.grad_accum", "v.item()", "means_over_its_micro or grad_accum_2"),
+    ("training", "the last step saved only if it falls on --save-every",
+     "if self.step % args.save_every == 0 or self.step == args.steps:",
+     "if self.step % args.save_every == 0:", "last_step_is_saved or export_writes"),
+    ("training", "a resumed run's CSV drops the row of the checkpoint's own step",
+     "last < int(step) <= self.step", "last < int(step) < self.step", "watched_run"),
+    ("training", "--latent-scale auto from the means' spread alone (z's noise left out)",
+     "(mean.float().var() + std.float().pow(2).mean()).rsqrt()", "mean.float().var().rsqrt()",
+     "counts_the_posterior_noise or latent_scale_scales"),
+    ("training", "the latent cache reused across seeds",
+     '"seed": args.seed, "n": n', '"n": n', "made_anew_for_another_seed"),
+    ("grader", "the tolerance not scaled by the expected values' size",
+     "atol = rtol * want.abs().max().item() if atol is None",
+     "atol = rtol if atol is None", "key_passes"),
+    ("grader", "an answer passes if it is right anywhere, not everywhere",
+     "<= atol + rtol * want.abs()).all())", "<= atol + rtol * want.abs()).any())",
+     "catalogued or typical_mistake"),
+    ("grader", "points rounded down to whole points",
+     "self.assignment.points * self.passed / len(", "self.assignment.points * self.passed // len(",
+     "share_of_the_points"),
+    ("grader", "a check the piece crashes counts as passed",
+     'failure = f"{check.__name__}: {type(e).__name__}: {line}"', "failure = None",
+     "crashes_in"),
+    ("grader", "timing_rows asks for whole seconds only: rounding passes",
+     "torch.tensor([3.7, 0.0, 100.0])", "torch.tensor([3.0, 0.0, 100.0])",
+     "share_of_the_points or typical_mistake"),
+    ("grader", "the dropout rate's tolerance far too loose",
+     "((0.25, 0.15, 0.35), (0.0, 0, 0), (1.0, 1, 1))",
+     "((0.25, 0.05, 0.95), (0.0, 0, 0), (1.0, 1, 1))", "typical_mistake"),
+    ("grader", "3M's measured order accepted from 2 (k-diffusion's 2.4 passes)",
+     "measured_order(sa.sample_dpmpp_3m, 3, 2.7, 3.5)",
+     "measured_order(sa.sample_dpmpp_3m, 3, 2.0, 3.5)", "k_diffusions_3m"),
+    ("grader", "the multistep checks at h = 1, where the 3M taper is k-diffusion's 1/2",
+     "h = 0.3 + 1.2 * torch.rand(6, generator=g).double()",
+     "h = torch.ones(6, dtype=torch.float64)", "catalogued or typical_mistake"),
 ]
 
 
@@ -272,6 +419,8 @@ def main(argv=None):
     p.add_argument("--tests", help="run this test file in place of test_stable_audio.py")
     p.add_argument("--json", help="append one JSON line per mutant to this file")
     p.add_argument("--model", help="mutate this copy of stable_audio.py instead of the tree's")
+    p.add_argument("-k", dest="k", help="run this -k expression in place of each mutant's own "
+                   "(with --quick: a verdict on those tests alone)")
     p.add_argument("--quick", action="store_true",
                    help="run each mutant's -k subset alone: a first look, not a verdict")
     p.add_argument("--list", action="store_true", help="check that every mutant applies; stop")
@@ -296,7 +445,8 @@ def main(argv=None):
             shutil.copy(tests, os.path.join(base, TESTS))
         start, results, baseline = time.perf_counter(), [], {}
         for i in chosen:
-            r = run(i, MUTANTS[i - 1], base, args.quick)
+            mutant = MUTANTS[i - 1][:4] + (args.k or MUTANTS[i - 1][4],)
+            r = run(i, mutant, base, args.quick)
             if r["killed"] and r["by"] not in baseline:     # a kill counts only if the
                 baseline[r["by"]] = pytest(base, exact(r["by"]))[0]   # unchanged code passes
             if r["killed"] and not baseline.get(r["by"], True):
