@@ -802,9 +802,9 @@ def guided_v(unet, context, mask, uncond, uncond_mask, scale, rescale=CFG_RESCAL
 
     def v_fn(z, t):
         v_c, v_u = unet(torch.cat([z, z]), torch.cat([t, t]), pair, pair_mask, pair_frames).chunk(2)
-        v = v_u + scale * (v_c - v_u)                                # §3.4, the paper's guidance
-        v = rescale * v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True)) + (
-            1 - rescale) * v                                         # Lin et al.'s rescale
+        v = v_u + scale * (v_c - v_u)
+        v_rescaled = v * (v_c.std(dim=1, keepdim=True) / v.std(dim=1, keepdim=True))  # Lin et al.
+        v = rescale * v_rescaled + (1 - rescale) * v
         if content_frames is None:
             return v                                                 # (B, 64, L)
         return torch.where(content_mask(content_frames, z.shape[-1], z.device)[:, None], v, v_c)
