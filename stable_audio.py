@@ -530,7 +530,7 @@ class GroupNorm(nn.GroupNorm):
         return self.spread(x) if x.is_cuda else super().forward(x)
 
     def spread(self, x):
-        (B, C, L), G = x.shape, self.num_groups
+        (B, C, _), G = x.shape, self.num_groups
         var, mean = torch.var_mean(x.reshape(B, G, -1), dim=-1, keepdim=True, correction=0)
         a = torch.rsqrt(var + self.eps) * self.weight.view(G, C // G)    # (B, G, C / G)
         b = self.bias.view(G, C // G) - mean * a
