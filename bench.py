@@ -26,7 +26,8 @@ Sections (run in this order; --only picks some):
               sound-world clips, and acoustic descriptors beside those of real clips. The CLAP
               is this project's own small one, so its figures are not the paper's.
   grading     assignments.py grading the instructor's key on every assignment, as a subprocess,
-              then a class's folder with a submission that hangs and one that exits.
+              then a class's folder with a submission that hangs and one that exits (--quick:
+              4 keys, and the hang stopped by --timeout 5 instead of the default minute).
   check       `python train.py check --data DIR` as a subprocess, on a folder of sound-world
               clips at the tiny size's window and defaults, --latent-scale auto (--quick: 2 s
               clips in 1.9 s windows, batch 2): wall time, exit status and verdict.
@@ -75,6 +76,7 @@ CLI_SECONDS = 30
 CLI_TARGET_S = 20.0                         # the README's command: at most 20 s on 2 CPU cores
 GRADING_TARGET_S = 60.0                     # assignments.py grading all of a key: 2 CPU cores
 CLASS_SIZE, CLASS_TARGET_S = 20, 180.0      # a folder of keys, one hang, one exit: 2 CPU cores
+QUICK_CLASS_SIZE, QUICK_TIMEOUT_S = 4, 5    # --quick: 4 keys, and the hang stopped after 5 s
 CHECK_TARGET_S = 300.0                      # train.py check: minutes, not hours, on 2 CPU cores
 CHECK_CLIPS, CHECK_CLIP_SECONDS = 8, 95     # its folder: sound-world clips of 1 to 95 s
 TIME_LINE = re.compile(r"time: loading ([\d.]+) s \+ sampling and decoding ([\d.]+) s")
@@ -799,6 +801,10 @@ def bench_adherence(setup):
 # start-up included), on the key, which runs every check to its end.
 # -------------------------------------------------------------------------------------------------
 def bench_grading(setup):
+    # The default --timeout (a minute) is most of the class's time: --quick gives the hang 5 s.
+    size, timeout = (QUICK_CLASS_SIZE, ["--timeout", str(QUICK_TIMEOUT_S)]) if setup["quick"] \
+        else (CLASS_SIZE, [])
+    limits = f"--timeout {QUICK_TIMEOUT_S}" if setup["quick"] else "--timeout"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         key = Path(tmp) / "key.py"
@@ -807,14 +813,14 @@ def bench_grading(setup):
         text = key.read_text()
         class_dir = Path(tmp) / "class"
         class_dir.mkdir()
-        for i in range(CLASS_SIZE):
+        for i in range(size):
             (class_dir / f"student_{i:02}.py").write_text(text)
         (class_dir / "hangs.py").write_text(text.replace(
             "    return 0.5 * (mean", "    while True:\n        pass\n    return 0.5 * (mean"))
         (class_dir / "exits.py").write_text("import os\nos._exit(3)\n" + text)
         runs = [("assignments.py grade key.py", [str(key)], GRADING_TARGET_S),
-                (f"a class: {CLASS_SIZE} keys, one that hangs, one that exits (default --jobs "
-                 "and --timeout)", [str(class_dir), "--csv"], CLASS_TARGET_S)]
+                (f"a class: {size} keys, one that hangs, one that exits (default --jobs and "
+                 f"{limits})", [str(class_dir), "--csv", *timeout], CLASS_TARGET_S)]
         for command, argv, target in runs:
             for _ in range(setup["repeats"]):
                 t0 = time.perf_counter()
@@ -1248,7 +1254,8 @@ def parse_args(argv):
         "kernels, the paper's 95 s headline, training steps, torchrun), one table; exit 1 if "
         "a check fails, 2 without a GPU")
     add("--quick", action="store_true", help="a CPU run of a few minutes: 1 repeat, 1 seed, "
-        "25 steps for timing and adherence, fewer durations and prompts, one size")
+        "25 steps for timing and adherence, fewer durations and prompts, one size, a class of 4 "
+        "graded with a 5 s limit")
     add("--size", choices=list(sa.SIZES), help="model size for speed and throughput (default: "
         "the --ckpt's size if given, else full on cuda and tiny elsewhere)")
     add("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",

@@ -1152,16 +1152,22 @@ def check_config(config, name="config"):
             raise ValueError(f"{where} is {value!r}; expected {expected} of sensible size")
 
 
+SKELETONS = {}        # (build, config) -> its model on the meta device, built once per process
+
+
 def build_checked(config, parts, where, device="cpu", build=build_model):
     """Build `config`'s model on the meta device (no memory), check the weights fit and its fixed
     tables are of sensible size, then build it and load them: a stranger's file is refused in one
     line before anything large is allocated. parts(model): [(module, weights, what)]."""
+    key = (build, repr(config))           # the meta build costs as much as the real one: kept
     try:
         check_config(config)
-        with torch.device("meta"):
-            skeleton = build(config)
+        if key not in SKELETONS:
+            with torch.device("meta"):
+                SKELETONS[key] = build(config)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"{where}: cannot build its config ({str(e).splitlines()[0]})") from None
+    skeleton = SKELETONS[key]
     tables = sum(b.numel() * b.element_size() for b in skeleton.buffers())
     if tables > 2 ** 30:
         raise ValueError(f"{where}: its config asks for {tables / 2 ** 30:.0f} GiB of fixed "
