@@ -4212,7 +4212,8 @@ DOC_SKIPPED = {"pip install": "the CI's own setup, from the network",
 #     (vae, clap) --crop 4096
 # --latent-cache N: 2 windows
 # sample.py and bench.py: --steps 2; bench.py: --eval-steps 2 --seeds 1 --repeats 1, and each
-#     section once per run of the suite for the same other flags (bench_sections_left)
+#     section once per run of the suite for the same flags, as far as it reads them
+#     (bench_sections_left)
 # --seconds, --start, --inpaint, and a Python block's seconds_total: a tenth; its steps: 2
 # bench.py: --quick, its own short form (the check at the size's window and 50 trial steps takes
 #     minutes, and the class it grades waits a minute for its hanging file)
